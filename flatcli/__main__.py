@@ -1,0 +1,3 @@
+from flatcli.cli.app import main
+
+main()

@@ -1,0 +1,138 @@
+"""Rough memory model of a curvature product, and a batch size that fits.
+
+A Hessian-vector product by forward-over-reverse keeps the activations of the forward pass, their
+tangents, and the backward pass's buffers: about 3x what a plain forward keeps for autograd. The
+activations of one example are measured by running a forward on one (two, for BatchNorm in training
+mode) example(s) and summing the bytes autograd saves for backward; the batch scales them linearly.
+This is an estimate to choose a chunk size, not a guarantee.
+
+>>> from torch import nn
+>>> import torch
+>>> model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3))
+>>> estimate_memory(model, (10,), 3, batch_size=100, dtype=torch.float32) > 0
+True
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["estimate_memory", "activation_bytes_per_example", "available_memory", "auto_batch_size"]
+
+ACTIVATION_FACTOR = 3.0
+"""Forward-over-reverse keeps primal activations, tangents and backward buffers (~3x a forward)."""
+
+PARAM_COPIES = 5
+"""Parameters, gradient, tangent of the gradient, input vector, output vector."""
+
+BUDGET_FRACTION_CUDA = 0.5
+BUDGET_FRACTION_CPU = 0.25
+
+
+def activation_bytes_per_example(model: nn.Module, x_shape: tuple[int, ...]) -> int:
+    """Bytes autograd saves for backward in a forward of one example of shape ``x_shape``.
+
+    Runs the model functionally (cloned buffers, so BatchNorm running statistics are untouched)
+    on two zero examples and halves the count. The output is counted too.
+    """
+    p0 = next(iter(model.parameters()), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    dtype = p0.dtype if p0 is not None else torch.get_default_dtype()
+    x = torch.zeros((2, *x_shape), dtype=dtype, device=device)
+    state = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = functional_call(model, state, (x,))
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = sum(b for k, b in seen.items() if k not in param_ptrs)
+    return int((saved + out.numel() * out.element_size()) // 2)
+
+
+def estimate_memory(
+    model: nn.Module,
+    x_shape: tuple[int, ...],
+    num_outputs: int,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
+) -> int:
+    """Rough peak bytes of one curvature-vector product on a chunk of ``batch_size`` examples.
+
+    ``params * 5 + batch_size * (3 * activations(1 example) + 4 * num_outputs**2 (head matrices))``,
+    rescaled to ``dtype`` (default: the model's parameter dtype).
+
+    Args:
+        model: the network (its current mode is used for the traced forward).
+        x_shape: the shape of ONE example (no batch dimension).
+        num_outputs: number of logits K per example.
+        batch_size: examples per chunk.
+        dtype: the dtype the product runs in.
+    """
+    params = list(model.parameters())
+    model_dtype = params[0].dtype if params else torch.get_default_dtype()
+    dtype = dtype or model_dtype
+    scale = torch.empty((), dtype=dtype).element_size() / torch.empty((), dtype=model_dtype).element_size()
+    param_bytes = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
+    act = activation_bytes_per_example(model, tuple(x_shape)) * scale
+    head = 4 * num_outputs * num_outputs * torch.empty((), dtype=dtype).element_size()
+    return int(PARAM_COPIES * param_bytes + batch_size * (ACTIVATION_FACTOR * act + head))
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Free bytes on ``device``: free CUDA memory, or available RAM (``os.sysconf``) on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 4 GiB
+        return 4 * 2**30
+
+
+def auto_batch_size(
+    model: nn.Module, x: Tensor, budget_bytes: int | None = None, num_outputs: int | None = None
+) -> int:
+    """The largest chunk of the examples ``x`` (N, ...) whose product fits ``budget_bytes``.
+
+    Args:
+        model: the network.
+        x: the examples (only the shape ``x.shape[1:]`` and ``len(x)`` are used).
+        budget_bytes: default a fraction of free memory on the model's device (half of free
+            CUDA memory; a quarter of available RAM on CPU).
+        num_outputs: logits per example (default: measured by a forward on one example).
+
+    Returns:
+        An integer in ``[1, len(x)]``.
+    """
+    n = int(x.shape[0])
+    p0 = next(iter(model.parameters()), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    if budget_bytes is None:
+        frac = BUDGET_FRACTION_CUDA if device.type == "cuda" else BUDGET_FRACTION_CPU
+        budget_bytes = int(frac * available_memory(device))
+    if num_outputs is None:
+        with torch.no_grad():
+            state = {k: v.detach() for k, v in model.named_parameters()}
+            state.update({k: b.detach().clone() for k, b in model.named_buffers()})
+            xb = x[:2].to(device=device)
+            num_outputs = int(functional_call(model, state, (xb,)).reshape(len(xb), -1).shape[1])
+    fixed = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 0)
+    per_example = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 1) - fixed
+    room = budget_bytes - fixed
+    if per_example <= 0:
+        return max(1, n)
+    return int(max(1, min(n, room // per_example)))

@@ -1,0 +1,146 @@
+"""The standard sets in torchvision's on-disk layout: MNIST, Fashion-MNIST, CIFAR-10/100, SVHN.
+
+torchvision's own dataset classes read the files (so their formats and integrity checks are
+exactly torchvision's, and ``download=True`` fetches what is missing); each whole split is then
+converted to tensors once, from the class's ``data`` array, never item by item. ``--data-dir``
+is the ``root`` one would pass to torchvision, so it holds:
+
+- ``mnist``, ``mnist-2``: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+- ``fashion-mnist``: ``FashionMNIST/raw/`` (the same four files)
+- ``cifar10``: ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``, ``batches.meta``)
+- ``cifar100``: ``cifar-100-python/`` (``train``, ``test``, ``meta``)
+- ``svhn``: ``train_32x32.mat`` and ``test_32x32.mat`` directly in the directory
+
+torchvision checks the md5 of every CIFAR and SVHN file (MNIST raw files only need to exist).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flatcli.errors import DataError
+
+__all__ = ["TORCHVISION_SETS", "TorchvisionSet", "load_torchvision_split"]
+
+
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """How one named set maps onto a torchvision dataset class."""
+
+    cls_name: str  # attribute of torchvision.datasets
+    stats_key: str  # key of USUAL_STATS
+    num_classes: int
+    input_shape: tuple[int, ...]
+    layout: str  # the files expected under the data directory, for error messages
+    markers: tuple[str, ...]  # paths whose presence means "the user has this set"
+    binary: bool = False  # labels 0-4 -> 0, 5-9 -> 1
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte"
+)
+
+TORCHVISION_SETS: dict[str, TorchvisionSet] = {
+    "mnist": TorchvisionSet(
+        "MNIST", "mnist", 10, (1, 28, 28), f"MNIST/raw/{{{_MNIST_FILES}}}", ("MNIST",)
+    ),
+    "mnist-2": TorchvisionSet(
+        "MNIST", "mnist", 2, (1, 28, 28), f"MNIST/raw/{{{_MNIST_FILES}}}", ("MNIST",),
+        binary=True,
+    ),
+    "fashion-mnist": TorchvisionSet(
+        "FashionMNIST", "fashion-mnist", 10, (1, 28, 28),
+        f"FashionMNIST/raw/{{{_MNIST_FILES}}}", ("FashionMNIST",),
+    ),
+    "cifar10": TorchvisionSet(
+        "CIFAR10", "cifar10", 10, (3, 32, 32),
+        "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
+        ("cifar-10-batches-py",),
+    ),
+    "cifar100": TorchvisionSet(
+        "CIFAR100", "cifar100", 100, (3, 32, 32),
+        "cifar-100-python/{train, test, meta}", ("cifar-100-python",),
+    ),
+    "svhn": TorchvisionSet(
+        "SVHN", "svhn", 10, (3, 32, 32), "{train_32x32.mat, test_32x32.mat}",
+        ("train_32x32.mat", "test_32x32.mat"),
+    ),
+}
+
+
+def _construct(spec: TorchvisionSet, root: Path, train: bool, download: bool):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, spec.cls_name)
+    if spec.cls_name == "SVHN":
+        return cls(str(root), split="train" if train else "test", download=download)
+    return cls(str(root), train=train, download=download)
+
+
+def load_torchvision_split(
+    name: str, root: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``train``/test of ``name`` as (x uint8 (N, C, H, W), y int64 (N,)), read once.
+
+    Raises DataError naming ``--download`` when the files are missing (and ``download`` is
+    off), or when torchvision's integrity check fails or the download itself fails.
+    """
+    spec = TORCHVISION_SETS[name]
+    if download:
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the data directory {root}: {exc}") from exc
+    try:
+        ds = _construct(spec, root, train, download)
+    except RuntimeError as exc:
+        present = any((root / m).exists() for m in spec.markers)
+        if download:
+            raise DataError(
+                f"could not download dataset '{name}' into {root}: {exc}"
+            ) from exc
+        if present:
+            raise DataError(
+                f"dataset '{name}' under {root} is incomplete or corrupted (torchvision's "
+                f"check failed: {exc}; expected {spec.layout}); pass --download to fetch it "
+                "again, or --data-dir to point at a good copy"
+            ) from exc
+        raise DataError(
+            f"dataset '{name}' not found under {root} (expected torchvision's layout: "
+            f"{spec.layout}); pass --download to fetch it, or --data-dir to point at it"
+        ) from exc
+    except OSError as exc:  # network errors from a download, unreadable files
+        what = "download" if download else "read"
+        raise DataError(f"could not {what} dataset '{name}' under {root}: {exc}") from exc
+    except (ValueError, TypeError, AssertionError, KeyError) as exc:  # malformed files
+        raise DataError(
+            f"dataset '{name}' under {root} could not be parsed "
+            f"({type(exc).__name__}: {exc}); expected torchvision's layout: {spec.layout}"
+        ) from exc
+    x, y = _to_tensors(spec, ds)
+    if spec.binary:
+        y = (y >= 5).to(torch.int64)
+    return x, y
+
+
+def _to_tensors(spec: TorchvisionSet, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as (uint8 (N, C, H, W), int64 (N,)), from the class's arrays."""
+    if spec.cls_name in ("MNIST", "FashionMNIST"):
+        x = torch.as_tensor(ds.data).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+        y = torch.as_tensor(ds.targets)
+    elif spec.cls_name in ("CIFAR10", "CIFAR100"):
+        data = np.asarray(ds.data)  # (N, H, W, C)
+        x = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
+        y = torch.as_tensor(np.asarray(ds.targets))
+    else:  # SVHN: already (N, C, H, W)
+        x = torch.from_numpy(np.ascontiguousarray(ds.data))
+        y = torch.as_tensor(np.asarray(ds.labels))
+    if x.dtype != torch.uint8:
+        raise DataError(f"expected 8-bit images from torchvision's {spec.cls_name}; got {x.dtype}")
+    return x.contiguous(), y.to(torch.int64).reshape(-1)

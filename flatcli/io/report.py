@@ -1,0 +1,117 @@
+"""JSON reports in the CONTRACTS.md shape (schema ``flatcli/report-v1``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import flatcli
+
+SCHEMA = "flatcli/report-v1"
+REPORT_KEYS = ("schema", "command", "flatcli_version", "created", "config", "environment", "results")
+RESULT_KEYS = ("checkpoint", "sha256", "num_params", "metrics", "details", "seconds", "error")
+
+
+def finite_metrics(metrics: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """Metrics with non-finite numbers replaced by ``None``; the reason goes to ``details['non_finite']``.
+
+    A measure that already set a metric to ``None`` is expected to have put its reason in details.
+    """
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            details.setdefault("non_finite", {})[key] = f"value was {value}"
+            value = None
+        out[key] = value
+    return out
+
+
+def result_entry(
+    checkpoint: str,
+    *,
+    sha256: str | None,
+    num_params: int | None,
+    metrics: dict[str, Any] | None = None,
+    details: dict[str, Any] | None = None,
+    seconds: float = 0.0,
+    error: BaseException | None = None,
+) -> dict[str, Any]:
+    """One element of a report's ``results`` list."""
+    details = dict(details or {})
+    return {
+        "checkpoint": checkpoint,
+        "sha256": sha256,
+        "num_params": num_params,
+        "metrics": finite_metrics(metrics or {}, details) if error is None else {},
+        "details": details,
+        "seconds": round(seconds, 4),
+        "error": None
+        if error is None
+        else {"type": type(error).__name__, "message": str(error) or type(error).__name__},
+    }
+
+
+def build_report(
+    command: str, config: dict[str, Any], environment: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The whole report object, keys in the documented order."""
+    return {
+        "schema": SCHEMA,
+        "command": command,
+        "flatcli_version": flatcli.__version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "config": _jsonable(config),
+        "environment": _jsonable(environment),
+        "results": _jsonable(results),
+    }
+
+
+def environment_info(device: torch.device | str, dtype: torch.dtype | str) -> dict[str, str]:
+    """The ``environment`` block: torch version, device and dtype."""
+    return {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def write_report(report: dict[str, Any], target: str | Path) -> None:
+    """Write ``report`` as JSON to a path, or to stdout when ``target`` is ``-``."""
+    text = json.dumps(report, indent=2, allow_nan=False)
+    if str(target) == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    else:
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert tensors, paths, tuples and non-finite floats into plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # str Enums
+        return obj.value
+    if isinstance(obj, torch.dtype | torch.device):
+        return str(obj).replace("torch.", "")
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    return obj

@@ -1,0 +1,238 @@
+"""Model specs: how to build the ``nn.Module`` whose weights a checkpoint holds (CONTRACTS.md "Model specs").
+
+A spec is a zoo name, a YAML file, ``package.module:callable``, ``path/to/file.py:callable`` or
+``torchvision:NAME``. Importing a factory runs user code, so :func:`build_model` imports one only
+from a spec the user named (``--model``) or placed beside the checkpoint; a factory recorded inside
+a checkpoint must be confirmed by naming it with ``--model``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from flatcli.errors import CheckpointError, SpecError, UsageError
+
+_SPEC_KEYS = {"arch", "factory", "kwargs", "input_shape", "dataset"}
+
+
+@dataclass
+class ModelSpec:
+    """How to build a model: exactly one of ``arch`` (zoo or ``torchvision:NAME``) or ``factory``."""
+
+    arch: str | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    dataset: str | None = None
+    base_dir: Path | None = None
+    """Folder that a relative ``file.py:callable`` factory is resolved against."""
+    trusted: bool = True
+    """False for a spec read from inside a checkpoint: its factory is not imported."""
+    source: str = "--model"
+
+    def to_dict(self) -> dict:
+        """The spec as stored in a checkpoint's ``flatcli.spec`` metadata."""
+        out: dict = {}
+        if self.arch is not None:
+            out["arch"] = self.arch
+        if self.factory is not None:
+            factory = self.factory
+            path, _, fn = factory.rpartition(":")
+            if path.endswith(".py") and self.base_dir is not None:
+                factory = f"{(self.base_dir / path).resolve()}:{fn}"
+            out["factory"] = factory
+        out["kwargs"] = dict(self.kwargs)
+        if self.input_shape is not None:
+            out["input_shape"] = list(self.input_shape)
+        if self.dataset is not None:
+            out["dataset"] = self.dataset
+        return out
+
+
+def spec_from_dict(data: dict, *, source: str, base_dir: Path | None, trusted: bool) -> ModelSpec:
+    """Validate a spec mapping (from YAML or checkpoint metadata) into a :class:`ModelSpec`.
+
+    Raises:
+        SpecError: unknown keys, both or neither of ``arch``/``factory``, bad types.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {source} must be a mapping with 'arch' or 'factory'; got {data!r}")
+    unknown = sorted(set(data) - _SPEC_KEYS)
+    if unknown:
+        raise SpecError(
+            f"spec {source} has unknown key(s) {unknown}; allowed: {sorted(_SPEC_KEYS)}"
+        )
+    arch, factory = data.get("arch"), data.get("factory")
+    if (arch is None) == (factory is None):
+        raise SpecError(f"spec {source} needs exactly one of 'arch' or 'factory'")
+    kwargs = data.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"spec {source}: 'kwargs' must be a mapping; got {kwargs!r}")
+    shape = data.get("input_shape")
+    if shape is not None:
+        if not (isinstance(shape, list | tuple) and all(isinstance(s, int) for s in shape)):
+            raise SpecError(f"spec {source}: 'input_shape' must be a list of ints; got {shape!r}")
+        shape = tuple(shape)
+    return ModelSpec(
+        arch=arch,
+        factory=factory,
+        kwargs=kwargs,
+        input_shape=shape,
+        dataset=data.get("dataset"),
+        base_dir=base_dir,
+        trusted=trusted,
+        source=source,
+    )
+
+
+def parse_model_option(value: str) -> ModelSpec:
+    """Interpret a ``--model`` value: YAML file, ``torchvision:NAME``, ``file.py:fn``, ``pkg.mod:fn`` or zoo name.
+
+    Raises:
+        SpecError: an unreadable or invalid YAML spec (exit 2).
+        UsageError: an unknown zoo name (exit 2).
+    """
+    if value.endswith((".yaml", ".yml")):
+        return read_spec_file(Path(value), source=value)
+    if value.startswith("torchvision:"):
+        return ModelSpec(arch=value, source="--model")
+    if ":" in value:
+        return ModelSpec(factory=value, base_dir=Path.cwd(), source="--model")
+    check_zoo_name(value)
+    return ModelSpec(arch=value, source="--model")
+
+
+def read_spec_file(path: Path, *, source: str | None = None) -> ModelSpec:
+    """Read a YAML spec file; a relative factory path is resolved against the file's folder."""
+    source = source or str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise SpecError(f"spec file not found: {path}") from e
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"cannot read spec {path}: {str(e).splitlines()[0]}") from e
+    spec = spec_from_dict(data, source=source, base_dir=path.parent, trusted=True)
+    if spec.arch is not None and not spec.arch.startswith("torchvision:"):
+        check_zoo_name(spec.arch)
+    return spec
+
+
+def check_zoo_name(name: str) -> None:
+    """Raise :class:`UsageError` (exit 2) listing the zoo's names when ``name`` is not one of them."""
+    import model_zoo
+
+    if name not in model_zoo.list_models():
+        raise UsageError(
+            f"unknown model '{name}'; zoo names: {', '.join(model_zoo.list_models())} "
+            "(or give a YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME)"
+        )
+
+
+def resolve_spec(checkpoint_path: Path, model_option: ModelSpec | None, stored: dict | None) -> ModelSpec:
+    """The spec for one checkpoint, in CONTRACTS.md order.
+
+    ``--model`` if given, else the spec stored in the checkpoint, else ``<stem>.yaml`` or
+    ``model.yaml`` beside the checkpoint.
+
+    Raises:
+        CheckpointError: no spec can be found for this checkpoint.
+    """
+    if model_option is not None:
+        return model_option
+    if stored is not None:
+        return spec_from_dict(
+            stored, source=f"stored in {checkpoint_path.name}", base_dir=None, trusted=False
+        )
+    for name in (f"{checkpoint_path.stem}.yaml", f"{checkpoint_path.stem}.yml", "model.yaml"):
+        candidate = checkpoint_path.parent / name
+        if candidate.exists():
+            return read_spec_file(candidate)
+    raise CheckpointError(
+        f"no model spec for {checkpoint_path}: pass --model, or place "
+        f"{checkpoint_path.stem}.yaml or model.yaml beside it"
+    )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the module a spec describes (CPU, float32, fresh weights).
+
+    Raises:
+        SpecError: the factory cannot be imported or called, or the kwargs do not fit.
+        UsageError: unknown zoo name.
+    """
+    if spec.arch is not None:
+        if spec.arch.startswith("torchvision:"):
+            return _build_torchvision(spec)
+        check_zoo_name(spec.arch)
+        import model_zoo
+
+        return _call(model_zoo.get_model, spec, spec.arch, (spec.arch,))
+    assert spec.factory is not None
+    if not spec.trusted:
+        raise CheckpointError(
+            f"the spec {spec.source} names the factory '{spec.factory}', which runs Python code; "
+            f"flatcli imports it only when you name it: pass --model {spec.factory}"
+        )
+    fn = _import_factory(spec.factory, spec.base_dir)
+    return _call(fn, spec, spec.factory, ())
+
+
+def _build_torchvision(spec: ModelSpec) -> nn.Module:
+    import torchvision
+
+    name = spec.arch.split(":", 1)[1]
+    if name not in torchvision.models.list_models():
+        raise UsageError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()")
+    kwargs = dict(spec.kwargs)
+    kwargs.pop("weights", None)  # no downloads: weights always come from the checkpoint
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"torchvision:{name} rejects kwargs {kwargs}: {e}") from e
+
+
+def _import_factory(factory: str, base_dir: Path | None):
+    target, sep, attr = factory.rpartition(":")
+    if not sep or not target or not attr:
+        raise SpecError(f"factory '{factory}' must look like pkg.module:callable or file.py:callable")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        if not path.exists():
+            raise SpecError(f"factory file not found: {path} (from '{factory}')")
+        mod_name = f"flatcli_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise SpecError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise SpecError(f"cannot import module '{target}' (from '{factory}'): {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise SpecError(f"'{attr}' is not a callable in {target} (from '{factory}')")
+    return fn
+
+
+def _call(fn, spec: ModelSpec, what: str, args: tuple) -> nn.Module:
+    try:
+        model = fn(*args, **spec.kwargs)
+    except TypeError as e:
+        raise SpecError(f"cannot build '{what}' with kwargs {spec.kwargs}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"'{what}' returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,305 @@
+"""The training loop: seeded batches sliced from device tensors, batched augmentation, the
+optional Fisher-trace regulariser, gradient clipping, per-epoch evaluation and early stopping.
+
+No DataLoader and no per-example Python: each epoch draws one ``randperm`` on the device from a
+generator seeded by ``config.seed`` and slices it into batches; augmentation is batched tensor
+work (:mod:`flatcli.train.augment`). The library is silent: progress goes to ``on_epoch``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from flatcli.data import Split
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.train.augment import augment_batch, check_augmentable
+from flatcli.train.config import Augment, Optimizer, TrainConfig
+from flatcli.train.fisher_reg import fisher_penalty
+from flatcli.train.schedule import lr_at
+
+EVAL_BATCH_SIZE = 1024
+"""Examples per forward when evaluating (no graph is kept, so larger than a training batch)."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Metrics after an evaluated epoch (every ``log_every`` epochs and the last one).
+
+    Attributes:
+        epoch: epochs completed so far (1-based).
+        train_loss: mean cross-entropy on the training split, eval mode, no augmentation, on the
+            labels trained on (random labels and confusion set included), no label smoothing.
+        train_acc: accuracy on the same.
+        test_loss: mean cross-entropy on the test split (None without one).
+        test_acc: accuracy on the test split (None without one).
+        lr: learning rate used during this epoch.
+        seconds: wall time since ``fit`` started (training and evaluation).
+        objective: mean over this epoch's batches of the minimised objective (with augmentation,
+            label smoothing and ``reg_beta * R``), as seen by the optimiser in train mode.
+        reg: mean over this epoch's batches of the regulariser value R_alpha (None without it).
+    """
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float | None
+    test_acc: float | None
+    lr: float
+    seconds: float
+    objective: float
+    reg: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (non-finite floats become None)."""
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``fit`` did and where it ended.
+
+    ``train_*`` are on the training split as trained on (its labels may be random, see
+    :class:`EpochStats`); the generalization gaps are ``gap_acc = train_acc - test_acc`` and
+    ``gap_loss = test_loss - train_loss`` (None without a test split).
+    """
+
+    train_loss: float
+    train_acc: float
+    test_loss: float | None
+    test_acc: float | None
+    gap_acc: float | None
+    gap_loss: float | None
+    epochs: int
+    steps: int
+    seconds: float
+    reached_target: bool
+    history: list[EpochStats] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; ``history`` as a list of dicts."""
+        out = {k: _finite(v) for k, v in asdict(self).items() if k != "history"}
+        out["history"] = [h.to_dict() for h in self.history]
+        return out
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def build_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``/``nesterov``) or Adam, both with coupled L2 ``weight_decay``."""
+    if config.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode, no augmentation.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        loss += F.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(-1) == yb).sum()
+    model.train(was_training)
+    n = max(int(x.shape[0]), 1)
+    return float(loss) / n, int(correct) / n
+
+
+def _check_labels(y: Tensor, num_classes: int, which: str) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise UsageError(
+            f"{which} labels must lie in [0, {num_classes}); got values from {int(y.min())} "
+            f"to {int(y.max())}. Check num_classes."
+        )
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    test: Split | None,
+    num_classes: int,
+    config: TrainConfig,
+    *,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    pad_fill: float | Sequence[float] = 0.0,
+) -> TrainResult:
+    """Train ``model`` in place on ``train`` as ``config`` says; evaluate on ``test``.
+
+    Each step: slice a batch from a seeded permutation, augment it, minimise the cross-entropy
+    with ``label_smoothing`` (plus ``reg_beta`` times the Fisher-trace regulariser of
+    fisher-gamma-local-minima.md Eq. 6 when ``fisher_reg``), clip the gradient to global norm
+    ``clip``, step the optimiser. The learning rate follows ``config.schedule`` per epoch.
+    Every ``log_every`` epochs and after the last, the model is evaluated (eval mode, no
+    augmentation) on the training split, with the labels it was trained on, and on ``test``;
+    ``on_epoch`` gets the :class:`EpochStats`, and training stops once ``train_acc`` reaches
+    ``target_train_acc``.
+
+    Same seed, same model initialisation, same data: bit-identical weights on CPU. The global
+    torch RNG (dropout) is seeded from ``config.seed`` inside ``fit`` and restored afterwards.
+
+    Args:
+        model: the network; moved to ``config.device`` and ``config.dtype``; left in eval mode.
+        train: training split (already prepared by :func:`prepare_train_split`).
+        test: test split, or None.
+        num_classes: K; labels must lie in ``[0, K)``.
+        config: the :class:`TrainConfig`.
+        on_epoch: called with each evaluated epoch's stats (progress reporting).
+        pad_fill: padding value of the random crops, a number or one per channel (0 = zero
+            padding; :func:`flatcli.train.augment.black_fill` gives the value of black pixels
+            in normalised inputs, as torchvision's RandomCrop-before-Normalize pads).
+
+    Returns:
+        A :class:`TrainResult` with the final metrics and the history.
+    """
+    start_time = time.perf_counter()
+    device = torch.device(config.device)
+    dtype = config.torch_dtype
+    if len(train) == 0:
+        raise UsageError("the training split is empty.")
+    check_augmentable(tuple(train.x.shape[1:]), config.augment)
+    x = train.x.to(device=device, dtype=dtype)
+    y = train.y.to(device=device)
+    _check_labels(y, num_classes, "training")
+    if test is not None:
+        x_test = test.x.to(device=device, dtype=dtype)
+        y_test = test.y.to(device=device)
+        _check_labels(y_test, num_classes, "test")
+    model.to(device=device, dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters.")
+    optimizer = build_optimizer(params, config)
+
+    n = x.shape[0]
+    bs = min(config.batch_size, n)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    history: list[EpochStats] = []
+    steps = 0
+    epochs_run = 0
+    reached = False
+    stats: EpochStats | None = None
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(config.seed)
+        for epoch in range(config.epochs):
+            lr = lr_at(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            objective_sum = torch.zeros((), dtype=torch.float64, device=device)
+            reg_sum = torch.zeros((), dtype=torch.float64, device=device)
+            batches = 0
+            perm = torch.randperm(n, generator=generator, device=device)
+            for start in range(0, n, bs):
+                idx = perm[start : start + bs]
+                xb = x.index_select(0, idx)
+                yb = y.index_select(0, idx)
+                if config.augment is not Augment.NONE:
+                    xb = augment_batch(xb, config.augment, generator, pad_fill)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+                if config.fisher_reg and yb.shape[0] >= config.reg_subbatches:
+                    penalty = fisher_penalty(
+                        model,
+                        xb,
+                        yb,
+                        alpha=config.reg_alpha,
+                        subbatches=config.reg_subbatches,
+                        base_logits=logits,
+                    )
+                    loss = loss + config.reg_beta * penalty.value
+                    reg_sum += penalty.value.detach().double()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip)
+                optimizer.step()
+                objective_sum += loss.detach().double()
+                batches += 1
+                steps += 1
+            epochs_run = epoch + 1
+            objective = float(objective_sum) / batches
+            if not math.isfinite(objective):
+                raise FlatcliError(
+                    f"training diverged: the objective is {objective} in epoch {epochs_run} "
+                    f"(lr {lr:g}). Lower lr, or set clip."
+                )
+            if epochs_run % config.log_every and epochs_run != config.epochs:
+                continue
+            stats = _evaluate_epoch(
+                model, x, y, (x_test, y_test) if test is not None else None, epochs_run, lr,
+                start_time, objective, float(reg_sum) / batches if config.fisher_reg else None,
+            )
+            history.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+            if config.target_train_acc is not None and stats.train_acc >= config.target_train_acc:
+                reached = True
+                break
+    model.eval()
+    assert stats is not None  # the last epoch is always evaluated
+    gap_acc = None if stats.test_acc is None else stats.train_acc - stats.test_acc
+    gap_loss = None if stats.test_loss is None else stats.test_loss - stats.train_loss
+    return TrainResult(
+        train_loss=stats.train_loss,
+        train_acc=stats.train_acc,
+        test_loss=stats.test_loss,
+        test_acc=stats.test_acc,
+        gap_acc=gap_acc,
+        gap_loss=gap_loss,
+        epochs=epochs_run,
+        steps=steps,
+        seconds=time.perf_counter() - start_time,
+        reached_target=reached,
+        history=history,
+    )
+
+
+def _evaluate_epoch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    test: tuple[Tensor, Tensor] | None,
+    epoch: int,
+    lr: float,
+    start_time: float,
+    objective: float,
+    reg: float | None,
+) -> EpochStats:
+    train_loss, train_acc = evaluate(model, x, y)
+    test_loss = test_acc = None
+    if test is not None:
+        test_loss, test_acc = evaluate(model, *test)
+    return EpochStats(
+        epoch=epoch,
+        train_loss=train_loss,
+        train_acc=train_acc,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        lr=lr,
+        seconds=time.perf_counter() - start_time,
+        objective=objective,
+        reg=reg,
+    )

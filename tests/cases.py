@@ -1,0 +1,52 @@
+"""Tiny problems shared by the tests: small enough to form dense Hessians and Jacobians in float64.
+
+Each case builds a model and data from a seed; ``make_case(name)`` returns (model, x, y) in
+float64. Tests of one module may add their own cases; add here what several modules need.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CASE_NAMES = ("mlp_tanh", "mlp_relu", "cnn", "cnn_bn")
+
+
+def _mlp(act: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3))
+
+
+def _cnn(bn: bool) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(2, 3, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(3))
+    layers += [nn.Softplus(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)]
+    return nn.Sequential(*layers)
+
+
+def make_case(name: str, n: int = 12, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 model in eval mode, inputs (n, ...) and int64 labels (n,) for ``name``."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "mlp_tanh":
+        model, shape = _mlp(nn.Tanh), (6,)
+    elif name == "mlp_relu":
+        model, shape = _mlp(nn.ReLU), (6,)
+    elif name == "cnn":
+        model, shape = _cnn(bn=False), (2, 4, 4)
+    elif name == "cnn_bn":
+        model, shape = _cnn(bn=True), (2, 4, 4)
+    else:
+        raise KeyError(name)
+    model = model.double()
+    if name == "cnn_bn":  # non-trivial running statistics and affine parameters
+        bn = model[1]
+        bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-0.5, 0.5, generator=g)
+    model.eval()
+    x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, x, y
