@@ -53,5 +53,7 @@ def cnn6(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = False
             drop the conv biases.
     """
     return CNN6(
-        check_int("in_channels", in_channels), check_int("num_classes", num_classes), bool(batchnorm)
+        check_int("in_channels", in_channels),
+        check_int("num_classes", num_classes),
+        bool(batchnorm),
     )

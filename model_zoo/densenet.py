@@ -114,8 +114,10 @@ def densenet_bc(
     depth = check_int("depth", depth, minimum=10)
     if (depth - 4) % 6:
         raise ValueError(f"depth must be 6n+4 (40, 100, 190, ...). Got {depth}.")
-    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not (
-        0 < compression <= 1
+    if (
+        isinstance(compression, bool)
+        or not isinstance(compression, (int, float))
+        or not (0 < compression <= 1)
     ):
         raise ValueError(f"compression must be a number in (0, 1]. Got {compression!r}.")
     return DenseNetBC(

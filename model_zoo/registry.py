@@ -28,7 +28,7 @@ class UnknownModelError(ValueError):
 
 
 def normalise_name(name: str) -> str:
-    """Registry key for ``name``: lower case, ``_`` read as ``-`` (``"LeNet5_BN"`` -> ``"lenet5-bn"``)."""
+    """Registry key for ``name``: lower case, ``_`` read as ``-`` ("LeNet5_BN" -> "lenet5-bn")."""
     return name.strip().lower().replace("_", "-")
 
 

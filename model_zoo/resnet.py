@@ -15,7 +15,7 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class PadShortcut(nn.Module):
-    """Option A shortcut: subsample by ``stride``, then zero-pad the new channels (no parameters)."""
+    """Option A shortcut: subsample by ``stride``, zero-pad the new channels; no parameters."""
 
     def __init__(self, extra_channels: int, stride: int) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ from flatcli.cli.output import progress_bar, render_table
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.io.checkpoint import Checkpoint, check_finite, expand_checkpoints, load_checkpoint, match_state_dict
 from flatcli.io.report import build_report, environment_info, result_entry, write_report
-from flatcli.io.spec import ModelSpec, build_model, parse_model_option, resolve_spec
+from flatcli.io.spec import ModelSpec, build_model, fill_data_kwargs, parse_model_option, resolve_spec
 from flatcli.progress import ProgressFn
 
 
@@ -128,18 +128,18 @@ def prepare_context(
 
     ckpt = load_checkpoint(path, unsafe=common.unsafe_load)
     spec = resolve_spec(path, model_option, ckpt.spec)
-    model = build_model(spec)
-    state = match_state_dict(model, ckpt.state_dict, source=str(path))
-    check_finite(state, source=str(path))
-    model.load_state_dict(state)
-    model.to(device=device, dtype=dtype).eval()
-
     meta = ckpt.meta or {}
     name = common.dataset or meta.get("dataset") or spec.dataset
     if name is None:
         raise CheckpointError(f"no dataset recorded for {path}: pass --dataset")
     normalization = meta.get("normalization", "default") if name == meta.get("dataset") else "default"
     dataset = data.get(name, normalization)
+    spec = fill_data_kwargs(spec, dataset.num_classes, tuple(dataset.input_shape))
+    model = build_model(spec)
+    state = match_state_dict(model, ckpt.state_dict, source=str(path))
+    check_finite(state, source=str(path))
+    model.load_state_dict(state)
+    model.to(device=device, dtype=dtype).eval()
     split = dataset.split(common.split)
     split = subset(split, common.max_examples, common.seed)
     x = split.x.to(device=device, dtype=dtype)

@@ -16,7 +16,7 @@ from flatcli.cli.output import console, progress_bar, render_table
 from flatcli.errors import UsageError
 from flatcli.io.checkpoint import save_checkpoint
 from flatcli.io.report import build_report, environment_info, result_entry, write_report
-from flatcli.io.spec import build_model, parse_model_option
+from flatcli.io.spec import build_model, fill_data_kwargs, parse_model_option
 
 SUMMARY = [
     ("train_acc", "train acc"),
@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
                 target_train_acc=target_train_acc,
             )
             data = load_dataset(name, data_dir=data_dir, download=download)
+            spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
             torch.manual_seed(seed)
             net = build_model(spec)
             init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -111,8 +112,8 @@ def register(app: typer.Typer) -> None:
                     if bar is not None:
                         bar.update(
                             task,
-                            completed=stats.epoch + 1,
-                            description=f"epoch {stats.epoch + 1}  loss {stats.train_loss:.4f}  acc {stats.train_acc:.4f}",
+                            completed=stats.epoch,
+                            description=f"epoch {stats.epoch}  loss {stats.train_loss:.4f}  acc {stats.train_acc:.4f}",
                         )
 
                 result = fit(net, train_split, data.test, data.num_classes, config, on_epoch=on_epoch)

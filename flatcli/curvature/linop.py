@@ -126,16 +126,17 @@ def random_vectors(
     """``(dim, count)`` float64 random vectors: Rademacher (entries ±1) or standard Gaussian.
 
     Drawn on the CPU from ``generator`` (then moved), so a seed gives the same vectors on
-    every device.
+    every device, and probe ``i`` of a stream does not depend on how the probes are blocked.
     """
+    # drawn probe by probe (rows), so probe i does not depend on how probes are blocked
     if kind == "rademacher":
-        out = torch.randint(0, 2, (dim, count), generator=generator, dtype=torch.int8)
+        out = torch.randint(0, 2, (count, dim), generator=generator, dtype=torch.int8)
         out = out.to(torch.float64).mul_(2.0).sub_(1.0)
     elif kind == "gaussian":
-        out = torch.randn((dim, count), generator=generator, dtype=torch.float64)
+        out = torch.randn((count, dim), generator=generator, dtype=torch.float64)
     else:
         raise ValueError(f"kind must be 'rademacher' or 'gaussian'. Got {kind!r}.")
-    return out.to(device)
+    return out.T.contiguous().to(device)
 
 
 def to_dense(op: LinearOperator, block: int = 64) -> Tensor:

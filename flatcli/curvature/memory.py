@@ -84,7 +84,10 @@ def estimate_memory(
     params = list(model.parameters())
     model_dtype = params[0].dtype if params else torch.get_default_dtype()
     dtype = dtype or model_dtype
-    scale = torch.empty((), dtype=dtype).element_size() / torch.empty((), dtype=model_dtype).element_size()
+    scale = (
+        torch.empty((), dtype=dtype).element_size()
+        / torch.empty((), dtype=model_dtype).element_size()
+    )
     param_bytes = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
     act = activation_bytes_per_example(model, tuple(x_shape)) * scale
     head = 4 * num_outputs * num_outputs * torch.empty((), dtype=dtype).element_size()

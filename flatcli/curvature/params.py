@@ -142,9 +142,7 @@ def unflatten(vec: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor
 def unflatten_columns(mat: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     """Split the columns of ``mat (dim, k)`` into ``{name: (k, *shape)}`` (batch dim first)."""
     k = mat.shape[1]
-    return {
-        n: mat[sl].T.reshape(k, *shapes[n]) for n, sl in param_slices(shapes).items()
-    }
+    return {n: mat[sl].T.reshape(k, *shapes[n]) for n, sl in param_slices(shapes).items()}
 
 
 def flatten_columns(cols: Mapping[str, Tensor]) -> Tensor:

@@ -33,7 +33,7 @@ def _folder(root: Path, spec: str):
 
     try:
         return ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:  # no class folders, or a class folder without images
         raise DataError(
             f"{spec}: {root} is not a folder of class folders holding images ({exc})"
         ) from exc
@@ -50,9 +50,7 @@ def load_imagefolder(
         test_ds = _folder(path / "test", spec)
         extra = sorted(set(test_ds.classes) - set(train_ds.classes))
         if extra:
-            raise DataError(
-                f"{spec}: the test folder has classes the train folder lacks: {extra}"
-            )
+            raise DataError(f"{spec}: the test folder has classes the train folder lacks: {extra}")
         remap = [train_ds.class_to_idx[c] for c in test_ds.classes]
         test_samples = [(p, remap[t]) for p, t in test_ds.samples]
     else:

@@ -43,8 +43,7 @@ def _read(path: Path, spec: str) -> dict:
             ) from exc
         if not isinstance(obj, dict):
             raise DataError(
-                f"{spec}: {path} holds a {type(obj).__name__}, not a dict of tensors "
-                f"with {_LAYOUT}"
+                f"{spec}: {path} holds a {type(obj).__name__}, not a dict of tensors with {_LAYOUT}"
             )
         return obj
     raise DataError(
@@ -162,9 +161,7 @@ def load_tensors(
                 f"{spec}: 'num_classes' must be one whole number; got {stored!r}"
             ) from None
         if num_classes <= max_label:
-            raise DataError(
-                f"{spec}: 'num_classes' is {num_classes} but a label is {max_label}"
-            )
+            raise DataError(f"{spec}: 'num_classes' is {num_classes} but a label is {max_label}")
     else:
         num_classes = max_label + 1
     return train, test, num_classes

@@ -16,7 +16,10 @@ torchvision checks the md5 of every CIFAR and SVHN file (MNIST raw files only ne
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +54,44 @@ TORCHVISION_SETS: dict[str, TorchvisionSet] = {
         "MNIST", "mnist", 10, (1, 28, 28), f"MNIST/raw/{{{_MNIST_FILES}}}", ("MNIST",)
     ),
     "mnist-2": TorchvisionSet(
-        "MNIST", "mnist", 2, (1, 28, 28), f"MNIST/raw/{{{_MNIST_FILES}}}", ("MNIST",),
+        "MNIST",
+        "mnist",
+        2,
+        (1, 28, 28),
+        f"MNIST/raw/{{{_MNIST_FILES}}}",
+        ("MNIST",),
         binary=True,
     ),
     "fashion-mnist": TorchvisionSet(
-        "FashionMNIST", "fashion-mnist", 10, (1, 28, 28),
-        f"FashionMNIST/raw/{{{_MNIST_FILES}}}", ("FashionMNIST",),
+        "FashionMNIST",
+        "fashion-mnist",
+        10,
+        (1, 28, 28),
+        f"FashionMNIST/raw/{{{_MNIST_FILES}}}",
+        ("FashionMNIST",),
     ),
     "cifar10": TorchvisionSet(
-        "CIFAR10", "cifar10", 10, (3, 32, 32),
+        "CIFAR10",
+        "cifar10",
+        10,
+        (3, 32, 32),
         "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
         ("cifar-10-batches-py",),
     ),
     "cifar100": TorchvisionSet(
-        "CIFAR100", "cifar100", 100, (3, 32, 32),
-        "cifar-100-python/{train, test, meta}", ("cifar-100-python",),
+        "CIFAR100",
+        "cifar100",
+        100,
+        (3, 32, 32),
+        "cifar-100-python/{train, test, meta}",
+        ("cifar-100-python",),
     ),
     "svhn": TorchvisionSet(
-        "SVHN", "svhn", 10, (3, 32, 32), "{train_32x32.mat, test_32x32.mat}",
+        "SVHN",
+        "svhn",
+        10,
+        (3, 32, 32),
+        "{train_32x32.mat, test_32x32.mat}",
         ("train_32x32.mat", "test_32x32.mat"),
     ),
 }
@@ -78,9 +101,11 @@ def _construct(spec: TorchvisionSet, root: Path, train: bool, download: bool):
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, spec.cls_name)
-    if spec.cls_name == "SVHN":
-        return cls(str(root), split="train" if train else "test", download=download)
-    return cls(str(root), train=train, download=download)
+    # torchvision prints download progress to stdout, which carries flatcli's table or JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        if spec.cls_name == "SVHN":
+            return cls(str(root), split="train" if train else "test", download=download)
+        return cls(str(root), train=train, download=download)
 
 
 def load_torchvision_split(
@@ -102,9 +127,7 @@ def load_torchvision_split(
     except RuntimeError as exc:
         present = any((root / m).exists() for m in spec.markers)
         if download:
-            raise DataError(
-                f"could not download dataset '{name}' into {root}: {exc}"
-            ) from exc
+            raise DataError(f"could not download dataset '{name}' into {root}: {exc}") from exc
         if present:
             raise DataError(
                 f"dataset '{name}' under {root} is incomplete or corrupted (torchvision's "
@@ -118,7 +141,15 @@ def load_torchvision_split(
     except OSError as exc:  # network errors from a download, unreadable files
         what = "download" if download else "read"
         raise DataError(f"could not {what} dataset '{name}' under {root}: {exc}") from exc
-    except (ValueError, TypeError, AssertionError, KeyError) as exc:  # malformed files
+    except (
+        ValueError,
+        TypeError,
+        AssertionError,
+        KeyError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as exc:
+        # malformed files
         raise DataError(
             f"dataset '{name}' under {root} could not be parsed "
             f"({type(exc).__name__}: {exc}); expected torchvision's layout: {spec.layout}"

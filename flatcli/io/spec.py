@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -127,8 +127,9 @@ def read_spec_file(path: Path, *, source: str | None = None) -> ModelSpec:
 def check_zoo_name(name: str) -> None:
     """Raise :class:`UsageError` (exit 2) listing the zoo's names when ``name`` is not one of them."""
     import model_zoo
+    from model_zoo.registry import normalise_name
 
-    if name not in model_zoo.list_models():
+    if normalise_name(name) not in model_zoo.list_models():
         raise UsageError(
             f"unknown model '{name}'; zoo names: {', '.join(model_zoo.list_models())} "
             "(or give a YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME)"
@@ -158,6 +159,35 @@ def resolve_spec(checkpoint_path: Path, model_option: ModelSpec | None, stored: 
         f"no model spec for {checkpoint_path}: pass --model, or place "
         f"{checkpoint_path.stem}.yaml or model.yaml beside it"
     )
+
+
+def fill_data_kwargs(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
+    """A copy of ``spec`` whose zoo or torchvision model gets its data-shaped kwargs from the dataset.
+
+    Only kwargs the spec leaves unset and the builder accepts are filled: ``num_classes``,
+    ``in_channels`` (channels of image inputs), and, for builders that take them, ``input_size``
+    (image side) and ``input_shape``. Factories are left alone: their kwargs are the user's.
+    """
+    if spec.arch is None:
+        return spec
+    kwargs = dict(spec.kwargs)
+    if spec.arch.startswith("torchvision:"):
+        kwargs.setdefault("num_classes", num_classes)
+        return replace(spec, kwargs=kwargs)
+    import model_zoo
+
+    accepted = model_zoo.model_kwargs(spec.arch)
+    fill: dict = {"num_classes": num_classes}
+    if len(input_shape) == 3:
+        fill["in_channels"] = input_shape[0]
+        if input_shape[1] == input_shape[2]:
+            fill["input_size"] = input_shape[1]
+    if "in_features" not in kwargs:
+        fill["input_shape"] = list(input_shape)
+    for key, value in fill.items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
+    return replace(spec, kwargs=kwargs)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -231,7 +261,7 @@ def _import_factory(factory: str, base_dir: Path | None):
 def _call(fn, spec: ModelSpec, what: str, args: tuple) -> nn.Module:
     try:
         model = fn(*args, **spec.kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise SpecError(f"cannot build '{what}' with kwargs {spec.kwargs}: {e}") from e
     if not isinstance(model, nn.Module):
         raise SpecError(f"'{what}' returned {type(model).__name__}, not an nn.Module")

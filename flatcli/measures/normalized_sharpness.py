@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import cho_factor, cho_solve
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.special import logsumexp
@@ -70,9 +71,10 @@ class LayerSolution:
         gap: certified bound on ``value - minimum`` (GP duality, see the module docstring).
         lower: the certified lower bound ``value - gap``.
         iterations: alternating-minimisation sweeps (one x-step and one y-step each).
+        newton_steps: accepted safeguarded Newton steps (see ``newton``).
         converged: whether ``gap <= rtol * value + atol`` was reached within ``max_iter``.
-        x, y: ``ln σ²`` per row and ``ln σ'²`` per column; ``+inf``/``-inf`` where the infimum
-            sends σ to infinity or zero (rows or columns outside every strongly connected block).
+        x, y: ``ln σ²`` per row and ``ln σ'²`` per column; NaN where no σ attains the infimum
+            (rows or columns outside every strongly connected block: σ -> 0 or ∞ in the limit).
         active_rows, active_cols: how many rows/columns take part in the attained problem.
         vanishing_entries: entries with a or b > 0 whose terms vanish in the limit.
     """
@@ -81,6 +83,7 @@ class LayerSolution:
     gap: float
     lower: float
     iterations: int
+    newton_steps: int
     converged: bool
     x: np.ndarray
     y: np.ndarray
@@ -138,8 +141,9 @@ def lower_bound(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * np.sqrt(a * b).sum())
 
 
-def _strong_blocks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mask of entries (i, j) whose row and column lie in one strongly connected component."""
+def _strong_blocks(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mask of entries (i, j) whose row and column lie in one strongly connected component,
+    and the component label of every node (rows first, then columns)."""
     m, n = a.shape
     ia, ja = np.nonzero(a > 0)
     ib, jb = np.nonzero(b > 0)
@@ -147,7 +151,25 @@ def _strong_blocks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dst = np.concatenate([m + ja, ib])
     graph = coo_matrix((np.ones(src.size), (src, dst)), shape=(m + n, m + n)).tocsr()
     _, labels = connected_components(graph, directed=True, connection="strong")
-    return labels[:m, None] == labels[None, m:]
+    return labels[:m, None] == labels[None, m:], labels
+
+
+def _log_matvec(mat: np.ndarray, logmat: np.ndarray, v: np.ndarray, axis: int) -> np.ndarray:
+    """``ln Σ mat * e^v`` along ``axis`` (1: rows, v over columns; 0: columns, v over rows).
+
+    A matrix product after a global max shift; entries that underflow fall back to logsumexp.
+    """
+    vmax = float(v.max())
+    e = np.exp(v - vmax)
+    sums = mat @ e if axis == 1 else e @ mat
+    with np.errstate(divide="ignore"):
+        out = np.log(sums) + vmax
+    bad = ~(sums > 1e-280)
+    if np.any(bad):
+        vv = v[None, :] if axis == 1 else v[:, None]
+        full = logsumexp(logmat + vv, axis=axis)
+        out[bad] = full[bad]
+    return out
 
 
 def _log(v: np.ndarray) -> np.ndarray:
@@ -155,35 +177,36 @@ def _log(v: np.ndarray) -> np.ndarray:
         return np.log(v)
 
 
-def _dual_gap(la: np.ndarray, lb: np.ndarray, x: np.ndarray, y: np.ndarray, value: float) -> float | None:
-    """Duality gap at (x, y) from the Newton-corrected dual point, or None when |s| > 1."""
+def _newton_certificate(
+    la: np.ndarray, lb: np.ndarray, x: np.ndarray, y: np.ndarray,
+    row_blocks: np.ndarray, col_blocks: np.ndarray,
+) -> tuple[float, np.ndarray, np.ndarray, float | None]:
+    """Objective, Newton direction (p, q) and the dual value at (x, y) (None when |s| > 1)."""
     s0 = x[:, None] + y[None, :]
     ta = np.exp(la + s0)  # exp(-inf) = 0 off the support
     tb = np.exp(lb - s0)
+    value = float(ta.sum() + tb.sum())
     gam = ta + tb
     d = ta - tb
     r, c = d.sum(axis=1), d.sum(axis=0)
     rr, cc = gam.sum(axis=1), gam.sum(axis=0)
     m, n = la.shape
-    # Newton system [[diag(rr), G], [G^T, diag(cc)]] [p; q] = -[r; c]; Schur complement on the
-    # smaller side, Jacobi-scaled, solved by a symmetric pseudo-inverse (its null space is the
-    # shift x + t, y - t of each connected block, and the right-hand side is orthogonal to it).
+    # Newton system [[diag(rr), G], [G^T, diag(cc)]] [p; q] = -[r; c] (Appendix B's Hessian);
+    # Schur complement on the smaller side. Its null space is the shift x + t, y - t of each
+    # block (indicator vectors of the blocks on that side), and the right-hand side is
+    # orthogonal to it, so adding those rank-one terms gives the minimum-norm solution.
     if m >= n:
         g_over = gam / rr[:, None]
-        schur = np.diag(cc) - gam.T @ g_over
-        rhs = -c + g_over.T @ r
-        q = _psd_solve(schur, rhs, cc)
+        q = _psd_solve(np.diag(cc) - gam.T @ g_over, -c + g_over.T @ r, cc, col_blocks)
         p = -(r + gam @ q) / rr
     else:
         g_over = gam / cc[None, :]
-        schur = np.diag(rr) - g_over @ gam.T
-        rhs = -r + g_over @ c
-        p = _psd_solve(schur, rhs, rr)
+        p = _psd_solve(np.diag(rr) - g_over @ gam.T, -r + g_over @ c, rr, row_blocks)
         q = -(c + gam.T @ p) / cc
     s = p[:, None] + q[None, :]
     on_a, on_b = ta > 0, tb > 0
     if np.any(np.abs(s[on_a | on_b]) > 1.0):
-        return None
+        return value, p, q, None
     na = ta * (1.0 + s)
     nb = tb * (1.0 - s)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -191,17 +214,32 @@ def _dual_gap(la: np.ndarray, lb: np.ndarray, x: np.ndarray, y: np.ndarray, valu
         eb = np.where(nb > 0, nb * (1.0 - np.log1p(np.where(on_b, -s, 0.0))), 0.0)
     dn = na - nb  # its margins are 0 up to rounding; keep their exact contribution
     dual = float(ea.sum() + eb.sum() - x @ dn.sum(axis=1) - y @ dn.sum(axis=0))
-    return value - dual
+    return value, p, q, dual
 
 
-def _psd_solve(mat: np.ndarray, rhs: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _value(la: np.ndarray, lb: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    s0 = x[:, None] + y[None, :]
+    with np.errstate(over="ignore"):
+        return float(np.exp(la + s0).sum() + np.exp(lb - s0).sum())
+
+
+def _psd_solve(mat: np.ndarray, rhs: np.ndarray, scale: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Solve ``mat q = rhs`` for a PSD ``mat`` whose null space is spanned by block indicators."""
     d = 1.0 / np.sqrt(scale)
     ms = mat * d[:, None] * d[None, :]
     ms = 0.5 * (ms + ms.T)
-    evals, evecs = np.linalg.eigh(ms)
-    cutoff = 1e-11 * max(float(evals[-1]), 1e-300)
-    inv = np.where(evals > cutoff, 1.0 / np.where(evals > cutoff, evals, 1.0), 0.0)
-    return d * (evecs @ (inv * (evecs.T @ (d * rhs))))
+    _, inverse = np.unique(blocks, return_inverse=True)
+    ind = np.zeros((ms.shape[0], int(inverse.max()) + 1))
+    ind[np.arange(ms.shape[0]), inverse] = np.sqrt(scale)  # D^(1/2) 1_block
+    ind /= np.linalg.norm(ind, axis=0, keepdims=True)
+    try:
+        factor = cho_factor(ms + ind @ ind.T)
+        return d * cho_solve(factor, d * rhs)
+    except np.linalg.LinAlgError:  # numerically singular: fall back to a pseudo-inverse
+        evals, evecs = np.linalg.eigh(ms)
+        cutoff = 1e-11 * max(float(evals[-1]), 1e-300)
+        inv = np.where(evals > cutoff, 1.0 / np.where(evals > cutoff, evals, 1.0), 0.0)
+        return d * (evecs @ (inv * (evecs.T @ (d * rhs))))
 
 
 def solve_normalized_layer(
@@ -212,6 +250,8 @@ def solve_normalized_layer(
     atol: float = 0.0,
     max_iter: int = 20000,
     check_every: int = 10,
+    newton: bool = True,
+    y0: np.ndarray | None = None,
 ) -> LayerSolution:
     """Minimise ``Σ a_ij e^{x_i+y_j} + b_ij e^{-(x_i+y_j)}`` by exact alternating minimisation.
 
@@ -222,6 +262,12 @@ def solve_normalized_layer(
         max_iter: most alternating sweeps.
         check_every: sweeps between two gap evaluations (each costs an eigendecomposition of
             ``min(m, n)`` squared).
+        newton: after each gap evaluation, also try the Newton step that the certificate
+            computes anyway, kept only if it lowers the objective (weakly coupled blocks make
+            plain alternating minimisation linear-rate slow).
+        y0: optional warm start, ``ln σ'²`` per column (NaN entries start at 0); each sweep
+            begins with the exact x-step, so no x is needed. A warm start is checked after the
+            first sweep already.
 
     Returns:
         A :class:`LayerSolution`; ``value`` is the minimum of Eq. 17 within ``gap``.
@@ -238,38 +284,41 @@ def solve_normalized_layer(
     if np.any(a < 0) or np.any(b < 0) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise ValueError("a and b must be finite and non-negative.")
     m, n = a.shape
-    keep = _strong_blocks(a, b)
+    keep, labels = _strong_blocks(a, b)
     a_k, b_k = np.where(keep, a, 0.0), np.where(keep, b, 0.0)
     vanishing = int(np.count_nonzero(((a > 0) | (b > 0)) & ~keep))
     rows = np.nonzero(a_k.sum(axis=1) > 0)[0]
     cols = np.nonzero(a_k.sum(axis=0) > 0)[0]
-    # Rows/columns outside every block: σ -> ∞ where only b-edges leave (a row with no curvature),
-    # σ -> 0 otherwise; reported as ±inf, their terms are 0 in the limit.
-    x_full = np.where(a.sum(axis=1) > 0, -np.inf, np.inf)
-    y_full = np.where(a.sum(axis=0) > 0, -np.inf, np.inf)
+    # Rows/columns outside every block have no attained σ (their terms vanish in the limit): NaN.
+    x_full = np.full(m, np.nan)
+    y_full = np.full(n, np.nan)
     if rows.size == 0:
-        return LayerSolution(0.0, 0.0, 0.0, 0, True, x_full, y_full, 0, 0, vanishing)
-    la = _log(a_k[np.ix_(rows, cols)])
-    lb = _log(b_k[np.ix_(rows, cols)])
+        return LayerSolution(0.0, 0.0, 0.0, 0, 0, True, x_full, y_full, 0, 0, vanishing)
+    a_r, b_r = a_k[np.ix_(rows, cols)], b_k[np.ix_(rows, cols)]
+    la, lb = _log(a_r), _log(b_r)
     floor = lower_bound(a_k, b_k)
-    y = np.zeros(cols.size)
+    row_blocks, col_blocks = labels[rows], labels[m + cols]
+    y = np.zeros(cols.size) if y0 is None else np.nan_to_num(np.asarray(y0, dtype=np.float64)[cols])
     x = np.zeros(rows.size)
-    value, gap, it, converged = math.inf, math.inf, 0, False
+    warm = y0 is not None
+    value, gap, it, converged, newton_steps = math.inf, math.inf, 0, False, 0
     for it in range(1, max_iter + 1):
-        x = 0.5 * (logsumexp(lb - y[None, :], axis=1) - logsumexp(la + y[None, :], axis=1))
-        y = 0.5 * (logsumexp(lb - x[:, None], axis=0) - logsumexp(la + x[:, None], axis=0))
+        x = 0.5 * (_log_matvec(b_r, lb, -y, 1) - _log_matvec(a_r, la, y, 1))
+        y = 0.5 * (_log_matvec(b_r, lb, -x, 0) - _log_matvec(a_r, la, x, 0))
         shift = 0.5 * (x.mean() - y.mean())  # the objective is unchanged by x - t, y + t
         x, y = x - shift, y + shift
-        if it % check_every and it != max_iter:
+        if it % check_every and it != max_iter and not (warm and it == 1):
             continue
-        value = 2.0 * float(np.exp(0.5 * (logsumexp(la + x[:, None], axis=0)
-                                          + logsumexp(lb - x[:, None], axis=0))).sum())
-        dual_gap = _dual_gap(la, lb, x, y, value)
-        gap = value - floor if dual_gap is None else min(dual_gap, value - floor)
-        gap = max(gap, 0.0)
+        value, p, q, dual = _newton_certificate(la, lb, x, y, row_blocks, col_blocks)
+        gap = max(0.0, value - (floor if dual is None else max(dual, floor)))
         if gap <= rtol * value + atol:
             converged = True
             break
+        if newton and it < max_iter:  # safeguarded Newton step: taken only if it lowers the objective
+            for t in (1.0, 0.5, 0.25, 0.125):
+                if _value(la, lb, x + t * p, y + t * q) < value:
+                    x, y, newton_steps = x + t * p, y + t * q, newton_steps + 1
+                    break
     x_full[rows] = x
     y_full[cols] = y
     return LayerSolution(
@@ -277,6 +326,7 @@ def solve_normalized_layer(
         gap=gap,
         lower=value - gap,
         iterations=it,
+        newton_steps=newton_steps,
         converged=converged,
         x=x_full,
         y=y_full,

@@ -102,7 +102,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # "step": 0-based epochs where lr drops
     gamma: float = 0.1  # "step": factor applied at each milestone
     # --- length and batches
-    epochs: int = 60  # an upper bound when target_train_acc is set
+    epochs: int = 30  # mlp/mnist5k reaches 100 % train acc in 9-14 (SGD, lr 0.05, batch 64)
     batch_size: int = 64
     # --- data
     augment: Augment | str = Augment.NONE
@@ -135,7 +135,10 @@ class TrainConfig:
             _is_real(self.momentum) and 0 <= self.momentum < 1,
             f"momentum must be in [0, 1). Got {self.momentum!r}.",
         )
-        _check(isinstance(self.nesterov, bool), f"nesterov must be true or false. Got {self.nesterov!r}.")
+        _check(
+            isinstance(self.nesterov, bool),
+            f"nesterov must be true or false. Got {self.nesterov!r}.",
+        )
         _check(
             not (self.nesterov and self.momentum == 0),
             "nesterov needs a momentum > 0. Got momentum=0.",
@@ -163,8 +166,13 @@ class TrainConfig:
             "schedule 'step' needs milestones (epochs where the learning rate drops), "
             "e.g. milestones=[30, 45].",
         )
-        _check(_is_real(self.gamma) and 0 < self.gamma <= 1, f"gamma must be in (0, 1]. Got {self.gamma!r}.")
-        _check(_is_int(self.epochs) and self.epochs >= 1, f"epochs must be >= 1. Got {self.epochs!r}.")
+        _check(
+            _is_real(self.gamma) and 0 < self.gamma <= 1,
+            f"gamma must be in (0, 1]. Got {self.gamma!r}.",
+        )
+        _check(
+            _is_int(self.epochs) and self.epochs >= 1, f"epochs must be >= 1. Got {self.epochs!r}."
+        )
         _check(
             _is_int(self.batch_size) and self.batch_size >= 1,
             f"batch_size must be >= 1. Got {self.batch_size!r}.",
@@ -185,9 +193,18 @@ class TrainConfig:
             _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
             f"label_smoothing must be in [0, 1). Got {self.label_smoothing!r}.",
         )
-        _check(isinstance(self.fisher_reg, bool), f"fisher_reg must be true or false. Got {self.fisher_reg!r}.")
-        _check(_is_real(self.reg_beta) and self.reg_beta >= 0, f"reg_beta must be >= 0. Got {self.reg_beta!r}.")
-        _check(_is_real(self.reg_alpha) and self.reg_alpha > 0, f"reg_alpha must be > 0. Got {self.reg_alpha!r}.")
+        _check(
+            isinstance(self.fisher_reg, bool),
+            f"fisher_reg must be true or false. Got {self.fisher_reg!r}.",
+        )
+        _check(
+            _is_real(self.reg_beta) and self.reg_beta >= 0,
+            f"reg_beta must be >= 0. Got {self.reg_beta!r}.",
+        )
+        _check(
+            _is_real(self.reg_alpha) and self.reg_alpha > 0,
+            f"reg_alpha must be > 0. Got {self.reg_alpha!r}.",
+        )
         _check(
             _is_int(self.reg_subbatches) and self.reg_subbatches >= 1,
             f"reg_subbatches must be >= 1. Got {self.reg_subbatches!r}.",
@@ -201,7 +218,10 @@ class TrainConfig:
             self.clip is None or (_is_real(self.clip) and self.clip > 0),
             f"clip must be a positive gradient norm, or None for no clipping. Got {self.clip!r}.",
         )
-        _check(_is_int(self.seed) and self.seed >= 0, f"seed must be a whole number >= 0. Got {self.seed!r}.")
+        _check(
+            _is_int(self.seed) and self.seed >= 0,
+            f"seed must be a whole number >= 0. Got {self.seed!r}.",
+        )
         _check(
             self.dtype in _DTYPES,
             f"dtype must be one of {', '.join(repr(d) for d in _DTYPES)}. Got {self.dtype!r}.",
@@ -217,7 +237,8 @@ class TrainConfig:
         _check(
             self.target_train_acc is None
             or (_is_real(self.target_train_acc) and 0 < self.target_train_acc <= 1),
-            f"target_train_acc must be an accuracy in (0, 1], or None. Got {self.target_train_acc!r}.",
+            "target_train_acc must be an accuracy in (0, 1], or None. "
+            f"Got {self.target_train_acc!r}.",
         )
         _check(
             _is_int(self.log_every) and self.log_every >= 1,
@@ -236,7 +257,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(
-                f"Unknown training option(s) {', '.join(unknown)}. Valid: {', '.join(sorted(known))}."
+                f"Unknown training option(s) {', '.join(unknown)}. "
+                f"Valid: {', '.join(sorted(known))}."
             )
         return cls(**data)
 

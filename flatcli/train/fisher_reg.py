@@ -15,20 +15,21 @@ global norm :math:`\tau` and hands it to any optimiser.
 
 What it approximates (derivation; the tests check both statements in float64):
 
-* Value. Taylor-expanding :math:`\tilde L_i` around :math:`w` along :math:`-\alpha g_i` with
-  :math:`H_i = \nabla^2 \tilde L_i(w)`:
-  :math:`\tilde L_i(w-\alpha g_i) = \tilde L_i(w) - \alpha\|g_i\|^2 + \tfrac{\alpha^2}2 g_i^\top H_i g_i
-  + O(\alpha^3)`, so
+* Value. Taylor-expanding :math:`\tilde L_i` around :math:`w` along :math:`-\alpha g_i`, with
+  :math:`H_i = \nabla^2 \tilde L_i(w)`,
+  :math:`\tilde L_i(w-\alpha g_i) = \tilde L_i(w) - \alpha\|g_i\|^2
+  + \tfrac{\alpha^2}2 g_i^\top H_i g_i + O(\alpha^3)`, so
 
-  .. math:: R_\alpha(w) = \frac{\alpha}{M}\sum_i \|g_i\|^2 - \frac{\alpha^2}{2M}\sum_i g_i^\top H_i g_i
-            + O(\alpha^3),
+  .. math::
+      R_\alpha(w) = \frac{\alpha}{M}\sum_i \|g_i\|^2
+                    - \frac{\alpha^2}{2M}\sum_i g_i^\top H_i g_i + O(\alpha^3),
 
   the paper's surrogate :math:`\alpha \cdot \frac1M\sum_i\|g_i\|^2` for :math:`\alpha\,\mathrm{tr}\,
   \mathcal I(w)` with a relative error :math:`O(\alpha)`.
 
-* Gradient. With :math:`g_i` a constant, :math:`\nabla_w R_\alpha = \frac1M\sum_i[\nabla\tilde L_i(w)
-  - \nabla\tilde L_i(w-\alpha g_i)]` and :math:`\nabla\tilde L_i(w-\alpha g_i) = g_i - \alpha H_i g_i
-  + O(\alpha^2)`, so
+* Gradient. With :math:`g_i` a constant,
+  :math:`\nabla_w R_\alpha = \frac1M\sum_i[\nabla\tilde L_i(w) - \nabla\tilde L_i(w-\alpha g_i)]`
+  and :math:`\nabla\tilde L_i(w-\alpha g_i) = g_i - \alpha H_i g_i + O(\alpha^2)`, so
 
   .. math:: \nabla_w R_\alpha(w) = \frac{\alpha}{M}\sum_i H_i g_i + O(\alpha^2)
             = \nabla_w\Big[\frac{\alpha}{2M}\sum_i \|g_i(w)\|^2\Big] + O(\alpha^2),
@@ -52,9 +53,13 @@ normalises with the statistics of the sub-batch itself, at the weights of that p
 difference :math:`\tilde L_i(w) - \tilde L_i(w-\alpha g_i)` compares the same function of the
 weights and the first-order statements above hold with :math:`H_i` the Hessian of that function.
 These passes get throw-away copies of the buffers: the running statistics are updated only by the
-main forward of the training step, once per step as without the regulariser. Without
-BatchNorm-type layers (and with the main forward's logits passed as ``base_logits``) the mean of
-the :math:`\tilde L_i(w)` is read off the main forward instead of a second pass.
+main forward of the training step, once per step as without the regulariser.
+
+Dropout (and any other draw from the global RNG): the three sub-batch passes replay the same
+random state, so they draw the same masks and :math:`R_\alpha` is the difference of one
+stochastic function at two weights; different masks would add noise of order 1 to a quantity of
+order :math:`\alpha`. The unperturbed term therefore gets its own pass rather than reusing the
+main forward (whose masks differ).
 """
 
 from __future__ import annotations
@@ -65,7 +70,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @dataclass(frozen=True)
@@ -87,27 +91,13 @@ class FisherPenalty:
     subbatch_size: int
 
 
-def has_batch_statistics(model: nn.Module) -> bool:
-    """Whether a forward in the model's current mode normalises with statistics of the batch."""
-    return any(
-        isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
-        for m in model.modules()
-    )
-
-
 def _stacked(buffers: dict[str, Tensor], m: int) -> dict[str, Tensor]:
     """M independent copies of every buffer (vmapped in-place BatchNorm updates land there)."""
     return {k: v.detach().unsqueeze(0).expand(m, *v.shape).clone() for k, v in buffers.items()}
 
 
 def fisher_penalty(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    alpha: float,
-    subbatches: int,
-    base_logits: Tensor | None = None,
+    model: nn.Module, x: Tensor, y: Tensor, *, alpha: float, subbatches: int
 ) -> FisherPenalty:
     """:math:`R_\\alpha(w)` of Eq. 6 on the batch ``(x, y)``, split in order into ``subbatches``.
 
@@ -121,8 +111,6 @@ def fisher_penalty(
         y: (B,) int64 labels; used as the one-hot :math:`\\tilde y` of §3.1.
         alpha: step :math:`\\alpha` of the finite difference (the paper uses 1e-4).
         subbatches: :math:`M`, at most ``len(x)``.
-        base_logits: optional (B, K) logits of ``model(x)`` from the main forward, with graph;
-            used for the unperturbed term when the model has no batch statistics (saves a pass).
 
     Returns:
         A :class:`FisherPenalty`; backpropagate through ``value``.
@@ -143,25 +131,25 @@ def fisher_penalty(
         logits = functional_call(model, ({**p, **frozen}, bufs), (xb,))
         return F.cross_entropy(logits, yb)  # mean over the sub-batch, hard labels
 
-    # g_i at the current weights, computed from detached weights: constants for autograd.
-    detached = {k: p.detach() for k, p in params.items()}
-    g = vmap(grad(sub_loss), in_dims=(None, 0, 0, 0), randomness="different")(
-        detached, _stacked(buffers, m), xs, ys
-    )  # name -> (M, *shape)
-    grad_sq_norm = sum(v.reshape(m, -1).pow(2).sum(1) for v in g.values()).mean()  # type: ignore[union-attr]
+    def over_subbatches(fn, params_dim: int | None):  # noqa: ANN001, ANN202
+        return vmap(fn, in_dims=(params_dim, 0, 0, 0), randomness="different")
 
+    # The three passes replay one random state, so dropout draws the same masks in each:
+    # R compares the same stochastic function at w and at w - alpha g_i.
+    rng_devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        # g_i at the current weights, from detached weights: constants for autograd.
+        detached = {k: p.detach() for k, p in params.items()}
+        g = over_subbatches(grad(sub_loss), None)(detached, _stacked(buffers, m), xs, ys)
+    with torch.random.fork_rng(devices=rng_devices):
+        loss_here = over_subbatches(sub_loss, None)(params, _stacked(buffers, m), xs, ys)  # (M,)
     perturbed = {k: p.unsqueeze(0) - alpha * g[k] for k, p in params.items()}  # (M, *shape)
-    loss_perturbed = vmap(sub_loss, in_dims=(0, 0, 0, 0), randomness="different")(
-        perturbed, _stacked(buffers, m), xs, ys
-    )  # (M,)
-    if base_logits is not None and not has_batch_statistics(model):
-        # mean of M equal-sized sub-batch means = mean over the first n examples
-        loss_here = F.cross_entropy(base_logits[:n], y[:n])
-    else:
-        loss_here = vmap(sub_loss, in_dims=(None, 0, 0, 0), randomness="different")(
-            params, _stacked(buffers, m), xs, ys
-        ).mean()
-    value = loss_here - loss_perturbed.mean()
+    loss_moved = over_subbatches(sub_loss, 0)(perturbed, _stacked(buffers, m), xs, ys)  # (M,)
+
+    grad_sq_norm = torch.stack([v.reshape(m, -1).pow(2).sum(1) for v in g.values()]).sum(0)
     return FisherPenalty(
-        value=value, grad_sq_norm=grad_sq_norm.detach(), subbatches=m, subbatch_size=b
+        value=(loss_here - loss_moved).mean(),
+        grad_sq_norm=grad_sq_norm.mean().detach(),
+        subbatches=m,
+        subbatch_size=b,
     )

@@ -108,7 +108,9 @@ def build_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode, no augmentation.
 
     The model's train/eval mode is restored afterwards.
@@ -227,7 +229,6 @@ def fit(
                         yb,
                         alpha=config.reg_alpha,
                         subbatches=config.reg_subbatches,
-                        base_logits=logits,
                     )
                     loss = loss + config.reg_beta * penalty.value
                     reg_sum += penalty.value.detach().double()
@@ -249,8 +250,15 @@ def fit(
             if epochs_run % config.log_every and epochs_run != config.epochs:
                 continue
             stats = _evaluate_epoch(
-                model, x, y, (x_test, y_test) if test is not None else None, epochs_run, lr,
-                start_time, objective, float(reg_sum) / batches if config.fisher_reg else None,
+                model,
+                x,
+                y,
+                (x_test, y_test) if test is not None else None,
+                epochs_run,
+                lr,
+                start_time,
+                objective,
+                float(reg_sum) / batches if config.fisher_reg else None,
             )
             history.append(stats)
             if on_epoch is not None:

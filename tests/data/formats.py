@@ -50,20 +50,44 @@ def write_cifar10(root: Path, batches: list[tuple], test: tuple) -> None:
     base = root / "cifar-10-batches-py"
     assert len(batches) == 5
     for i, (x, y) in enumerate(batches, start=1):
-        _pickle(base / f"data_batch_{i}", {
-            "batch_label": f"training batch {i} of 5", "labels": [int(v) for v in y],
-            "data": x.reshape(len(x), -1), "filenames": [f"img{j}.png" for j in range(len(x))],
-        })
+        _pickle(
+            base / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": [int(v) for v in y],
+                "data": x.reshape(len(x), -1),
+                "filenames": [f"img{j}.png" for j in range(len(x))],
+            },
+        )
     x, y = test
-    _pickle(base / "test_batch", {
-        "batch_label": "testing batch 1 of 1", "labels": [int(v) for v in y],
-        "data": x.reshape(len(x), -1), "filenames": [f"t{j}.png" for j in range(len(x))],
-    })
-    _pickle(base / "batches.meta", {
-        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                        "horse", "ship", "truck"],
-        "num_cases_per_batch": len(batches[0][0]), "num_vis": 3072,
-    })
+    _pickle(
+        base / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": [int(v) for v in y],
+            "data": x.reshape(len(x), -1),
+            "filenames": [f"t{j}.png" for j in range(len(x))],
+        },
+    )
+    _pickle(
+        base / "batches.meta",
+        {
+            "label_names": [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ],
+            "num_cases_per_batch": len(batches[0][0]),
+            "num_vis": 3072,
+        },
+    )
 
 
 def cifar10_md5s(root: Path) -> tuple[list, list, dict]:
@@ -71,8 +95,7 @@ def cifar10_md5s(root: Path) -> tuple[list, list, dict]:
     base = root / "cifar-10-batches-py"
     train = [[f"data_batch_{i}", md5_of(base / f"data_batch_{i}")] for i in range(1, 6)]
     test = [["test_batch", md5_of(base / "test_batch")]]
-    meta = {"filename": "batches.meta", "key": "label_names",
-            "md5": md5_of(base / "batches.meta")}
+    meta = {"filename": "batches.meta", "key": "label_names", "md5": md5_of(base / "batches.meta")}
     return train, test, meta
 
 
@@ -80,15 +103,23 @@ def write_cifar100(root: Path, train: tuple, test: tuple) -> None:
     """``root/cifar-100-python/{train,test,meta}`` with ``fine_labels`` and ``coarse_labels``."""
     base = root / "cifar-100-python"
     for name, (x, y) in (("train", train), ("test", test)):
-        _pickle(base / name, {
-            "filenames": [f"{name}{j}.png" for j in range(len(x))], "batch_label": name,
-            "fine_labels": [int(v) for v in y], "coarse_labels": [int(v) // 5 for v in y],
-            "data": x.reshape(len(x), -1),
-        })
-    _pickle(base / "meta", {
-        "fine_label_names": [f"fine{i}" for i in range(100)],
-        "coarse_label_names": [f"coarse{i}" for i in range(20)],
-    })
+        _pickle(
+            base / name,
+            {
+                "filenames": [f"{name}{j}.png" for j in range(len(x))],
+                "batch_label": name,
+                "fine_labels": [int(v) for v in y],
+                "coarse_labels": [int(v) // 5 for v in y],
+                "data": x.reshape(len(x), -1),
+            },
+        )
+    _pickle(
+        base / "meta",
+        {
+            "fine_label_names": [f"fine{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i}" for i in range(20)],
+        },
+    )
 
 
 def cifar100_md5s(root: Path) -> tuple[list, list, dict]:
@@ -112,7 +143,10 @@ def write_svhn(root: Path, train: tuple, test: tuple) -> None:
 
 def svhn_split_list(root: Path) -> dict:
     return {
-        name: [f"http://invalid.example/{name}_32x32.mat", f"{name}_32x32.mat",
-               md5_of(root / f"{name}_32x32.mat")]
+        name: [
+            f"http://invalid.example/{name}_32x32.mat",
+            f"{name}_32x32.mat",
+            md5_of(root / f"{name}_32x32.mat"),
+        ]
         for name in ("train", "test")
     } | {"extra": ["http://invalid.example/extra_32x32.mat", "extra_32x32.mat", "0" * 32]}

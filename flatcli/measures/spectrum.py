@@ -1,0 +1,404 @@
+"""The spectrum of a network's curvature: top eigenvalues, trace and spectral density.
+
+Composes the curvature core: :func:`~flatcli.curvature.operators.make_operator` (Hessian, GGN or
+Fisher of the mean loss over the examples), :func:`~flatcli.curvature.lanczos.lanczos` (the
+``top_k`` extreme eigenvalues with their residuals), :func:`~flatcli.curvature.trace.hutchpp`
+or :func:`~flatcli.curvature.trace.hutchinson` (the trace with a standard error) and
+:func:`~flatcli.curvature.density.spectral_density` (stochastic Lanczos quadrature, Ghorbani et
+al. 2019). The largest Hessian eigenvalue and the trace are the classic sharpness measures
+(Keskar et al. 2017; dissecting-hessian-kfac.md §1); the density shows the bulk and the ~c
+outliers that dissecting-hessian-kfac.md §4.4 describes.
+
+Per-layer mode repeats eigenvalue and trace for one block per parameterised module: the
+operator restricted to that module's parameters, i.e. the diagonal block of the full matrix
+(the layer-wise Hessian of dissecting-hessian-kfac.md §3).
+
+The model is differentiated in the mode it is in (``details()["mode"]``): put it in eval mode
+unless BatchNorm batch statistics are what you mean to measure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatcli.curvature.density import Density, spectral_density
+from flatcli.curvature.lanczos import DEFAULT_TOL, EigenResult, Which, lanczos
+from flatcli.curvature.losses import LossName
+from flatcli.curvature.operators import CurvatureOperator, HvpMethod, Kind, make_operator
+from flatcli.curvature.params import select_parameters
+from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
+from flatcli.errors import UsageError
+from flatcli.progress import ProgressFn
+
+__all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "compute_spectrum"]
+
+DENSITY_STEPS = 90
+"""Lanczos steps per density run when ``lanczos_steps`` is not given (PyHessian uses 100)."""
+
+_HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TraceMethod(str, Enum):
+    """Trace estimators."""
+
+    HUTCHINSON = "hutchinson"
+    HUTCHPP = "hutchpp"
+
+
+def _choice(enum: type[Enum], value: Any, what: str) -> str:
+    try:
+        return enum(value).value
+    except ValueError:
+        valid = ", ".join(repr(e.value) for e in enum)
+        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
+
+
+@dataclass(frozen=True)
+class SpectrumConfig:
+    """What :func:`compute_spectrum` computes.
+
+    Attributes:
+        matrix: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        top_k: eigenvalues to find (0: none).
+        which: ``"largest"``, ``"smallest"`` or ``"magnitude"`` (a trained network's Hessian
+            has negative eigenvalues, so largest and largest-magnitude differ).
+        tol: Lanczos residual tolerance relative to ``|λ_max|``.
+        lanczos_steps: budget of Lanczos steps for the eigenvalues (default
+            ``min(dim, max(20 top_k, 100))``) and the steps of each density run (default 90).
+        trace: estimate the trace.
+        trace_method: ``"hutchpp"`` (default: the outliers of a trained network make it the
+            cheaper one for a given standard error) or ``"hutchinson"``.
+        probes: products the trace may spend.
+        trace_rel_stderr: stop the trace probes once the standard error falls below this
+            fraction of the estimate (None: spend all ``probes``).
+        density: estimate the spectral density.
+        density_runs: random start vectors of the density.
+        layers: module names or globs restricting the parameters (None: all).
+        per_layer: also measure one block per parameterised module.
+        seed: seeds the Lanczos start vector, the probes, the density and an MC Fisher's labels.
+        batch_size: examples per chunk of a product (None: chosen to fit memory).
+        head_dtype: dtype of the loss head: ``"float64"`` (default) keeps the curvature of
+            confident examples, whose ``1 − p(y|x)`` rounds away in float32 (NOTES.md); None
+            evaluates it in the model's dtype.
+        loss: loss head, ``"ce"`` or ``"nsce"``.
+        hvp_method: ``"auto"``, ``"forward-over-reverse"`` or ``"double-backward"``.
+        eigenvectors: keep the Ritz vectors in the result (``SpectrumResult.eigenvectors``).
+    """
+
+    matrix: str = "hessian"
+    top_k: int = 10
+    which: str = "largest"
+    tol: float = DEFAULT_TOL
+    lanczos_steps: int | None = None
+    trace: bool = False
+    trace_method: str = "hutchpp"
+    probes: int = 100
+    trace_rel_stderr: float | None = None
+    density: bool = False
+    density_runs: int = 1
+    layers: tuple[str, ...] | None = None
+    per_layer: bool = False
+    seed: int = 0
+    batch_size: int | None = None
+    head_dtype: str | None = "float64"
+    loss: str = "ce"
+    hvp_method: str = "auto"
+    eigenvectors: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "matrix", _choice(Kind, self.matrix, "matrix"))
+        set_(self, "which", _choice(Which, self.which, "which"))
+        set_(self, "trace_method", _choice(TraceMethod, self.trace_method, "trace method"))
+        set_(self, "hvp_method", _choice(HvpMethod, self.hvp_method, "hvp method"))
+        set_(self, "loss", _choice(LossName, self.loss, "loss"))
+        if isinstance(self.layers, str):
+            set_(self, "layers", (self.layers,))
+        elif self.layers is not None:
+            set_(self, "layers", tuple(self.layers))
+        if self.head_dtype is not None:
+            name = str(self.head_dtype).removeprefix("torch.")
+            if name not in _HEAD_DTYPES:
+                raise UsageError(
+                    f"Unknown head dtype {self.head_dtype!r}; choose float32 or float64."
+                )
+            set_(self, "head_dtype", name)
+        checks = [
+            (self.top_k >= 0, f"top_k must be >= 0. Got {self.top_k}."),
+            (0 < self.tol < 1, f"tol must be in (0, 1). Got {self.tol}."),
+            (self.lanczos_steps is None or self.lanczos_steps >= 1,
+             f"lanczos_steps must be >= 1. Got {self.lanczos_steps}."),
+            (self.probes >= (3 if self.trace_method == "hutchpp" else 2),
+             f"probes must be >= 3 for hutchpp (2 for hutchinson). Got {self.probes}."),
+            (self.trace_rel_stderr is None or self.trace_rel_stderr > 0,
+             f"trace_rel_stderr must be positive. Got {self.trace_rel_stderr}."),
+            (self.density_runs >= 1, f"density_runs must be >= 1. Got {self.density_runs}."),
+            (self.batch_size is None or self.batch_size >= 1,
+             f"batch_size must be >= 1. Got {self.batch_size}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option, JSON-ready."""
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """Top eigenvalue and trace of one module's diagonal block."""
+
+    name: str
+    num_params: int
+    top_eigenvalue: float | None
+    trace: float | None
+    trace_stderr: float | None
+    matvecs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _finite_or_none(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """What :func:`compute_spectrum` measured; None for what was not requested.
+
+    ``eigenvectors`` is ``(num_params, top_k)`` (operator dtype and device) when requested, with
+    ``slices`` mapping parameter names to rows; ``eigenvectors_file`` is where a caller saved
+    them (reported in ``details()``).
+    """
+
+    config: SpectrumConfig
+    num_params: int
+    eigen: EigenResult | None
+    trace: TraceEstimate | None
+    density: Density | None
+    per_layer: list[LayerSpectrum] | None
+    matvecs: int
+    mode: str
+    operator: dict[str, Any]
+    slices: dict[str, slice] = field(repr=False)
+    eigenvectors: Tensor | None = field(default=None, repr=False)
+    eigenvectors_file: str | None = None
+
+    @property
+    def eigenvalues(self) -> list[float] | None:
+        return None if self.eigen is None else self.eigen.eigenvalues.tolist()
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """``{top_eigenvalue, trace, trace_stderr, num_params, matvecs}`` (flat numbers)."""
+        top = None if not self.eigenvalues else self.eigenvalues[0]
+        return {
+            "top_eigenvalue": _finite_or_none(top),
+            "trace": _finite_or_none(None if self.trace is None else self.trace.value),
+            "trace_stderr": _finite_or_none(None if self.trace is None else self.trace.stderr),
+            "num_params": self.num_params,
+            "matvecs": self.matvecs,
+        }
+
+    def details(self) -> dict[str, Any]:
+        """Eigenvalues, residuals, density, per-layer blocks and how the products were formed."""
+        eig = self.eigen
+        out: dict[str, Any] = {
+            "matrix": self.config.matrix,
+            "which": self.config.which,
+            "eigenvalues": None if eig is None else _floats(eig.eigenvalues),
+            "residuals": None if eig is None else _floats(eig.residuals),
+            "lanczos": None
+            if eig is None
+            else {"converged": eig.converged, "steps": eig.steps, "tol": self.config.tol},
+            "trace": None
+            if self.trace is None
+            else {
+                "method": self.config.trace_method,
+                "value": _finite_or_none(self.trace.value),
+                "stderr": _finite_or_none(self.trace.stderr),
+                "probes": self.trace.probes,
+                "matvecs": self.trace.matvecs,
+            },
+            "density": None
+            if self.density is None
+            else {
+                "grid": _floats(self.density.grid),
+                "values": _floats(self.density.values),
+                "sigma": self.density.sigma,
+                "runs": self.density.runs,
+                "mean": _finite_or_none(self.density.mean),
+            },
+            "per_layer": None if self.per_layer is None else [b.to_dict() for b in self.per_layer],
+            "mode": self.mode,
+            "hvp_method": self.operator.get("hvp_method"),
+            "operator": self.operator,
+        }
+        if self.eigenvectors_file is not None:
+            out["eigenvectors_file"] = self.eigenvectors_file
+        reasons = {
+            k: "not finite (the curvature overflowed or the model produced NaN)"
+            for k, v in self.metrics().items()
+            if v is None and self._requested(k)
+        }
+        if reasons:
+            out["nonfinite"] = reasons
+        return out
+
+    def _requested(self, metric: str) -> bool:
+        if metric == "top_eigenvalue":
+            return self.config.top_k > 0
+        return metric.startswith("trace") and self.config.trace
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _floats(t: Tensor) -> list[float | None]:
+    return [_finite_or_none(float(v)) for v in t.tolist()]
+
+
+def _layer_blocks(model: nn.Module, selected: list[str]) -> list[tuple[str, list[str]]]:
+    """``(module name, its selected parameter names)`` for each module holding parameters."""
+    chosen = set(selected)
+    blocks = []
+    for name, module in model.named_modules():
+        names = [
+            f"{name}.{p}" if name else p
+            for p, t in module.named_parameters(recurse=False)
+            if t.requires_grad
+        ]
+        names = [n for n in names if n in chosen]
+        if names:
+            blocks.append((name or "(root)", names))
+    return blocks
+
+
+def _trace(op: CurvatureOperator, config: SpectrumConfig) -> TraceEstimate:
+    estimator = hutchpp if config.trace_method == TraceMethod.HUTCHPP else hutchinson
+    return estimator(op, config.probes, config.seed, config.trace_rel_stderr)
+
+
+def compute_spectrum(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: SpectrumConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
+) -> SpectrumResult:
+    """Top eigenvalues, trace and density of the curvature of the mean loss over ``(x, y)``.
+
+    Args:
+        model: the network, in the mode it should be differentiated in.
+        x: inputs (N, ...).
+        y: int64 labels (N,).
+        config: what to compute (default :class:`SpectrumConfig()`: the top 10 Hessian
+            eigenvalues).
+        progress: called as ``progress(description, done, total)`` after each stage.
+
+    Returns:
+        A :class:`SpectrumResult`.
+
+    Raises:
+        UsageError: a bad option or a layer pattern that matches nothing.
+    """
+    config = config or SpectrumConfig()
+    head_dtype = None if config.head_dtype is None else _HEAD_DTYPES[config.head_dtype]
+    selected = select_parameters(model, config.layers)
+    blocks = _layer_blocks(model, selected) if config.per_layer else []
+    stages = (
+        [("eigenvalues", config.top_k > 0), ("trace", config.trace), ("density", config.density)]
+        + [(f"layer {name}", True) for name, _ in blocks]
+    )
+    total = sum(on for _, on in stages)
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(f"spectrum: {what}", done, total)
+
+    def operator(params: list[str]) -> CurvatureOperator:
+        return make_operator(
+            config.matrix,
+            model,
+            x,
+            y,
+            loss_fn=config.loss,
+            params=params,
+            batch_size=config.batch_size,
+            head_dtype=head_dtype,
+            seed=config.seed,
+            hvp_method=config.hvp_method,
+        )
+
+    op = operator(selected)
+    eigen = trace = density = None
+    if config.top_k > 0:
+        k = min(config.top_k, op.dim)
+        eigen = lanczos(
+            op,
+            k,
+            config.which,
+            steps=config.lanczos_steps,
+            tol=config.tol,
+            seed=config.seed,
+            return_vectors=config.eigenvectors,
+        )
+        tick("eigenvalues")
+    if config.trace:
+        trace = _trace(op, config)
+        tick("trace")
+    if config.density:
+        density = spectral_density(
+            op, config.density_runs, config.lanczos_steps or DENSITY_STEPS, config.seed
+        )
+        tick("density")
+    matvecs = op.matvecs
+
+    per_layer = None
+    if config.per_layer:
+        per_layer = []
+        for name, params in blocks:
+            block = operator(params)
+            top = None
+            if config.top_k > 0:
+                top = float(lanczos(block, 1, config.which, tol=config.tol, seed=config.seed)
+                            .eigenvalues[0])
+            est = _trace(block, config) if config.trace else None
+            per_layer.append(
+                LayerSpectrum(
+                    name=name,
+                    num_params=block.dim,
+                    top_eigenvalue=top,
+                    trace=None if est is None else est.value,
+                    trace_stderr=None if est is None else est.stderr,
+                    matvecs=block.matvecs,
+                )
+            )
+            matvecs += block.matvecs
+            tick(f"layer {name}")
+
+    return SpectrumResult(
+        config=config,
+        num_params=op.dim,
+        eigen=eigen,
+        trace=trace,
+        density=density,
+        per_layer=per_layer,
+        matvecs=matvecs,
+        mode="train" if model.training else "eval",
+        operator=op.describe(),
+        slices=dict(op.slices),
+        eigenvectors=None if eigen is None else eigen.eigenvectors,
+    )

@@ -1,0 +1,113 @@
+"""``flatcli spectrum`` end to end: options reach the measure, numbers match the dense Hessian."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from flatcli.cli.app import app
+from flatcli.curvature.linop import to_dense
+from flatcli.curvature.operators import make_operator
+from tests.io.test_report import validate_report
+
+FACTORY = """
+from torch import nn
+def make():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spectrum")
+    (tmp / "nets.py").write_text(FACTORY)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    save_file({"x": x, "y": y}, str(tmp / "data.safetensors"))
+    ns: dict = {}
+    exec(FACTORY, ns)
+    torch.manual_seed(0)
+    model = ns["make"]().double().eval()
+    torch.save(model.state_dict(), tmp / "m.pt")
+    H = to_dense(make_operator("hessian", model, x, y))
+    return tmp, H
+
+
+def _invoke(tmp, *args):
+    common = ["--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{tmp}/data.safetensors"]
+    return CliRunner().invoke(
+        app, ["spectrum", str(tmp / "m.pt"), *common, "--dtype", "float64", *args]
+    )
+
+
+def test_eigenvalues_trace_and_density_in_the_report(setup):
+    tmp, H = setup
+    out = tmp / "r.json"
+    res = _invoke(
+        tmp, "--top-k", "3", "--tol", "1e-10", "--trace", "--probes", "180", "--density",
+        "--lanczos-steps", "40", "--json", str(out), "--quiet",
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    validate_report(report, "spectrum")
+    entry = report["results"][0]
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    assert entry["details"]["eigenvalues"] == pytest.approx(lam[:3].tolist(), rel=1e-8)
+    m = entry["metrics"]
+    assert set(m) == {"top_eigenvalue", "trace", "trace_stderr", "num_params", "matvecs"}
+    # Hutch++ with probes // 3 = 60 >= dim = 53 sketch columns is exact
+    assert m["trace"] == pytest.approx(float(torch.trace(H)), rel=1e-9)
+    assert m["num_params"] == 53
+    density = entry["details"]["density"]
+    assert len(density["grid"]) == len(density["values"]) == 1000
+    assert report["config"]["top_k"] == 3 and report["config"]["trace_method"] == "hutchpp"
+    assert entry["details"]["hvp_method"] == "forward-over-reverse"
+
+
+def test_per_layer_rows_and_layer_selection(setup):
+    tmp, H = setup
+    res = _invoke(tmp, "--top-k", "1", "--per-layer", "--layer", "3")
+    assert res.exit_code == 0, res.output
+    assert "λ_max" in res.output and "  3" in res.output
+    out = tmp / "layer.json"
+    res = _invoke(tmp, "--top-k", "1", "--tol", "1e-10", "--layer", "3", "--json", str(out), "-q")
+    assert res.exit_code == 0, res.output
+    entry = json.loads(out.read_text())["results"][0]
+    sub = H[-18:, -18:]  # the last Linear (5 -> 3): weight and bias come last
+    assert entry["metrics"]["num_params"] == 18
+    assert entry["metrics"]["top_eigenvalue"] == pytest.approx(
+        float(torch.linalg.eigvalsh(sub)[-1]), rel=1e-8
+    )
+
+
+def test_save_eigenvectors(setup):
+    tmp, H = setup
+    folder = tmp / "vecs"
+    res = _invoke(tmp, "--top-k", "2", "--tol", "1e-10", "--save-eigenvectors", str(folder), "-q")
+    assert res.exit_code == 0, res.output
+    saved = load_file(str(folder / "m.eigenvectors.safetensors"))
+    assert saved["1.weight"].shape == (2, 5, 6) and saved["3.bias"].shape == (2, 3)
+    flat = torch.cat(
+        [saved[n].reshape(2, -1) for n in ("1.weight", "1.bias", "3.weight", "3.bias")], dim=1
+    )
+    torch.testing.assert_close(H @ flat.T, flat.T * saved["eigenvalues"], atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--which", "top"], "top"),
+        (["--trace", "--probes", "2"], "probes"),
+        (["--head-dtype", "float16"], "head dtype"),
+    ],
+)
+def test_bad_options_exit_2(setup, args, message):
+    tmp, _ = setup
+    res = _invoke(tmp, *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

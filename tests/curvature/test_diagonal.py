@@ -1,0 +1,104 @@
+"""Hessian and GGN diagonals against dense float64 matrices built with torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, hessian, jacrev
+
+from flatcli.curvature.diagonal import curvature_diagonal, ggn_diagonal, group_seed
+from flatcli.curvature.losses import get_loss
+from flatcli.curvature.params import flatten_params
+from flatcli.errors import UsageError
+from tests.cases import make_case
+
+CASES = ("mlp_tanh", "cnn_bn")
+
+
+def _flat_fn(model, x):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+
+    def logits(theta):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            params[n] = theta[i : i + k].view(s)
+            i += k
+        return functional_call(model, {**params, **buffers}, (x,))
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return logits, theta0
+
+
+def dense_hessian(model, x, y, loss):
+    logits, theta0 = _flat_fn(model, x)
+    return hessian(lambda t: loss(logits(t), y).mean())(theta0)
+
+
+def dense_ggn(model, x, y, loss):
+    logits, theta0 = _flat_fn(model, x)
+    J = jacrev(logits)(theta0)  # (N, K, P)
+    z = logits(theta0).detach()
+    Hz = torch.stack([hessian(lambda zz, i=i: loss(zz[None], y[i : i + 1])[0])(z[i]) for i in range(len(y))])
+    return torch.einsum("nkp,nkl,nlq->pq", J, Hz, J) / len(y)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("loss", ["ce", "nsce"])
+def test_exact_diagonal_matches_dense_hessian(name: str, loss: str) -> None:
+    model, x, y = make_case(name)
+    H = dense_hessian(model, x, y, get_loss(loss))
+    est = curvature_diagonal(model, x, y, method="exact", loss_fn=loss, batch_size=len(x))
+    torch.testing.assert_close(flatten_params(est.values), H.diagonal(), rtol=0, atol=1e-10)
+    assert est.stderr is None and est.matrix == "hessian" and est.products == H.shape[0]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("loss", ["ce", "nsce"])
+def test_ggn_diagonal_matches_dense_ggn(name: str, loss: str) -> None:
+    model, x, y = make_case(name)
+    G = dense_ggn(model, x, y, get_loss(loss))
+    diag = ggn_diagonal(model, x, y, loss_fn=loss, batch_size=5)  # several chunks
+    torch.testing.assert_close(flatten_params(diag), G.diagonal(), rtol=0, atol=1e-10)
+
+
+def test_ggn_differs_from_hessian_for_smooth_nets() -> None:
+    model, x, y = make_case("mlp_tanh")
+    g = flatten_params(ggn_diagonal(model, x, y, loss_fn="ce"))
+    h = dense_hessian(model, x, y, get_loss("ce")).diagonal()
+    assert (g - h).abs().max() > 1e-6
+
+
+def test_selected_parameters_only() -> None:
+    model, x, y = make_case("mlp_tanh")
+    H = dense_hessian(model, x, y, get_loss("ce"))
+    est = curvature_diagonal(model, x, y, method="exact", loss_fn="ce", params=["3.weight"], batch_size=len(x))
+    assert list(est.values) == ["3.weight"]
+    offset = 6 * 5 + 5
+    torch.testing.assert_close(est.values["3.weight"].reshape(-1), H.diagonal()[offset : offset + 20], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hutchinson_within_its_standard_error(name: str) -> None:
+    model, x, y = make_case(name)
+    H = dense_hessian(model, x, y, get_loss("nsce"))
+    est = curvature_diagonal(model, x, y, method="hutchinson", loss_fn="nsce", probes=400, groups=8,
+                             seed=3, batch_size=len(x))
+    z = (flatten_params(est.values) - H.diagonal()).abs() / flatten_params(est.stderr)
+    assert est.probes == 400 and est.products == 400 and est.group_values.shape == (8, H.shape[0])
+    assert float(z.mean()) < 1.2  # E|N(0,1)| = 0.80
+    assert float((z > 4).float().mean()) < 0.01
+    torch.testing.assert_close(est.group_values.mean(dim=0), flatten_params(est.values))
+    # same seed, same numbers
+    again = curvature_diagonal(model, x, y, method="hutchinson", loss_fn="nsce", probes=400, groups=8,
+                               seed=3, batch_size=len(x))
+    torch.testing.assert_close(flatten_params(again.values), flatten_params(est.values), rtol=0, atol=0)
+
+
+def test_group_seeds_differ_and_errors() -> None:
+    assert len({group_seed(0, g) for g in range(50)} | {group_seed(1, g) for g in range(50)}) == 100
+    model, x, y = make_case("mlp_tanh")
+    with pytest.raises(UsageError, match="Unknown diagonal method"):
+        curvature_diagonal(model, x, y, method="kfac")

@@ -1,0 +1,329 @@
+"""Curvature operators against dense float64 truth built with torch.func on tiny models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian, jacrev, vmap
+
+from flatcli.curvature.losses import cross_entropy, normalized_cross_entropy
+from flatcli.curvature.operators import eval_mode, make_operator
+from flatcli.curvature.params import flatten_params, select_parameters, unflatten
+from flatcli.errors import UsageError
+from tests.cases import CASE_NAMES, make_case
+
+METHODS = ("forward-over-reverse", "double-backward")
+SUBSETS = {"mlp_tanh": "3", "mlp_relu": "5.*", "cnn": "0", "cnn_bn": "1"}  # a layer each
+
+
+# ---------------------------------------------------------------- dense references
+
+
+def _functions(model, x, y, names, loss_fn=cross_entropy):
+    """(flat0, logits(flat) -> (N, K), mean_loss(flat) -> scalar) over the parameters ``names``."""
+    named = dict(model.named_parameters())
+    shapes = {n: named[n].shape for n in names}
+    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()}
+    flat0 = flatten_params({n: named[n].detach() for n in names})
+
+    def logits(flat):
+        return functional_call(model, {**state, **unflatten(flat, shapes)}, (x,))
+
+    def mean_loss(flat):
+        return loss_fn(logits(flat), y).mean()
+
+    return flat0, logits, mean_loss
+
+
+def _head_hessians(z, y, loss_fn):
+    """(N, K, K): Hessian of the loss of each example wrt its logits."""
+    return vmap(hessian(lambda zi, yi: loss_fn(zi[None], yi[None]).sum()))(z, y)
+
+
+def dense_hessian(model, x, y, names, loss_fn=cross_entropy):
+    flat0, _, mean_loss = _functions(model, x, y, names, loss_fn)
+    return hessian(mean_loss)(flat0)
+
+
+def dense_ggn(model, x, y, names, loss_fn=cross_entropy):
+    flat0, logits, _ = _functions(model, x, y, names, loss_fn)
+    J = jacrev(logits)(flat0)  # (N, K, D)
+    z = logits(flat0)
+    M = _head_hessians(z, y, loss_fn)
+    return torch.einsum("nkd,nkl,nle->de", J, M, J) / len(x)
+
+
+def dense_exact_fisher(model, x, y, names, loss_fn):
+    """1/N sum_n sum_c p_c g_c g_c^T with g_c the gradient of loss(x_n, c)."""
+    flat0, logits, _ = _functions(model, x, y, names, loss_fn)
+    z = logits(flat0)
+    K = z.shape[1]
+    total = 0
+    for c in range(K):
+        labels = torch.full_like(y, c)
+        G = jacrev(lambda f, labels=labels: loss_fn(logits(f), labels))(flat0)  # (N, D)
+        p = torch.exp(-loss_fn(z, labels))
+        total = total + torch.einsum("n,nd,ne->de", p, G, G)
+    return total / len(x)
+
+
+def dense_mc_fisher(model, x, labels, names, loss_fn=cross_entropy):
+    """1/(N S) sum_{n,s} g g^T with g the gradient of loss(x_n, labels[n, s])."""
+    N, S = labels.shape
+    flat0, logits, _ = _functions(model, x, labels[:, 0], names, loss_fn)
+    G = jacrev(lambda f: loss_fn(logits(f).repeat_interleave(S, 0), labels.reshape(-1)))(flat0)
+    return G.T @ G / (N * S)
+
+
+def assert_close(A, B, rtol=1e-10):
+    scale = torch.linalg.matrix_norm(B).item()
+    err = torch.linalg.matrix_norm(A - B).item()
+    assert err <= rtol * max(scale, 1e-30), f"relative error {err / scale:.3g} (norm {scale:.3g})"
+
+
+def _names(model, subset):
+    return select_parameters(model, subset)
+
+
+# ---------------------------------------------------------------- Hessian
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_hessian_equals_dense(case, method):
+    model, x, y = make_case(case)
+    op = make_operator("hessian", model, x, y, hvp_method=method, batch_size=12)
+    assert op.hvp_method == method
+    assert_close(op.to_dense(), dense_hessian(model, x, y, op.param_names))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_hessian_layer_block_is_dense_subblock(case):
+    model, x, y = make_case(case)
+    full = make_operator("hessian", model, x, y)
+    sub = make_operator("hessian", model, x, y, params=SUBSETS[case])
+    assert 0 < sub.dim < full.dim
+    idx = torch.cat([torch.arange(full.dim)[full.slices[n]] for n in sub.param_names])
+    H = dense_hessian(model, x, y, full.param_names)
+    assert_close(sub.to_dense(), H[idx][:, idx])
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_full_batch(kind, method):
+    model, x, y = make_case("cnn_bn")
+    full = make_operator(kind, model, x, y, batch_size=12, hvp_method=method)
+    chunked = make_operator(kind, model, x, y, batch_size=5, hvp_method=method)
+    assert_close(chunked.to_dense(), full.to_dense(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("method", METHODS)
+def test_matmat_equals_columnwise_matvec(kind, method):
+    model, x, y = make_case("mlp_tanh")
+    op = make_operator(kind, model, x, y, hvp_method=method, batch_size=5)
+    V = torch.randn(op.dim, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = op.matvecs
+    AV = op.matmat(V)
+    assert op.matvecs == before + 4
+    cols = torch.stack([op.matvec(V[:, j]) for j in range(4)], dim=1)
+    assert op.matvecs == before + 8
+    assert_close(AV, cols, rtol=1e-12)
+    assert op.matmat_method == "vmap"
+
+
+# ---------------------------------------------------------------- GGN and Fisher
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_ggn_equals_dense(case, method):
+    model, x, y = make_case(case)
+    op = make_operator("ggn", model, x, y, hvp_method=method)
+    assert_close(op.to_dense(), dense_ggn(model, x, y, op.param_names))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_ggn_layer_block_is_dense_subblock(case):
+    model, x, y = make_case(case)
+    sub = make_operator("ggn", model, x, y, params=SUBSETS[case])
+    assert_close(sub.to_dense(), dense_ggn(model, x, y, sub.param_names))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nsce_ggn_equals_dense(method):
+    model, x, y = make_case("mlp_tanh")
+    op = make_operator("ggn", model, x, y, loss_fn=normalized_cross_entropy, hvp_method=method)
+    G = dense_ggn(model, x, y, op.param_names, normalized_cross_entropy)
+    assert_close(op.to_dense(), G)
+    # NSCE's head Hessian is not diag(p) - pp^T: its GGN differs from its exact Fisher
+    F = make_operator("fisher", model, x, y, loss_fn="nsce", fisher_type="exact").to_dense()
+    assert torch.linalg.matrix_norm(F - G) > 1e-3 * torch.linalg.matrix_norm(G)
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_exact_fisher_equals_ggn_for_cross_entropy(case):
+    model, x, y = make_case(case)
+    F = make_operator("fisher", model, x, y, fisher_type="exact").to_dense()
+    assert_close(F, dense_ggn(model, x, y, select_parameters(model, None)))
+
+
+def test_exact_fisher_nsce_equals_dense():
+    model, x, y = make_case("cnn")
+    op = make_operator("fisher", model, x, y, loss_fn=normalized_cross_entropy, fisher_type="exact")
+    assert_close(
+        op.to_dense(), dense_exact_fisher(model, x, y, op.param_names, normalized_cross_entropy)
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_mc_fisher_equals_dense_with_same_labels(case, method):
+    model, x, y = make_case(case)
+    op = make_operator("fisher", model, x, y, mc_samples=3, seed=7, hvp_method=method, batch_size=5)
+    assert op.fisher_type == "mc" and op.mc_labels.shape == (12, 3)
+    F = op.to_dense()
+    assert_close(F, dense_mc_fisher(model, x, op.mc_labels, op.param_names))
+    assert_close(F, F.T, rtol=1e-14)
+
+
+def test_mc_fisher_is_default_seeded_and_converges_to_exact():
+    model, x, y = make_case("mlp_tanh")
+    a = make_operator("fisher", model, x, y, seed=3)
+    b = make_operator("fisher", model, x, y, seed=3)
+    c = make_operator("fisher", model, x, y, seed=4)
+    assert a.fisher_type == "mc" and a.mc_samples == 1
+    assert torch.equal(a.mc_labels, b.mc_labels)
+    assert not torch.equal(a.mc_labels, c.mc_labels)
+    exact = make_operator("fisher", model, x, y, fisher_type="exact").to_dense()
+    many = make_operator("fisher", model, x, y, mc_samples=4000, seed=0).to_dense()
+    rel = torch.linalg.matrix_norm(many - exact) / torch.linalg.matrix_norm(exact)
+    assert rel < 0.1
+
+
+def test_fisher_of_non_likelihood_loss_is_refused():
+    model, x, y = make_case("mlp_tanh")
+
+    def squared(z, labels):
+        onehot = (labels[..., None] == torch.arange(z.shape[-1])).to(z.dtype)
+        return ((z - onehot) ** 2).sum(-1)
+
+    with pytest.raises(UsageError, match="negative log-likelihood"):
+        make_operator("fisher", model, x, y, loss_fn=squared)
+    # but the Hessian and GGN of any loss are fine
+    op = make_operator("ggn", model, x, y, loss_fn=squared)
+    assert_close(op.to_dense(), dense_ggn(model, x, y, op.param_names, squared))
+
+
+# ---------------------------------------------------------------- Hessian vs GGN (NOTES.md)
+
+
+def test_relu_hessian_and_ggn_share_the_diagonal_but_tanh_does_not():
+    model, x, y = make_case("mlp_relu")
+    H = make_operator("hessian", model, x, y).to_dense()
+    G = make_operator("ggn", model, x, y).to_dense()
+    assert torch.allclose(torch.diagonal(H), torch.diagonal(G), rtol=1e-10, atol=1e-14)
+    assert abs(H.trace() - G.trace()) <= 1e-10 * abs(G.trace())
+    assert torch.linalg.matrix_norm(H - G) > 1e-3 * torch.linalg.matrix_norm(G)  # off-diagonal
+
+    model, x, y = make_case("mlp_tanh")
+    H = make_operator("hessian", model, x, y).to_dense()
+    G = make_operator("ggn", model, x, y).to_dense()
+    assert abs(H.trace() - G.trace()) > 1e-3 * abs(G.trace())
+
+
+# ---------------------------------------------------------------- dtypes, fallbacks, modes
+
+
+def test_float32_with_float64_head_matches_float64():
+    model, x, y = make_case("cnn")
+    ref = make_operator("ggn", model, x, y).to_dense()
+    model32 = model.float()
+    op = make_operator("ggn", model32, x.float(), y, head_dtype=torch.float64)
+    assert op.dtype == torch.float32
+    A = op.to_dense()
+    assert A.dtype == torch.float32
+    assert_close(A.double(), ref, rtol=1e-5)
+    H = make_operator("hessian", model32, x, y, head_dtype=torch.float64)  # x cast to float32
+    assert H.matvec(torch.ones(H.dim)).dtype == torch.float32
+
+
+class _NoForwardTanh(torch.autograd.Function):
+    """tanh with a reverse-mode rule only (old style: no forward AD, no torch.func support)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)  # differentiable: double backward works
+
+
+class _Act(nn.Module):
+    def forward(self, x):
+        return _NoForwardTanh.apply(x)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_auto_falls_back_to_double_backward(kind):
+    model, x, y = make_case("mlp_tanh")
+    twin = make_case("mlp_tanh")[0]
+    twin[2], twin[4] = _Act(), _Act()
+    op = make_operator(kind, twin, x, y, hvp_method="auto")
+    assert op.hvp_method == "double-backward"
+    assert "forward-mode" in op.fallback_reason
+    ref = make_operator(kind, model, x, y).to_dense()
+    assert_close(op.to_dense(), ref)
+    assert op.describe()["hvp_method"] == "double-backward"
+
+
+def test_cnn_bn_in_eval_mode_uses_running_statistics():
+    model, x, y = make_case("cnn_bn")
+    model.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        make_operator("hessian", model, x, y, batch_size=12, hvp_method="double-backward")
+    with eval_mode(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            op = make_operator("hessian", model, x, y, batch_size=5)
+        A = op.to_dense()
+        assert_close(A, dense_hessian(model, x, y, op.param_names))
+    assert model.training and model[1].training  # restored
+    running = model[1].running_mean.clone()
+    with pytest.warns(UserWarning, match="training mode"):
+        op = make_operator("hessian", model, x, y, batch_size=6, hvp_method="double-backward")
+    op.to_dense()
+    assert torch.equal(model[1].running_mean, running)  # products never touch the model's buffers
+
+
+def test_usage_errors():
+    model, x, y = make_case("mlp_tanh")
+    with pytest.raises(UsageError, match="Unknown kind 'hessain'; choose one of 'hessian'"):
+        make_operator("hessain", model, x, y)
+    with pytest.raises(UsageError, match="modules with parameters: 1, 3, 5"):
+        make_operator("hessian", model, x, y, params=["layer9"])
+    with pytest.raises(UsageError, match="12 examples"):
+        make_operator("hessian", model, x, y[:5])
+    op = make_operator("hessian", model, x, y)
+    with pytest.raises(ValueError, match=r"shape \(74,\)"):
+        op.matvec(torch.zeros(3, dtype=torch.float64))
+
+
+def test_protocol_attributes_and_auto_batch_size():
+    model, x, y = make_case("cnn")
+    op = make_operator("ggn", model, x, y)  # batch_size=None: chosen to fit memory
+    assert 1 <= op.batch_size <= 12
+    assert op.dim == sum(p.numel() for p in model.parameters())
+    assert op.dtype == torch.float64 and op.device.type == "cpu" and op.matvecs == 0
+    assert list(op.slices) == op.param_names == [n for n, _ in model.named_parameters()]
+    assert op.param_shapes["0.weight"] == (3, 2, 3, 3)
+    d = op.describe()
+    assert d["kind"] == "ggn" and d["hvp_method"] == "forward-over-reverse"
+    assert d["matmat_method"] == "vmap" and d["fallback_reason"] is None
