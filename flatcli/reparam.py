@@ -74,15 +74,44 @@ class Transform(str, Enum):
 _LAYER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _HOMOGENEOUS_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 _HOMOGENEOUS_FUNCTIONS = {
-    F.relu, torch.relu, F.leaky_relu, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.dropout,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
 }
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach"}
 _FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
@@ -161,7 +190,8 @@ def trace_chain(model: nn.Module) -> list[ChainOp]:
         if isinstance(model, nn.Sequential):
             return _sequential_chain(model)
         raise UsageError(
-            f"Cannot trace the model with torch.fx ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"Cannot trace the model with torch.fx ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); "
             "reparametrisations support models whose forward is a plain chain of modules."
         ) from None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -177,7 +207,9 @@ def trace_chain(model: nn.Module) -> list[ChainOp]:
             continue
         if node.op == "output":
             if node.args[0] is not tail:
-                raise UsageError("The model's output is not the end of a single chain of operations.")
+                raise UsageError(
+                    "The model's output is not the end of a single chain of operations."
+                )
             break
         inputs = [a for a in node.all_input_nodes if a in main]
         if _is_shape_node(node, shape_nodes) or not inputs:
@@ -186,12 +218,15 @@ def trace_chain(model: nn.Module) -> list[ChainOp]:
         if len(inputs) > 1 or inputs[0] is not tail:
             raise UsageError(
                 f"The model is not a single chain: operation {node.name!r} combines or reuses "
-                "tensors (a residual connection or a branch). Reparametrisations support chains only."
+                "tensors (a residual connection or a branch). Reparametrisations support chains "
+                "only."
             )
         op = _classify(node, model)
         if op.module is not None:
             if id(op.module) in seen_modules:
-                raise UsageError(f"Module {op.name!r} is applied twice; cannot rescale it for one use.")
+                raise UsageError(
+                    f"Module {op.name!r} is applied twice; cannot rescale it for one use."
+                )
             seen_modules.add(id(op.module))
         chain.append(op)
         main.add(node)
@@ -218,7 +253,9 @@ def _sequential_chain(model: nn.Sequential, prefix: str = "") -> list[ChainOp]:
         else:
             chain.append(_classify_module(child, path))
     if len({id(op.module) for op in chain}) != len(chain):
-        raise UsageError("A module is applied twice in the Sequential; cannot rescale it for one use.")
+        raise UsageError(
+            "A module is applied twice in the Sequential; cannot rescale it for one use."
+        )
     return chain
 
 
@@ -237,7 +274,9 @@ def _check_alpha(alpha: float, what: str = "alpha") -> float:
     return alpha
 
 
-def _resolve_alphas(layers: list[str], alphas: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
+def _resolve_alphas(
+    layers: list[str], alphas: Sequence[float] | Mapping[str, float]
+) -> dict[str, float]:
     if isinstance(alphas, Mapping):
         unknown = [k for k in alphas if k not in layers]
         if unknown:
@@ -246,9 +285,10 @@ def _resolve_alphas(layers: list[str], alphas: Sequence[float] | Mapping[str, fl
     alphas = list(alphas)
     if len(alphas) != len(layers):
         raise UsageError(
-            f"Got {len(alphas)} alphas for {len(layers)} weight layers {layers}; give one per layer."
+            f"Got {len(alphas)} alphas for {len(layers)} weight layers {layers}; "
+            "give one per layer."
         )
-    return {k: _check_alpha(a, f"alpha of {k}") for k, a in zip(layers, alphas)}
+    return {k: _check_alpha(a, f"alpha of {k}") for k, a in zip(layers, alphas, strict=True)}
 
 
 @torch.no_grad()
@@ -286,7 +326,8 @@ def layer_scale(
         elif abs(c - 1.0) > rtol:
             what = "a BatchNorm" if op.kind == "bn" else "not positively homogeneous"
             raise UsageError(
-                f"layer_scale: {op.name!r} ({what}) sees its input scaled by {c:.6g}; the alphas of "
+                f"layer_scale: {op.name!r} ({what}) sees its input scaled by {c:.6g}; "
+                "the alphas of "
                 "the layers before it (since the last such operation) must multiply to 1."
             )
     if abs(c - 1.0) > rtol:
@@ -360,7 +401,9 @@ def neuron_scale(
     else:
         if isinstance(layer, int):
             if not 0 <= layer < len(layer_pos) - 1:
-                raise UsageError(f"layer index {layer} out of range for weight layers {names[:-1]}.")
+                raise UsageError(
+                    f"layer index {layer} out of range for weight layers {names[:-1]}."
+                )
             start = layer_pos[layer]
         else:
             if layer not in names[:-1]:
@@ -374,13 +417,19 @@ def neuron_scale(
     units = _channels(first)
     idx = _choose_units(units, neurons, seed)
     factors = torch.as_tensor(alpha, dtype=torch.float64).flatten()
-    if factors.numel() not in (1, len(idx)) or not bool((factors > 0).all()) or not bool(factors.isfinite().all()):
+    if (
+        factors.numel() not in (1, len(idx))
+        or not bool((factors > 0).all())
+        or not bool(factors.isfinite().all())
+    ):
         raise UsageError(f"alpha must be positive: one value or one per chosen unit ({len(idx)}).")
     factors = factors.expand(len(idx)) if factors.numel() == 1 else factors
     bns = [op for op in between if op.kind == "bn"]
     row = bns[-1].module if bns else first
     if bns and not row.affine:
-        raise UsageError(f"neuron_scale: BatchNorm {bns[-1].name!r} has no affine parameters to rescale.")
+        raise UsageError(
+            f"neuron_scale: BatchNorm {bns[-1].name!r} has no affine parameters to rescale."
+        )
     w_row = row.weight
     idx_t = torch.as_tensor(idx)
     f_row = factors.to(w_row.dtype).to(w_row.device)
@@ -401,7 +450,9 @@ def neuron_scale(
         w2[:, cols] *= f2.repeat_interleave(per)
     else:
         if in2 != units:
-            raise UsageError(f"neuron_scale: {chain[nxt].name!r} has {in2} inputs, expected {units}.")
+            raise UsageError(
+                f"neuron_scale: {chain[nxt].name!r} has {in2} inputs, expected {units}."
+            )
         w2[:, idx_t] *= f2.view(1, -1, *([1] * (w2.dim() - 2)))
     return new
 
@@ -450,13 +501,16 @@ def bn_scale(model: nn.Module, alpha: float, *, bn: str | Sequence[str] | None =
     if bn is None:
         chosen = list(pairs)
         if not chosen:
-            raise UsageError("bn_scale: no BatchNorm directly follows a Linear/Conv layer in this model.")
+            raise UsageError(
+                "bn_scale: no BatchNorm directly follows a Linear/Conv layer in this model."
+            )
     else:
         chosen = [bn] if isinstance(bn, str) else list(bn)
         bad = [b for b in chosen if b not in pairs]
         if bad:
             raise UsageError(
-                f"bn_scale: {bad} are not BatchNorms directly after a Linear/Conv; choose from {list(pairs)}."
+                f"bn_scale: {bad} are not BatchNorms directly after a Linear/Conv; "
+                f"choose from {list(pairs)}."
             )
     for name in chosen:
         layer, norm = pairs[name]
@@ -496,10 +550,21 @@ def default_layer_alphas(model: nn.Module, alpha: float) -> dict[str, float]:
 
 
 def apply_transform(
-    model: nn.Module, transform: Transform | str | Callable[[nn.Module], nn.Module], alpha: float,
+    model: nn.Module,
+    transform: Transform | str | Callable[[nn.Module], nn.Module],
+    alpha: float,
     seed: int = 0,
+    *,
+    layer: str | int | None = None,
+    neurons: Sequence[int] | int | None = None,
 ) -> nn.Module:
-    """A transformed copy: by name with the defaults above, or any callable ``model -> model``."""
+    """A transformed copy, by name or by any callable ``model -> model``.
+
+    By name (``-`` and ``_`` alike): "layer_scale" puts α on the first weight layer and 1/α on
+    the last of its homogeneous stretch (:func:`default_layer_alphas`); "neuron_scale" divides
+    ``neurons`` (default a random half) of ``layer`` (default the first that allows it) by α;
+    "bn_scale" scales the layer before the BatchNorm ``layer`` (default every one) by α.
+    """
     if callable(transform) and not isinstance(transform, str):
         return transform(model)
     try:
@@ -511,8 +576,8 @@ def apply_transform(
     if t == Transform.LAYER_SCALE:
         return layer_scale(model, default_layer_alphas(model, alpha))
     if t == Transform.NEURON_SCALE:
-        return neuron_scale(model, alpha, seed=seed)
-    return bn_scale(model, alpha)
+        return neuron_scale(model, alpha, layer=layer, neurons=neurons, seed=seed)
+    return bn_scale(model, alpha, bn=None if layer is None else str(layer))
 
 
 @torch.no_grad()
@@ -590,7 +655,10 @@ class InvarianceAudit:
         }
         for key, res in (("original", self.original), ("transformed", self.transformed)):
             if res is not None:
-                out[key] = {"metrics": res.metrics(), "per_layer": res.details().get("per_layer", {})}
+                out[key] = {
+                    "metrics": res.metrics(),
+                    "per_layer": res.details().get("per_layer", {}),
+                }
         return out
 
 
@@ -605,6 +673,8 @@ def audit_invariance(
     *,
     rtol: float = 1e-6,
     k_stderr: float = 3.0,
+    layer: str | int | None = None,
+    neurons: Sequence[int] | int | None = None,
 ) -> InvarianceAudit:
     """Measure ``model`` and its transform with the same config; which measures stayed put?
 
@@ -619,13 +689,14 @@ def audit_invariance(
         alpha: the transform's factor.
         seed: seeds the transform's random choices (neuron_scale).
         rtol, k_stderr: the invariance thresholds.
+        layer, neurons: passed to :func:`apply_transform` for a transform given by name.
 
     Returns:
         An :class:`InvarianceAudit` (``rows``, ``max_logit_difference``).
     """
     from flatcli.measures.sharpness import compute_sharpness
 
-    other = apply_transform(model, transform, alpha, seed)
+    other = apply_transform(model, transform, alpha, seed, layer=layer, neurons=neurons)
     diff = max_logit_difference(model, other, x)
     res_a = compute_sharpness(model, x, y, config)
     res_b = compute_sharpness(other, x, y, config)
@@ -645,6 +716,8 @@ def audit_invariance(
             ok = rel <= rtol
             rule = f"rel_change <= {rtol:g}"
         rows.append(AuditRow(name, va, vb, rel, ok, rule))
-    name = transform if isinstance(transform, str) else getattr(transform, "__name__", "custom")
-    name = name.value if isinstance(name, Transform) else str(name)
+    if isinstance(transform, str):
+        name = str(getattr(transform, "value", transform)).replace("-", "_")
+    else:
+        name = getattr(transform, "__name__", "custom")
     return InvarianceAudit(name, float(alpha), rows, diff, res_a, res_b)

@@ -24,20 +24,34 @@ from tests.cases import make_case
 
 
 def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+    )
 
 
 def _cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 2 * 2, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 3),
     )
 
 
 def _bn_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
     )
 
 
@@ -92,7 +106,10 @@ def _transforms(name: str):
         ("layer_scale", lambda m: layer_scale(m, default_layer_alphas(m, 7.0))),
         ("neuron_scale", lambda m: neuron_scale(m, 5.0, seed=1)),
         ("neuron_scale_per_unit", lambda m: neuron_scale(m, [0.1, 3.0], neurons=[0, 2], layer=0)),
-        ("neuron_scale_last", lambda m: neuron_scale(m, 4.0, layer=len(weight_layers(m)) - 2, neurons=2)),
+        (
+            "neuron_scale_last",
+            lambda m: neuron_scale(m, 4.0, layer=len(weight_layers(m)) - 2, neurons=2),
+        ),
     ]
     if name == "bn":
         out.append(("bn_scale", lambda m: bn_scale(m, 13.0)))
@@ -159,7 +176,15 @@ def test_bn_scale_scales_statistics_and_eps() -> None:
 
 def test_chain_tracing() -> None:
     kinds = [op.kind for op in trace_chain(_Functional())]
-    assert kinds == ["layer", "homogeneous", "homogeneous", "flatten", "layer", "homogeneous", "layer"]
+    assert kinds == [
+        "layer",
+        "homogeneous",
+        "homogeneous",
+        "flatten",
+        "layer",
+        "homogeneous",
+        "layer",
+    ]
     assert weight_layers(_cnn()) == ["0", "3", "6"]
 
 
@@ -168,10 +193,16 @@ def test_chain_tracing() -> None:
     [
         (lambda: layer_scale(_build(_Residual)[0], [2.0, 0.5]), "residual"),
         (lambda: neuron_scale(_build(_Residual)[0], 2.0), "residual"),
-        (lambda: layer_scale(make_case("mlp_tanh")[0], [2.0, 0.5, 1.0]), "not positively homogeneous"),
+        (
+            lambda: layer_scale(make_case("mlp_tanh")[0], [2.0, 0.5, 1.0]),
+            "not positively homogeneous",
+        ),
         (lambda: default_layer_alphas(make_case("mlp_tanh")[0], 2.0), "smooth activation"),
         (lambda: neuron_scale(make_case("mlp_tanh")[0], 2.0), "homogeneous"),
-        (lambda: neuron_scale(make_case("mlp_tanh")[0], 2.0, layer="1"), "not positively homogeneous"),
+        (
+            lambda: neuron_scale(make_case("mlp_tanh")[0], 2.0, layer="1"),
+            "not positively homogeneous",
+        ),
         (lambda: layer_scale(_build(_bn_net)[0], [2.0, 0.5, 1.0]), "BatchNorm"),
         (lambda: layer_scale(_build(_mlp)[0], [2.0, 1.0, 1.0]), "multiply to 1"),
         (lambda: layer_scale(_build(_mlp)[0], [2.0, 0.5]), "one per layer"),
@@ -215,13 +246,15 @@ def test_audit_layer_and_neuron_scale(net: str) -> None:
 
 def test_audit_bn_net() -> None:
     model, x, y = _build(_bn_net)
-    config = SharpnessConfig(**FAST)
+    measures = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace")
+    config = SharpnessConfig(**FAST, measures=measures)
     bn = audit_invariance(model, x, y, config, "bn_scale", alpha=0.1)
     assert bn.max_logit_difference < 1e-10
     rows = _rows(bn)
     assert rows["normalized_sharpness"].rel_change < 1e-6
     assert rows["matrix_normalized_sharpness"].rel_change < 1e-6
     assert not rows["hessian_trace"].invariant
+    config = SharpnessConfig(**FAST, measures=("normalized_sharpness",))
     neuron = _rows(audit_invariance(model, x, y, config, "neuron_scale", alpha=10.0))
     assert neuron["normalized_sharpness"].rel_change < 1e-6
     metrics = bn.metrics()

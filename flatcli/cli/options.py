@@ -136,7 +136,7 @@ def analysis_command(app: typer.Typer, name: str, **command_kwargs):
     """
 
     def decorator(fn):
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "common"]
         checkpoints = inspect.Parameter(
             "checkpoints", inspect.Parameter.KEYWORD_ONLY, annotation=Checkpoints
@@ -149,10 +149,14 @@ def analysis_command(app: typer.Typer, name: str, **command_kwargs):
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
+            from flatcli.cli.errors import handle_errors
+
             opts = {n: kwargs.pop(n) for n in _COMMON}
             opts["fail_above"] = opts["fail_above"] or []
             opts["fail_below"] = opts["fail_below"] or []
-            return fn(common=CommonOptions(checkpoints=kwargs.pop("checkpoints"), **opts), **kwargs)
+            common = CommonOptions(checkpoints=kwargs.pop("checkpoints"), **opts)
+            with handle_errors(common.debug):
+                return fn(common=common, **kwargs)
 
         params = [checkpoints, *own, *common]
         wrapper.__signature__ = sig.replace(parameters=params)

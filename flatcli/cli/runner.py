@@ -197,6 +197,7 @@ def run_analysis(
     columns: Sequence[tuple[str, str]],
     *,
     rows: Callable[[str, dict[str, Any]], list[dict[str, Any]]] | None = None,
+    after: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> None:
     """Measure every checkpoint of ``common.checkpoints``, render, report, gate, and exit.
 
@@ -208,6 +209,9 @@ def run_analysis(
         columns: table columns as (metric key, header); the checkpoint column comes first.
         rows: optional ``rows(checkpoint_label, result_entry) -> table rows`` for commands that
             show several rows per checkpoint (e.g. one per layer).
+        after: optional ``after(result_entries)``, called once the report is written and before
+            the exit code is decided (e.g. to draw a figure); an error in it is printed as one
+            ``error:`` line and makes the exit code 1, without losing the report.
 
     Raises:
         typer.Exit: always, with the CONTRACTS.md exit code.
@@ -279,6 +283,12 @@ def run_analysis(
         render_table(f"flatcli {command}", [("checkpoint", "checkpoint"), *columns], table_rows, stderr=common.json == "-")
     if common.json:
         write_report(report, common.json)
+    if after is not None:
+        try:
+            after(results)
+        except Exception as e:  # noqa: BLE001 - the report is out; report the error, exit 1
+            failures += 1
+            print_error(describe(e), e, common.debug)
 
     if failures:
         raise typer.Exit(1)

@@ -14,7 +14,12 @@ from flatcli.cli.options import analysis_command
 from flatcli.cli.runner import AnalysisContext, run_analysis
 from flatcli.curvature.diagonal import DiagMethod
 from flatcli.curvature.losses import LossName
-from flatcli.measures.sharpness import ALL_MEASURES, SharpnessConfig, SharpnessResult, compute_sharpness
+from flatcli.measures.sharpness import (
+    ALL_MEASURES,
+    SharpnessConfig,
+    SharpnessResult,
+    compute_sharpness,
+)
 
 MeasureOpt = Annotated[
     list[str] | None,
@@ -25,38 +30,69 @@ MeasureOpt = Annotated[
 ]
 DiagMethodOpt = Annotated[
     DiagMethod,
-    typer.Option("--diag-method", help="Hessian diagonal: hutchinson (HVP probes), ggn (exact GGN), exact (small models)."),
+    typer.Option(
+        "--diag-method",
+        help="Hessian diagonal: hutchinson (HVP probes), ggn (exact GGN), exact (small models).",
+    ),
 ]
 LossOpt = Annotated[
-    LossName, typer.Option("--loss", help="Loss of the normalized measures' Hessian (nsce: Eq. 20).")
+    LossName,
+    typer.Option("--loss", help="Loss of the normalized measures' Hessian (nsce: Eq. 20)."),
 ]
 ClassicLossOpt = Annotated[
     LossName,
-    typer.Option("--classic-loss", help="Loss of hessian_trace, eps_sharpness and adaptive_sharpness."),
+    typer.Option(
+        "--classic-loss", help="Loss of hessian_trace, eps_sharpness and adaptive_sharpness."
+    ),
 ]
-Probes = Annotated[int, typer.Option("--probes", min=2, help="Hutchinson probes for the Hessian diagonal.")]
+Probes = Annotated[
+    int, typer.Option("--probes", min=2, help="Hutchinson probes for the Hessian diagonal.")
+]
 ProbeGroups = Annotated[
-    int, typer.Option("--probe-groups", min=1, help="Seeded probe groups (jackknife stderr of normalized sharpness).")
+    int,
+    typer.Option(
+        "--probe-groups",
+        min=1,
+        help="Seeded probe groups (jackknife stderr of normalized sharpness).",
+    ),
 ]
 Lam = Annotated[float, typer.Option("--lam", help="λ of Eq. 17 (the paper uses 1/2).")]
 SolverRtol = Annotated[
-    float, typer.Option("--solver-rtol", help="Stop each layer's solver when its certified gap is below this fraction.")
+    float,
+    typer.Option(
+        "--solver-rtol",
+        help="Stop each layer's solver when its certified gap is below this fraction.",
+    ),
 ]
-TraceProbes = Annotated[int, typer.Option("--trace-probes", min=2, help="Hutchinson probes for traces.")]
+TraceProbes = Annotated[
+    int, typer.Option("--trace-probes", min=2, help="Hutchinson probes for traces.")
+]
 TraceRelStderr = Annotated[
-    float | None, typer.Option("--trace-rel-stderr", help="Stop trace probes at this relative stderr.")
+    float | None,
+    typer.Option("--trace-rel-stderr", help="Stop trace probes at this relative stderr."),
 ]
 Eps = Annotated[float, typer.Option("--eps", help="Keskar's box size ε of eps_sharpness.")]
 EpsSteps = Annotated[int, typer.Option("--eps-steps", min=0, help="Ascent steps of eps_sharpness.")]
 Rho = Annotated[
     float | None,
-    typer.Option("--rho", help="Radius of adaptive_sharpness (default 1e-3 for p=inf, 0.1 for p=2)."),
+    typer.Option(
+        "--rho", help="Radius of adaptive_sharpness (default 1e-3 for p=inf, 0.1 for p=2)."
+    ),
 ]
 POpt = Annotated[str, typer.Option("--p", help="Norm of adaptive_sharpness: inf or 2.")]
-AdaptiveSteps = Annotated[int, typer.Option("--adaptive-steps", min=0, help="Ascent steps of adaptive_sharpness.")]
-StepSize = Annotated[float, typer.Option("--step-size", help="Ascent step as a fraction of the radius.")]
-HeadDtype = Annotated[str, typer.Option("--head-dtype", help="dtype of the loss head (float64 keeps confident examples).")]
-PerLayer = Annotated[bool, typer.Option("--per-layer", help="Also a row per weight matrix (its term of each sum).")]
+AdaptiveSteps = Annotated[
+    int, typer.Option("--adaptive-steps", min=0, help="Ascent steps of adaptive_sharpness.")
+]
+StepSize = Annotated[
+    float, typer.Option("--step-size", help="Ascent step as a fraction of the radius.")
+]
+HeadDtype = Annotated[
+    str,
+    typer.Option("--head-dtype", help="dtype of the loss head (float64 keeps confident examples)."),
+]
+PerLayer = Annotated[
+    bool, typer.Option("--per-layer", help="Also a row per weight matrix (its term of each sum).")
+]
 
 _HEADERS = {
     "normalized_sharpness": ("normalized", "normalized_sharpness_stderr"),
@@ -118,7 +154,11 @@ def columns_for(config: SharpnessConfig) -> list[tuple[str, str]]:
     for m in config.measures:
         header, se = _HEADERS[m]
         cols.append((m, header))
-        stochastic = (config.diag_method != "exact") if m == "hessian_trace" else config.diag_method == "hutchinson"
+        stochastic = (
+            (config.diag_method != "exact")
+            if m == "hessian_trace"
+            else config.diag_method == "hutchinson"
+        )
         if se is not None and stochastic:
             cols.append((se, "± stderr"))
         if m == "normalized_sharpness":
@@ -132,7 +172,8 @@ def register(app: typer.Typer) -> None:
     @analysis_command(
         app,
         "sharpness",
-        help="Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic sharpness measures.",
+        help="Normalized sharpness (scale-invariant, Tsuzuku et al.) "
+        "and the classic sharpness measures.",
     )
     def sharpness(
         common,
@@ -157,9 +198,25 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         with handle_errors(common.debug):  # a bad option value: one line, exit 2
             config = sharpness_options(
-                measure, diag_method, loss, classic_loss, probes, probe_groups, lam, solver_rtol,
-                trace_probes, trace_rel_stderr, eps, eps_steps, rho, p, adaptive_steps, step_size,
-                head_dtype, common.seed, common.batch_size,
+                measure,
+                diag_method,
+                loss,
+                classic_loss,
+                probes,
+                probe_groups,
+                lam,
+                solver_rtol,
+                trace_probes,
+                trace_rel_stderr,
+                eps,
+                eps_steps,
+                rho,
+                p,
+                adaptive_steps,
+                step_size,
+                head_dtype,
+                common.seed,
+                common.batch_size,
             )
 
         def measure_fn(ctx: AnalysisContext) -> SharpnessResult:
@@ -171,7 +228,9 @@ def register(app: typer.Typer) -> None:
             layers = entry["details"].get("per_layer") or {}
             names = list(dict.fromkeys(k for terms in layers.values() for k in terms))
             for layer in names:
-                out.append({"checkpoint": f"  {layer}", **{m: t.get(layer) for m, t in layers.items()}})
+                out.append(
+                    {"checkpoint": f"  {layer}", **{m: t.get(layer) for m, t in layers.items()}}
+                )
             return out
 
         run_analysis(

@@ -18,6 +18,7 @@ from flatcli.curvature.lanczos import DEFAULT_TOL, Which
 from flatcli.curvature.losses import LossName
 from flatcli.curvature.operators import HvpMethod, Kind
 from flatcli.curvature.params import unflatten_columns
+from flatcli.io.plot import plot_format, plot_spectrum, require_matplotlib, spectrum_plot_kind
 from flatcli.measures.spectrum import SpectrumConfig, SpectrumResult, TraceMethod, compute_spectrum
 
 _TOP = {"largest": "λ_max", "smallest": "λ_min", "magnitude": "|λ|_max"}
@@ -79,6 +80,15 @@ SaveEigenvectors = Annotated[
     Path | None,
     typer.Option("--save-eigenvectors", help="Folder for <checkpoint>.eigenvectors.safetensors."),
 ]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a figure (PNG; .pdf/.svg by suffix): the density with --density, else the "
+        "top eigenvalue per layer with --per-layer, else the top-k eigenvalues. "
+        "Needs matplotlib: pip install 'flatcli[plot]'.",
+    ),
+]
 
 
 def _save_eigenvectors(result: SpectrumResult, ctx: AnalysisContext, folder: Path) -> str:
@@ -121,6 +131,7 @@ def register(app: typer.Typer) -> None:
         head_dtype: HeadDtype = "float64",
         hvp_method: HvpMethodOpt = HvpMethod.AUTO,
         save_eigenvectors: SaveEigenvectors = None,
+        plot: PlotOpt = None,
     ) -> None:
         with handle_errors(common.debug):  # a bad option value: one line, exit 2
             config = SpectrumConfig(
@@ -144,6 +155,12 @@ def register(app: typer.Typer) -> None:
                 hvp_method=hvp_method.value,
                 eigenvectors=save_eigenvectors is not None and top_k > 0,
             )
+            if plot is not None:  # before any measuring: a missing extra costs nothing
+                plot_kind = spectrum_plot_kind(
+                    density=density, per_layer=per_layer, top_k=top_k, trace=trace
+                )
+                plot_format(plot)
+                require_matplotlib()
 
         def measure(ctx: AnalysisContext) -> SpectrumResult:
             cfg = dataclasses.replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
@@ -164,7 +181,13 @@ def register(app: typer.Typer) -> None:
                 out.append({**block, "checkpoint": f"  {block['name']}"})
             return out
 
-        extra = {"save_eigenvectors": str(save_eigenvectors) if save_eigenvectors else None}
+        def draw(entries: list[dict[str, Any]]) -> None:
+            plot_spectrum(entries, plot, plot_kind, matrix=config.matrix, which=config.which)
+
+        extra = {
+            "save_eigenvectors": str(save_eigenvectors) if save_eigenvectors else None,
+            "plot": str(plot) if plot else None,
+        }
         run_analysis(
             "spectrum",
             common,
@@ -172,4 +195,5 @@ def register(app: typer.Typer) -> None:
             measure,
             columns,
             rows=rows if per_layer else None,
+            after=draw if plot is not None else None,
         )

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from flatcli.cli.runner import resolve_device
         from flatcli.data import load_dataset
-        from flatcli.train import TrainConfig, fit, prepare_train_split
+        from flatcli.train import TrainConfig, black_fill, fit, prepare_train_split
 
         with handle_errors(debug):
             if output.suffix.lower() != ".safetensors":
@@ -116,7 +116,10 @@ def register(app: typer.Typer) -> None:
                             description=f"epoch {stats.epoch}  loss {stats.train_loss:.4f}  acc {stats.train_acc:.4f}",
                         )
 
-                result = fit(net, train_split, data.test, data.num_classes, config, on_epoch=on_epoch)
+                result = fit(
+                    net, train_split, data.test, data.num_classes, config,
+                    on_epoch=on_epoch, pad_fill=black_fill(data.normalization),
+                )
             seconds = time.perf_counter() - start
             summary = {
                 "train_loss": result.train_loss,

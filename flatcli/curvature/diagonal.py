@@ -226,12 +226,29 @@ def curvature_diagonal(
         loss_fn = get_loss(loss_fn)
     start = time.perf_counter()
     if method == DiagMethod.GGN:
-        values = ggn_diagonal(model, x, y, loss_fn=loss_fn, params=params, batch_size=batch_size,
-                              head_dtype=head_dtype)
-        return CurvatureDiagonal(values, None, None, method.value, "ggn", 0, 0,
-                                 time.perf_counter() - start)
-    op = make_operator("hessian", model, x, y, loss_fn=loss_fn, params=params,
-                       batch_size=batch_size, head_dtype=head_dtype, seed=seed)
+        values = ggn_diagonal(
+            model,
+            x,
+            y,
+            loss_fn=loss_fn,
+            params=params,
+            batch_size=batch_size,
+            head_dtype=head_dtype,
+        )
+        return CurvatureDiagonal(
+            values, None, None, method.value, "ggn", 0, 0, time.perf_counter() - start
+        )
+    op = make_operator(
+        "hessian",
+        model,
+        x,
+        y,
+        loss_fn=loss_fn,
+        params=params,
+        batch_size=batch_size,
+        head_dtype=head_dtype,
+        seed=seed,
+    )
     shapes = op.param_shapes
     if method == DiagMethod.EXACT:
         if op.dim > MAX_EXACT_DIM:
@@ -241,8 +258,9 @@ def curvature_diagonal(
             )
         flat = exact_diagonal(op)
         values = {k: v.clone() for k, v in unflatten(flat, shapes).items()}
-        return CurvatureDiagonal(values, None, None, method.value, "hessian", op.matvecs, 0,
-                                 time.perf_counter() - start)
+        return CurvatureDiagonal(
+            values, None, None, method.value, "hessian", op.matvecs, 0, time.perf_counter() - start
+        )
     if probes < 2 or groups < 1:
         raise UsageError(f"Hutchinson needs probes >= 2 and groups >= 1. Got {probes}, {groups}.")
     groups = max(1, min(groups, probes // 2))
@@ -257,8 +275,16 @@ def curvature_diagonal(
     flat_se = torch.stack(variances).sum(dim=0).sqrt() / groups
     values = {k: v.clone() for k, v in unflatten(flat, shapes).items()}
     stderr = {k: v.clone() for k, v in unflatten(flat_se, shapes).items()}
-    return CurvatureDiagonal(values, stderr, stacked, method.value, "hessian", op.matvecs,
-                             per * groups, time.perf_counter() - start)
+    return CurvatureDiagonal(
+        values,
+        stderr,
+        stacked,
+        method.value,
+        "hessian",
+        op.matvecs,
+        per * groups,
+        time.perf_counter() - start,
+    )
 
 
 def flat_slices(values: dict[str, Tensor]) -> dict[str, slice]:

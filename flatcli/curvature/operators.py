@@ -15,7 +15,8 @@ changes nothing but rounding. With z_n = f(x_n; theta) the logits and J_n = dz_n
   head with respect to the logits (for softmax cross-entropy diag(p) - p p^T; for the NSCE head
   of normalized-flat-minima.md Eq. 20 something else). Computed as J^T (H_n (J v)): J v by a
   jvp of the logits, H_n (J v) by an HVP of the loss head alone, J^T by a vjp. The Hessian is G
-  plus the term sum_n sum_k (dloss/dz_k) d^2 z_k / dtheta^2 (dissecting-hessian-kfac.md §3).
+  plus the term sum_n sum_k (dloss/dz_k) d^2 z_k / dtheta^2 (dissecting-hessian-kfac.md
+  Eqs. 3, 10-11).
 - ``"fisher"``: the Fisher of the model's predictive distribution p(c|x) = exp(-loss(z, c)),
   F = 1/N sum_n E_{c ~ p(.|x_n)} g_{n,c} g_{n,c}^T with g_{n,c} = d loss(z_n, c) / dtheta
   (fisher-gamma-local-minima.md Eq. 1 relates it to the Hessian at a minimum).
@@ -30,12 +31,24 @@ changes nothing but rounding. With z_n = f(x_n; theta) the logits and J_n = dz_n
     cross-entropy the head matrix is diag(p) - p p^T, so the exact Fisher EQUALS the GGN there
     (it differs for NSCE and other heads).
 
-``hvp_method`` says how products are formed: ``"forward-over-reverse"`` (forward-mode tangents,
-the fast path) or ``"double-backward"`` (reverse-over-reverse; for the GGN/Fisher, J v comes from
-the double-vjp trick J v = d/du <J^T u, v>). ``"auto"`` tries forward-over-reverse once on a
-couple of examples and falls back, recording why in ``fallback_reason``. ``matmat`` vmaps over the
-k columns (the primal forward/backward runs once per chunk, the tangents are batched); if vmap
-fails the columns are looped over, recorded in ``matmat_method``.
+``hvp_method`` says how products are formed:
+
+- ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad`` (Hessian), or a jvp of the
+  logits (GGN/Fisher), over ``torch.func.functional_call``. ``matmat`` vmaps over the k columns
+  (the primal forward/backward runs once per chunk, the tangents are batched); if vmap fails
+  the columns are looped over, recorded in ``matmat_method="loop"``.
+- ``"double-backward"``: ``torch.autograd.grad(..., create_graph=True)`` once per chunk, then one
+  more backward pass through that graph per column (for the GGN/Fisher, J v comes from the
+  double-vjp trick J v = d/du <J^T u, v>). The graph is reused by every column of a ``matmat``
+  (``matmat_method="loop"``: measured faster than vmapping the backward) and, when all N examples
+  fit in one chunk, by every later product (``cache=True``): a Lanczos run then pays one
+  backward pass per product. The cached graph is rebuilt if a parameter changes in place.
+- ``"auto"`` (default): the Hessian prefers double backward, the GGN/Fisher forward-over-reverse
+  -- the faster of the two in ``benchmarks/bench_hvp.py`` on PyTorch 2.x, where forward-mode AD
+  multiplies zero tangents (a matmul or convolution of an input that has no tangent costs a full
+  one). The preferred method is tried once on two examples; if it raises (a module without
+  forward-mode AD, or an op without double backward) the other is used and ``fallback_reason``
+  says why. ``hvp_method`` records the method used.
 
 BatchNorm and Dropout: the operator differentiates the model in whatever mode it is in. Use
 :func:`eval_mode` (or ``model.eval()``): in training mode BatchNorm's batch statistics make the
@@ -49,7 +62,7 @@ loss depend on the chunking, and Dropout makes every product random. A warning s
 >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
 >>> H = make_operator("hessian", model, x, y)
 >>> H.dim, H.hvp_method
-(26, 'forward-over-reverse')
+(26, 'double-backward')
 >>> v = torch.randn(H.dim, dtype=torch.float64)
 >>> Hv = H.matvec(v)
 >>> bool(torch.allclose(H.matvec(v), H.matmat(v[:, None])[:, 0]))
@@ -198,7 +211,8 @@ class CurvatureOperator:
         param_shapes: ``{name: shape}``.
         slices: ``{name: slice}`` into the flat vector.
         hvp_method: "forward-over-reverse" or "double-backward" (what was actually used).
-        matmat_method: "vmap" or "loop" (how the k columns of a matmat are processed).
+        matmat_method: "vmap" or "loop" (how the k columns of a matmat are processed; double
+            backward loops over the columns through one retained graph per chunk).
         fallback_reason: why a fallback was taken (``None`` when none was).
         num_examples, num_outputs, batch_size: N, K (logits per example), examples per chunk.
         fisher_type, mc_samples, mc_labels: for kind "fisher" (``mc_labels`` is (N, S) int64).
@@ -220,6 +234,7 @@ class CurvatureOperator:
         hvp_method: HvpMethod | str = HvpMethod.AUTO,
         fisher_type: FisherType | str = FisherType.MC,
         mc_samples: int = 1,
+        cache: bool = True,
     ) -> None:
         self.kind = _choice(Kind, kind, "kind").value
         requested = _choice(HvpMethod, hvp_method, "hvp_method")
@@ -247,6 +262,8 @@ class CurvatureOperator:
         self.seed = seed
         self._x, self._y = x, y
         self._loss = head_loss(loss_fn, head_dtype)
+        self._cache_enabled = bool(cache)
+        self._graphs: dict[tuple[int, int], tuple[tuple[int, ...], tuple[Any, ...]]] = {}
 
         xb, _ = self._batch(0, min(n, 2))
         with torch.no_grad():
@@ -362,7 +379,7 @@ class CurvatureOperator:
         return xb, self._y[a:b].to(self.device, non_blocking=True)
 
     def _chunk_size(self, k: int) -> int:
-        if not self._auto_batch or k <= 1:
+        if not self._auto_batch or k <= 1 or self.matmat_method != "vmap":
             return self.batch_size
         # the auto size is for one product (~3x the activations); k tangents add ~2x each
         return max(1, min(self.batch_size, self.batch_size * 3 // (1 + 2 * k)))
@@ -385,13 +402,47 @@ class CurvatureOperator:
         self, a: int, b: int, cols: dict[str, Tensor], method: str, batched: bool
     ) -> dict[str, Tensor]:
         """Contribution of examples ``a:b`` (already weighted by 1/N) to ``A V``."""
+        if method == HvpMethod.DOUBLE_BACKWARD:
+            graph = self._graph(a, b)
+            if self.kind == Kind.HESSIAN:
+                return self._hessian_db(graph, cols, batched)
+            return self._ggn_db(graph, slice(a, b), cols, batched)
         xb, yb = self._batch(a, b)
-        forward = method == HvpMethod.FORWARD_OVER_REVERSE
-        if self.kind == Kind.HESSIAN:
-            fn = self._hessian_for if forward else self._hessian_db
-        else:
-            fn = self._ggn_for if forward else self._ggn_db
+        fn = self._hessian_for if self.kind == Kind.HESSIAN else self._ggn_for
         return fn(xb, yb, slice(a, b), cols, batched)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in (*self._fm.params.values(), *self._fm.fixed.values()))
+
+    def _graph(self, a: int, b: int) -> tuple[Any, ...]:
+        """The autograd graph of examples ``a:b`` for double backward.
+
+        When all N examples form one chunk the graph is kept and reused by later products (each
+        then costs one backward pass through it); it is rebuilt if a parameter changes in place.
+        """
+        versions = self._versions()
+        hit = self._graphs.get((a, b))
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        self._graphs.clear()
+        xb, yb = self._batch(a, b)
+        leaves = self._fm.leaves()
+        inputs = list(leaves.values())
+        with torch.enable_grad():
+            if self.kind == Kind.HESSIAN:
+                loss = self._loss(self._fm(leaves, xb), yb).sum() / self.num_examples
+                grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+                graph: tuple[Any, ...] = (inputs, grads)
+            else:
+                z = self._fm(leaves, xb)
+                u = torch.zeros_like(z, requires_grad=True)
+                jtu = torch.autograd.grad(
+                    z, inputs, grad_outputs=u, create_graph=True, allow_unused=True
+                )
+                graph = (inputs, z, u, jtu, yb)
+        if self._cache_enabled and b - a == self.num_examples:
+            self._graphs[(a, b)] = (versions, graph)
+        return graph
 
     # ------------------------------------------------------------------ Hessian
 
@@ -414,15 +465,11 @@ class CurvatureOperator:
         return _stack([one(_column(cols, i)) for i in range(k)])
 
     def _hessian_db(
-        self, xb: Tensor, yb: Tensor, sl: slice, cols: dict[str, Tensor], batched: bool
+        self, graph: tuple[Any, ...], cols: dict[str, Tensor], batched: bool
     ) -> dict[str, Tensor]:
-        leaves = self._fm.leaves()
-        inputs = list(leaves.values())
-        with torch.enable_grad():
-            loss = self._loss(self._fm(leaves, xb), yb).sum() / self.num_examples
-            grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-            res = _backward_products(grads, inputs, [cols[k] for k in leaves], batched)
-        return dict(zip(leaves, res, strict=True))
+        inputs, grads = graph
+        res = _backward_products(grads, inputs, [cols[k] for k in self.param_names], batched)
+        return dict(zip(self.param_names, res, strict=True))
 
     # ------------------------------------------------------------------ GGN and Fisher
 
@@ -450,21 +497,14 @@ class CurvatureOperator:
         return _stack([vjp_fn(U[i])[0] for i in range(k)])
 
     def _ggn_db(
-        self, xb: Tensor, yb: Tensor, sl: slice, cols: dict[str, Tensor], batched: bool
+        self, graph: tuple[Any, ...], sl: slice, cols: dict[str, Tensor], batched: bool
     ) -> dict[str, Tensor]:
-        leaves = self._fm.leaves()
-        inputs = list(leaves.values())
-        with torch.enable_grad():
-            z = self._fm(leaves, xb)
-            u = torch.zeros_like(z, requires_grad=True)
-            jtu = torch.autograd.grad(
-                z, inputs, grad_outputs=u, create_graph=True, allow_unused=True
-            )
-            # J v = d/du <J^T u, v>  (double-vjp trick: reverse mode only)
-            (JV,) = _backward_products(jtu, [u], [cols[k] for k in leaves], batched)
-            U = self._head_apply(z.detach(), yb, sl, JV)
-            res = _backward_products([z], inputs, [U], batched)
-        return dict(zip(leaves, res, strict=True))
+        inputs, z, u, jtu, yb = graph
+        # J v = d/du <J^T u, v>  (double-vjp trick: reverse mode only)
+        (JV,) = _backward_products(jtu, [u], [cols[k] for k in self.param_names], batched)
+        U = self._head_apply(z.detach(), yb, sl, JV)
+        res = _backward_products([z], inputs, [U], batched)
+        return dict(zip(self.param_names, res, strict=True))
 
     def _head_apply(self, z: Tensor, yb: Tensor, sl: slice, U: Tensor) -> Tensor:
         """``M_n u`` for each column u (k, B, K) with the head matrix of this kind, divided by N."""
@@ -556,7 +596,11 @@ class CurvatureOperator:
     # ------------------------------------------------------------------ method detection
 
     def _probe(self, requested: HvpMethod) -> None:
-        """Try forward-over-reverse and vmap once on a couple of examples; fall back if needed."""
+        """Try the preferred method once on a couple of examples; fall back if it fails.
+
+        ``auto`` prefers double backward for the Hessian and forward mode for the GGN/Fisher
+        (the faster of the two in bench_hvp.py); a method that raises is replaced by the other.
+        """
         b = min(self.num_examples, 2)
         gen = torch.Generator().manual_seed(self.seed)
 
@@ -568,15 +612,25 @@ class CurvatureOperator:
                 for n, s in self.param_shapes.items()
             }
 
+        fwd, dbl = HvpMethod.FORWARD_OVER_REVERSE.value, HvpMethod.DOUBLE_BACKWARD.value
         if requested == HvpMethod.AUTO:
+            order = [dbl, fwd] if self.kind == Kind.HESSIAN else [fwd, dbl]
+        else:
+            order = [requested.value]
+        for i, method in enumerate(order):
             try:
-                self._chunk(0, b, random_cols(1), HvpMethod.FORWARD_OVER_REVERSE.value, False)
-                self.hvp_method = HvpMethod.FORWARD_OVER_REVERSE.value
+                self._chunk(0, b, random_cols(1), method, False)
             except _FALLBACK_ERRORS as err:
-                if is_oom(err):
+                if is_oom(err) or i == len(order) - 1:
                     raise
-                self.hvp_method = HvpMethod.DOUBLE_BACKWARD.value
-                self.fallback_reason = f"forward-mode AD failed ({first_line(err)})"
+                self.fallback_reason = f"{method} failed ({first_line(err)})"
+                continue
+            self.hvp_method = method
+            break
+        self._graphs.clear()
+        if self.hvp_method == dbl:
+            self.matmat_method = "loop"  # one graph per chunk, reused by every column
+            return
         try:
             self._chunk(0, b, random_cols(2), self.hvp_method, True)
         except _FALLBACK_ERRORS as err:
@@ -585,8 +639,12 @@ class CurvatureOperator:
             self.matmat_method = "loop"
             reason = f"vmap over columns failed ({first_line(err)})"
             self.fallback_reason = (
-                reason if self.fallback_reason is None else (f"{self.fallback_reason}; {reason}")
+                reason if self.fallback_reason is None else f"{self.fallback_reason}; {reason}"
             )
+
+    def release(self) -> None:
+        """Free the cached autograd graph (it is rebuilt on the next product if needed)."""
+        self._graphs.clear()
 
 
 def _choice(enum: type[Enum], value: Any, what: str) -> Any:
@@ -624,6 +682,7 @@ def make_operator(
     hvp_method: HvpMethod | str = HvpMethod.AUTO,
     fisher_type: FisherType | str = FisherType.MC,
     mc_samples: int = 1,
+    cache: bool = True,
 ) -> CurvatureOperator:
     """A matrix-free curvature operator of the mean loss over the examples ``(x, y)``.
 
@@ -644,10 +703,14 @@ def make_operator(
             (up to rounding) unless BatchNorm is in training mode.
         head_dtype: dtype for the loss head (e.g. ``torch.float64`` with a float32 network).
         seed: seeds the Monte-Carlo Fisher labels and the method probe.
-        hvp_method: ``"auto"``, ``"forward-over-reverse"`` or ``"double-backward"``.
+        hvp_method: ``"auto"``, ``"forward-over-reverse"`` or ``"double-backward"`` (module
+            docstring: auto prefers double backward for the Hessian, forward mode otherwise, and
+            falls back to the other if the preferred one raises).
         fisher_type: ``"mc"`` (default; ``mc_samples`` labels per example drawn once from the
             model) or ``"exact"`` (closed-form expectation; equals the GGN for cross-entropy).
         mc_samples: sampled labels per example for the MC Fisher.
+        cache: keep the double-backward graph between products when all N examples form one
+            chunk (memory: one chunk's activations and backward graph; :meth:`release` frees it).
 
     Returns:
         A :class:`CurvatureOperator` (``dim``, ``dtype``, ``device``, ``matvecs``, ``matvec``,
@@ -670,4 +733,5 @@ def make_operator(
         hvp_method=hvp_method,
         fisher_type=fisher_type,
         mc_samples=mc_samples,
+        cache=cache,
     )

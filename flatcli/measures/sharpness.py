@@ -3,8 +3,8 @@
 ``compute_sharpness(model, x, y, config) -> SharpnessResult`` computes any of
 
 - ``normalized_sharpness`` (normalized-flat-minima.md Eq. 17, Algorithm 1): per weight matrix the
-  minimum over row/column scales σ, σ' of ``Σ h_ij (σ_iσ'_j)² + W_ij² / (2λ(σ_iσ'_j)²)``, summed over
-  layers; h the Hessian diagonal of the NSCE surrogate (Eq. 20) clipped at 0. Solver and
+  minimum over row/column scales σ, σ' of ``Σ h_ij (σ_iσ'_j)² + W_ij² / (2λ(σ_iσ'_j)²)``, summed
+  over layers; h the Hessian diagonal of the NSCE surrogate (Eq. 20) clipped at 0. Solver and
   certified gap: :mod:`flatcli.measures.normalized_sharpness`. Reported with
   ``normalized_sharpness_gap`` (sum of the layers' certified gaps) and, with Hutchinson
   diagonals, ``normalized_sharpness_stderr`` (jackknife over independently seeded probe groups).
@@ -148,7 +148,11 @@ class SharpnessConfig:
         measures = (self.measures,) if isinstance(self.measures, str) else tuple(self.measures)
         if not measures:
             raise UsageError(f"Choose at least one measure of {list(ALL_MEASURES)}.")
-        set_(self, "measures", tuple(dict.fromkeys(_choice(SharpnessMeasure, m, "measure") for m in measures)))
+        set_(
+            self,
+            "measures",
+            tuple(dict.fromkeys(_choice(SharpnessMeasure, m, "measure") for m in measures)),
+        )
         set_(self, "loss", _choice(LossName, self.loss, "loss"))
         set_(self, "classic_loss", _choice(LossName, self.classic_loss, "loss"))
         set_(self, "diag_method", _choice(DiagMethod, self.diag_method, "diag method"))
@@ -156,26 +160,40 @@ class SharpnessConfig:
         if self.head_dtype is not None:
             name = str(self.head_dtype).removeprefix("torch.")
             if name not in _HEAD_DTYPES:
-                raise UsageError(f"Unknown head dtype {self.head_dtype!r}; choose float32 or float64.")
+                raise UsageError(
+                    f"Unknown head dtype {self.head_dtype!r}; choose float32 or float64."
+                )
             set_(self, "head_dtype", name)
         checks = [
             (self.probes >= 2, f"probes must be >= 2. Got {self.probes}."),
             (self.probe_groups >= 1, f"probe_groups must be >= 1. Got {self.probe_groups}."),
             (self.lam > 0, f"lam must be > 0. Got {self.lam}."),
             (0 < self.solver_rtol < 1, f"solver_rtol must be in (0, 1). Got {self.solver_rtol}."),
-            (self.solver_max_iter >= 1, f"solver_max_iter must be >= 1. Got {self.solver_max_iter}."),
+            (
+                self.solver_max_iter >= 1,
+                f"solver_max_iter must be >= 1. Got {self.solver_max_iter}.",
+            ),
             (self.trace_probes >= 2, f"trace_probes must be >= 2. Got {self.trace_probes}."),
-            (self.trace_rel_stderr is None or self.trace_rel_stderr > 0,
-             f"trace_rel_stderr must be positive. Got {self.trace_rel_stderr}."),
+            (
+                self.trace_rel_stderr is None or self.trace_rel_stderr > 0,
+                f"trace_rel_stderr must be positive. Got {self.trace_rel_stderr}.",
+            ),
             (self.eps > 0, f"eps must be > 0. Got {self.eps}."),
             (self.eps_steps >= 0, f"eps_steps must be >= 0. Got {self.eps_steps}."),
-            (self.adaptive_rho is None or self.adaptive_rho > 0,
-             f"adaptive_rho must be > 0. Got {self.adaptive_rho}."),
-            (self.adaptive_p in ("inf", "2"), f"adaptive_p must be 'inf' or '2'. Got {self.adaptive_p!r}."),
+            (
+                self.adaptive_rho is None or self.adaptive_rho > 0,
+                f"adaptive_rho must be > 0. Got {self.adaptive_rho}.",
+            ),
+            (
+                self.adaptive_p in ("inf", "2"),
+                f"adaptive_p must be 'inf' or '2'. Got {self.adaptive_p!r}.",
+            ),
             (self.adaptive_steps >= 0, f"adaptive_steps must be >= 0. Got {self.adaptive_steps}."),
             (self.step_size > 0, f"step_size must be > 0. Got {self.step_size}."),
-            (self.batch_size is None or self.batch_size >= 1,
-             f"batch_size must be >= 1. Got {self.batch_size}."),
+            (
+                self.batch_size is None or self.batch_size >= 1,
+                f"batch_size must be >= 1. Got {self.batch_size}.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,7 +248,10 @@ class SharpnessResult:
         """Per-layer terms, settings, solver statistics, costs and timings (JSON-ready)."""
         non_finite = {
             k: "not finite (NaN or infinite)"
-            for k, v in {**self.values, **{f"{k}_stderr": s for k, s in self.stderrs.items()}}.items()
+            for k, v in {
+                **self.values,
+                **{f"{k}_stderr": s for k, s in self.stderrs.items()},
+            }.items()
             if not math.isfinite(v)
         }
         out = {"per_layer": self.per_layer, "settings": self.settings, **self.info}
@@ -256,16 +277,29 @@ def _groups(model: nn.Module, name: str) -> int:
 
 
 def _solve_all(
-    model: nn.Module, names: list[str], diag: dict[str, np.ndarray], config: SharpnessConfig,
-    rtol: float, warm: dict[str, LayerSolution] | None = None,
+    model: nn.Module,
+    names: list[str],
+    diag: dict[str, np.ndarray],
+    config: SharpnessConfig,
+    rtol: float,
+    warm: dict[str, LayerSolution] | None = None,
 ) -> dict[str, LayerSolution]:
     params = dict(model.named_parameters())
     out = {}
     for name in names:
-        a, b = layer_terms(params[name].detach().double().cpu().numpy(), diag[name], config.lam,
-                           _groups(model, name))
-        out[name] = solve_normalized_layer(a, b, rtol=rtol, max_iter=config.solver_max_iter,
-                                           y0=None if warm is None else warm[name].y)
+        a, b = layer_terms(
+            params[name].detach().double().cpu().numpy(),
+            diag[name],
+            config.lam,
+            _groups(model, name),
+        )
+        out[name] = solve_normalized_layer(
+            a,
+            b,
+            rtol=rtol,
+            max_iter=config.solver_max_iter,
+            y0=None if warm is None else warm[name].y,
+        )
     return out
 
 
@@ -315,10 +349,15 @@ def _compute(
     norm_loss, classic_loss = get_loss(config.loss), get_loss(config.classic_loss)
 
     names, excluded = weight_matrices(model)
-    normalized = {SharpnessMeasure.NORMALIZED.value, SharpnessMeasure.MATRIX_NORMALIZED.value} & wanted
+    normalized = {
+        SharpnessMeasure.NORMALIZED.value,
+        SharpnessMeasure.MATRIX_NORMALIZED.value,
+    } & wanted
     if normalized:
         if not names:
-            raise MeasureError("The model has no weight matrices (parameters with >= 2 dimensions).")
+            raise MeasureError(
+                "The model has no weight matrices (parameters with >= 2 dimensions)."
+            )
         info["excluded_params"] = excluded
     diag: CurvatureDiagonal | None = None
     need_diag = SharpnessMeasure.NORMALIZED.value in wanted or (
@@ -327,9 +366,17 @@ def _compute(
     if need_diag:
         progress("curvature diagonal", done, total_steps)
         diag = curvature_diagonal(
-            model, x, y, method=config.diag_method, loss_fn=norm_loss, params=names,
-            probes=config.probes, groups=config.probe_groups, batch_size=config.batch_size,
-            head_dtype=config.head, seed=config.seed,
+            model,
+            x,
+            y,
+            method=config.diag_method,
+            loss_fn=norm_loss,
+            params=names,
+            probes=config.probes,
+            groups=config.probe_groups,
+            batch_size=config.batch_size,
+            head_dtype=config.head,
+            seed=config.seed,
         )
         seconds["diagonal"] = diag.seconds
         products["diagonal"] = diag.products
@@ -346,19 +393,31 @@ def _compute(
         gap = float(sum(s.gap for s in sols.values()))
         per_layer[name] = {k: s.value for k, s in sols.items()}
         info["solver"] = {
-            k: {"value": s.value, "gap": s.gap, "iterations": s.iterations,
-                "newton_steps": s.newton_steps, "converged": s.converged,
-                "active_rows": s.active_rows, "active_cols": s.active_cols,
+            k: {
+                "value": s.value,
+                "gap": s.gap,
+                "iterations": s.iterations,
+                "newton_steps": s.newton_steps,
+                "converged": s.converged,
+                "active_rows": s.active_rows,
+                "active_cols": s.active_cols,
                 "vanishing_entries": s.vanishing_entries,
-                "clipped_entries": int((diag.values[k] < 0).sum()) + int((diag.values[k] == 0).sum())}
+                "clipped_entries": int((diag.values[k] < 0).sum())
+                + int((diag.values[k] == 0).sum()),
+            }
             for k, s in sols.items()
         }
         seconds["solver"] = time.perf_counter() - start
         settings[name] = {
-            "loss": config.loss, "lam": config.lam, "diag_method": config.diag_method,
-            "matrix": diag.matrix, "probes": diag.probes, "clip": "h <- max(h, 0) (Algorithm 1)",
+            "loss": config.loss,
+            "lam": config.lam,
+            "diag_method": config.diag_method,
+            "matrix": diag.matrix,
+            "probes": diag.probes,
+            "clip": "h <- max(h, 0) (Algorithm 1)",
             "solver": "exact alternating minimisation + safeguarded Newton, GP-dual gap",
-            "solver_rtol": config.solver_rtol, "one_dim_params": "excluded (footnote 5)",
+            "solver_rtol": config.solver_rtol,
+            "one_dim_params": "excluded (footnote 5)",
         }
         if diag.group_values is not None and diag.group_values.shape[0] >= 2:
             start = time.perf_counter()
@@ -374,7 +433,9 @@ def _compute(
         name = SharpnessMeasure.MATRIX_NORMALIZED.value
         start = time.perf_counter()
         exact = diag if diag is not None and diag.method != DiagMethod.HUTCHINSON.value else None
-        value, se, terms, setting, used = _matrix_normalized(model, x, y, names, exact, config, norm_loss)
+        value, se, terms, setting, used = _matrix_normalized(
+            model, x, y, names, exact, config, norm_loss
+        )
         values[name] = value
         if se is not None:
             stderrs[name] = se
@@ -389,37 +450,78 @@ def _compute(
         name = SharpnessMeasure.HESSIAN_TRACE.value
         start = time.perf_counter()
         if config.diag_method == DiagMethod.EXACT.value:  # small models: exact, no stderr
-            if diag is not None and diag.method == DiagMethod.EXACT.value and config.loss == config.classic_loss \
-                    and not excluded:
+            if (
+                diag is not None
+                and diag.method == DiagMethod.EXACT.value
+                and config.loss == config.classic_loss
+                and not excluded
+            ):
                 full = diag
             else:
-                full = curvature_diagonal(model, x, y, method="exact", loss_fn=classic_loss,
-                                          batch_size=config.batch_size, head_dtype=config.head)
+                full = curvature_diagonal(
+                    model,
+                    x,
+                    y,
+                    method="exact",
+                    loss_fn=classic_loss,
+                    batch_size=config.batch_size,
+                    head_dtype=config.head,
+                )
             values[name] = float(sum(float(v.sum()) for v in full.values.values()))
             products[name] = full.products if full is not diag else 0
-            settings[name] = {"loss": config.classic_loss, "estimator": "exact (sum of the exact diagonal)"}
+            settings[name] = {
+                "loss": config.classic_loss,
+                "estimator": "exact (sum of the exact diagonal)",
+            }
         else:
-            op = make_operator("hessian", model, x, y, loss_fn=classic_loss, batch_size=config.batch_size,
-                               head_dtype=config.head, seed=config.seed)
+            op = make_operator(
+                "hessian",
+                model,
+                x,
+                y,
+                loss_fn=classic_loss,
+                batch_size=config.batch_size,
+                head_dtype=config.head,
+                seed=config.seed,
+            )
             est = hutchinson(op, config.trace_probes, config.seed, config.trace_rel_stderr)
             values[name], stderrs[name] = est.value, est.stderr
             products[name] = est.matvecs
-            settings[name] = {"loss": config.classic_loss, "estimator": "hutchinson (Rademacher)",
-                              "probes": est.probes, "target_rel_stderr": config.trace_rel_stderr,
-                              "hvp_method": op.hvp_method}
+            settings[name] = {
+                "loss": config.classic_loss,
+                "estimator": "hutchinson (Rademacher)",
+                "probes": est.probes,
+                "target_rel_stderr": config.trace_rel_stderr,
+                "hvp_method": op.hvp_method,
+            }
         seconds[name] = time.perf_counter() - start
         done += 1
 
-    worst_kwargs = {"loss_fn": classic_loss, "batch_size": config.batch_size, "head_dtype": config.head}
+    worst_kwargs = {
+        "loss_fn": classic_loss,
+        "batch_size": config.batch_size,
+        "head_dtype": config.head,
+    }
     if SharpnessMeasure.EPS.value in wanted:
         progress("eps-sharpness", done, total_steps)
         name = SharpnessMeasure.EPS.value
         start = time.perf_counter()
-        res = eps_sharpness(model, x, y, eps=config.eps, steps=config.eps_steps,
-                            step_size=config.step_size, **worst_kwargs)
+        res = eps_sharpness(
+            model,
+            x,
+            y,
+            eps=config.eps,
+            steps=config.eps_steps,
+            step_size=config.step_size,
+            **worst_kwargs,
+        )
         values[name] = res.value
-        settings[name] = {**res.settings, "loss": config.classic_loss, "base_loss": res.base_loss,
-                          "max_loss": res.max_loss}
+        settings[name] = {
+            **res.settings,
+            "loss": config.classic_loss,
+            "base_loss": res.base_loss,
+            "max_loss": res.max_loss,
+        }
         seconds[name] = time.perf_counter() - start
         done += 1
 
@@ -427,12 +529,23 @@ def _compute(
         progress("adaptive sharpness", done, total_steps)
         name = SharpnessMeasure.ADAPTIVE.value
         start = time.perf_counter()
-        res = adaptive_sharpness(model, x, y, rho=config.adaptive_rho, p=config.adaptive_p,
-                                 steps=config.adaptive_steps, step_size=config.step_size,
-                                 **worst_kwargs)
+        res = adaptive_sharpness(
+            model,
+            x,
+            y,
+            rho=config.adaptive_rho,
+            p=config.adaptive_p,
+            steps=config.adaptive_steps,
+            step_size=config.step_size,
+            **worst_kwargs,
+        )
         values[name] = res.value
-        settings[name] = {**res.settings, "loss": config.classic_loss, "base_loss": res.base_loss,
-                          "max_loss": res.max_loss}
+        settings[name] = {
+            **res.settings,
+            "loss": config.classic_loss,
+            "base_loss": res.base_loss,
+            "max_loss": res.max_loss,
+        }
         seconds[name] = time.perf_counter() - start
         done += 1
 
@@ -442,7 +555,10 @@ def _compute(
 
 
 def _jackknife(
-    model: nn.Module, names: list[str], diag: CurvatureDiagonal, config: SharpnessConfig,
+    model: nn.Module,
+    names: list[str],
+    diag: CurvatureDiagonal,
+    config: SharpnessConfig,
     full: dict[str, LayerSolution],
 ) -> float:
     """Leave-one-group-out jackknife standard error of normalized sharpness (warm-started)."""
@@ -480,11 +596,20 @@ def _matrix_normalized(
         how = f"block sums of the {diag.method} diagonal"
     else:
         for i, k in enumerate(names):
-            op = make_operator("hessian", model, x, y, loss_fn=loss_fn, params=[k],
-                               batch_size=config.batch_size, head_dtype=config.head,
-                               seed=config.seed)
-            est = hutchinson(op, config.trace_probes, group_seed(config.seed, 1000 + i),
-                             config.trace_rel_stderr)
+            op = make_operator(
+                "hessian",
+                model,
+                x,
+                y,
+                loss_fn=loss_fn,
+                params=[k],
+                batch_size=config.batch_size,
+                head_dtype=config.head,
+                seed=config.seed,
+            )
+            est = hutchinson(
+                op, config.trace_probes, group_seed(config.seed, 1000 + i), config.trace_rel_stderr
+            )
             traces[k], ses[k] = est.value, est.stderr
             used += est.matvecs
         how = "hutchinson on each layer's Hessian block"
@@ -494,8 +619,13 @@ def _matrix_normalized(
     if ses:
         var = sum(fro2[k] * ses[k] ** 2 / (4 * traces[k]) for k in names if traces[k] > 0)
         se = math.sqrt(var)
-    setting = {"loss": config.loss, "block_trace": how, "trace_clip": "H_i <- max(H_i, 0)",
-               "traces": traces, "one_dim_params": "excluded (footnote 5)"}
+    setting = {
+        "loss": config.loss,
+        "block_trace": how,
+        "trace_clip": "H_i <- max(H_i, 0)",
+        "traces": traces,
+        "one_dim_params": "excluded (footnote 5)",
+    }
     if ses:
         setting["trace_stderrs"] = ses
         setting["stderr"] = "delta method from the per-layer trace stderrs"

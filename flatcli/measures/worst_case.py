@@ -6,8 +6,8 @@ over all the examples given (chunked; deterministic: the ascent starts at δ = 0
 - ε-sharpness (Keskar et al., ICLR 2017, Metric 2.1; normalized-flat-minima.md §1 "the maximum
   loss around the minima"): the box ``|δ_k| <= ε (|w_k| + 1)`` and the value
   ``100 · (max L(w + δ) − L(w)) / (1 + L(w))``. Keskar et al. maximise with L-BFGS-B; here every
-  step is ``δ <- clip(δ + η · C ⊙ sign(∇L(w + δ)), −C, C)`` with ``C = ε(|w| + 1)`` (the maximum of a
-  locally convex loss over a box sits at a corner, which sign steps reach quickly).
+  step is ``δ <- clip(δ + η · C ⊙ sign(∇L(w + δ)), −C, C)`` with ``C = ε(|w| + 1)`` (the maximum
+  of a locally convex loss over a box sits at a corner, which sign steps reach quickly).
 - adaptive sharpness (Kwon et al., ASAM, ICML 2021; worst-case form of Andriushchenko et al.,
   ICML 2023): ``max_{‖δ ⊘ |w|‖_p <= ρ} L(w + δ) − L(w)`` for p ∈ {∞, 2}. With δ = |w| ⊙ γ the ascent
   runs in γ: p = ∞ as above with box ρ, p = 2 with steps ``η ρ g/‖g‖`` and projection on the ρ-ball.
@@ -80,7 +80,7 @@ def mean_loss(
             with torch.enable_grad():
                 part = loss(fm(leaves, xb), yb).sum()
                 gs = torch.autograd.grad(part, list(leaves.values()), allow_unused=True)
-            for (k, _), g in zip(leaves.items(), gs):
+            for (k, _), g in zip(leaves.items(), gs, strict=True):
                 if g is not None:
                     grads[k] += g
         else:
@@ -102,7 +102,9 @@ def _setup(
     head_dtype: torch.dtype | None,
 ) -> tuple[FunctionalModel, Callable[[Tensor, Tensor], Tensor], int]:
     if int(x.shape[0]) == 0 or int(x.shape[0]) != int(y.shape[0]):
-        raise UsageError(f"Need matching, non-empty x and y; got {int(x.shape[0])} and {int(y.shape[0])}.")
+        raise UsageError(
+            f"Need matching, non-empty x and y; got {int(x.shape[0])} and {int(y.shape[0])}."
+        )
     fm = FunctionalModel(model, select_parameters(model, params))
     bs = int(x.shape[0]) if batch_size is None else int(batch_size)
     if bs < 1:
@@ -179,13 +181,22 @@ def eps_sharpness(
     from flatcli.curvature.losses import cross_entropy
 
     if not eps > 0 or steps < 0 or not step_size > 0:
-        raise UsageError(f"eps and step_size must be > 0 and steps >= 0. Got {eps}, {step_size}, {steps}.")
+        raise UsageError(
+            f"eps and step_size must be > 0 and steps >= 0. Got {eps}, {step_size}, {steps}."
+        )
     fm, loss, bs = _setup(model, x, y, loss_fn or cross_entropy, params, batch_size, head_dtype)
     scale = {k: v.abs() + 1 for k, v in fm.params.items()}
     base, best, hist = _ascend(fm, x, y, loss, bs, scale, eps, math.inf, steps, step_size)
-    settings = {"eps": eps, "steps": steps, "step_size": step_size, "box": "eps*(|w|+1)",
-                "method": "projected sign-gradient ascent from delta=0, best iterate"}
-    return WorstCaseResult(100.0 * (best - base) / (1.0 + base), base, best, steps + 1, settings, hist)
+    settings = {
+        "eps": eps,
+        "steps": steps,
+        "step_size": step_size,
+        "box": "eps*(|w|+1)",
+        "method": "projected sign-gradient ascent from delta=0, best iterate",
+    }
+    return WorstCaseResult(
+        100.0 * (best - base) / (1.0 + base), base, best, steps + 1, settings, hist
+    )
 
 
 def adaptive_sharpness(
@@ -216,13 +227,20 @@ def adaptive_sharpness(
     pn = _norm(p)
     rho = (1e-3 if math.isinf(pn) else 0.1) if rho is None else float(rho)
     if not rho > 0 or steps < 0 or not step_size > 0:
-        raise UsageError(f"rho and step_size must be > 0 and steps >= 0. Got {rho}, {step_size}, {steps}.")
+        raise UsageError(
+            f"rho and step_size must be > 0 and steps >= 0. Got {rho}, {step_size}, {steps}."
+        )
     fm, loss, bs = _setup(model, x, y, loss_fn or cross_entropy, params, batch_size, head_dtype)
     scale = {k: v.abs() for k, v in fm.params.items()}
     base, best, hist = _ascend(fm, x, y, loss, bs, scale, rho, pn, steps, step_size)
-    settings = {"rho": rho, "p": "inf" if math.isinf(pn) else 2, "steps": steps,
-                "step_size": step_size, "ball": "||delta / |w| ||_p <= rho",
-                "method": "projected ascent in delta/|w| from 0, best iterate"}
+    settings = {
+        "rho": rho,
+        "p": "inf" if math.isinf(pn) else 2,
+        "steps": steps,
+        "step_size": step_size,
+        "ball": "||delta / |w| ||_p <= rho",
+        "method": "projected ascent in delta/|w| from 0, best iterate",
+    }
     return WorstCaseResult(best - base, base, best, steps + 1, settings, hist)
 
 

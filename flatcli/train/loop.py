@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flatcli.data import Split
+from flatcli.data import Split, iter_batches
 from flatcli.errors import FlatcliError, UsageError
 from flatcli.train.augment import augment_batch, check_augmentable
 from flatcli.train.config import Augment, Optimizer, TrainConfig
@@ -119,9 +119,8 @@ def evaluate(
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
+    for xb, yb in iter_batches((x, y), batch_size):
+        logits = model(xb)
         loss += F.cross_entropy(logits, yb, reduction="sum").double()
         correct += (logits.argmax(-1) == yb).sum()
     model.train(was_training)

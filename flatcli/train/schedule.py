@@ -19,8 +19,9 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     - ``cosine``: ``lr * (1 + cos(pi * epoch / epochs)) / 2``, from ``lr`` at epoch 0 towards 0
       (``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped once per epoch).
 
-    >>> lr_at(TrainConfig(lr=0.1, schedule="step", milestones=[2]), 2)
-    0.010000000000000002
+    >>> config = TrainConfig(lr=1.0, schedule="step", milestones=[2], gamma=0.5)
+    >>> [lr_at(config, e) for e in range(4)]
+    [1.0, 1.0, 0.5, 0.5]
     """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0. Got {epoch}.")

@@ -22,7 +22,7 @@ def _flat_fn(model, x):
 
     def logits(theta):
         params, i = {}, 0
-        for n, s in zip(names, shapes):
+        for n, s in zip(names, shapes, strict=True):
             k = s.numel()
             params[n] = theta[i : i + k].view(s)
             i += k
@@ -41,7 +41,9 @@ def dense_ggn(model, x, y, loss):
     logits, theta0 = _flat_fn(model, x)
     J = jacrev(logits)(theta0)  # (N, K, P)
     z = logits(theta0).detach()
-    Hz = torch.stack([hessian(lambda zz, i=i: loss(zz[None], y[i : i + 1])[0])(z[i]) for i in range(len(y))])
+    Hz = torch.stack(
+        [hessian(lambda zz, i=i: loss(zz[None], y[i : i + 1])[0])(z[i]) for i in range(len(y))]
+    )
     return torch.einsum("nkp,nkl,nlq->pq", J, Hz, J) / len(y)
 
 
@@ -74,27 +76,51 @@ def test_ggn_differs_from_hessian_for_smooth_nets() -> None:
 def test_selected_parameters_only() -> None:
     model, x, y = make_case("mlp_tanh")
     H = dense_hessian(model, x, y, get_loss("ce"))
-    est = curvature_diagonal(model, x, y, method="exact", loss_fn="ce", params=["3.weight"], batch_size=len(x))
+    est = curvature_diagonal(
+        model, x, y, method="exact", loss_fn="ce", params=["3.weight"], batch_size=len(x)
+    )
     assert list(est.values) == ["3.weight"]
     offset = 6 * 5 + 5
-    torch.testing.assert_close(est.values["3.weight"].reshape(-1), H.diagonal()[offset : offset + 20], rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        est.values["3.weight"].reshape(-1), H.diagonal()[offset : offset + 20], rtol=0, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_hutchinson_within_its_standard_error(name: str) -> None:
     model, x, y = make_case(name)
     H = dense_hessian(model, x, y, get_loss("nsce"))
-    est = curvature_diagonal(model, x, y, method="hutchinson", loss_fn="nsce", probes=400, groups=8,
-                             seed=3, batch_size=len(x))
+    est = curvature_diagonal(
+        model,
+        x,
+        y,
+        method="hutchinson",
+        loss_fn="nsce",
+        probes=400,
+        groups=8,
+        seed=3,
+        batch_size=len(x),
+    )
     z = (flatten_params(est.values) - H.diagonal()).abs() / flatten_params(est.stderr)
     assert est.probes == 400 and est.products == 400 and est.group_values.shape == (8, H.shape[0])
     assert float(z.mean()) < 1.2  # E|N(0,1)| = 0.80
     assert float((z > 4).float().mean()) < 0.01
     torch.testing.assert_close(est.group_values.mean(dim=0), flatten_params(est.values))
     # same seed, same numbers
-    again = curvature_diagonal(model, x, y, method="hutchinson", loss_fn="nsce", probes=400, groups=8,
-                               seed=3, batch_size=len(x))
-    torch.testing.assert_close(flatten_params(again.values), flatten_params(est.values), rtol=0, atol=0)
+    again = curvature_diagonal(
+        model,
+        x,
+        y,
+        method="hutchinson",
+        loss_fn="nsce",
+        probes=400,
+        groups=8,
+        seed=3,
+        batch_size=len(x),
+    )
+    torch.testing.assert_close(
+        flatten_params(again.values), flatten_params(est.values), rtol=0, atol=0
+    )
 
 
 def test_group_seeds_differ_and_errors() -> None:

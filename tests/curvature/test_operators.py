@@ -132,7 +132,7 @@ def test_matmat_equals_columnwise_matvec(kind, method):
     cols = torch.stack([op.matvec(V[:, j]) for j in range(4)], dim=1)
     assert op.matvecs == before + 8
     assert_close(AV, cols, rtol=1e-12)
-    assert op.matmat_method == "vmap"
+    assert op.matmat_method == ("vmap" if method == "forward-over-reverse" else "loop")
 
 
 # ---------------------------------------------------------------- GGN and Fisher
@@ -271,14 +271,103 @@ class _Act(nn.Module):
         return _NoForwardTanh.apply(x)
 
 
-@pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_auto_falls_back_to_double_backward(kind):
+def test_auto_prefers_double_backward_for_hessian_forward_mode_for_ggn():
+    model, x, y = make_case("cnn")
+    assert make_operator("hessian", model, x, y).hvp_method == "double-backward"
+    for kind in ("ggn", "fisher"):
+        op = make_operator(kind, model, x, y)
+        assert op.hvp_method == "forward-over-reverse" and op.fallback_reason is None
+
+
+def test_auto_falls_back_to_double_backward_without_forward_mode():
     model, x, y = make_case("mlp_tanh")
     twin = make_case("mlp_tanh")[0]
     twin[2], twin[4] = _Act(), _Act()
-    op = make_operator(kind, twin, x, y, hvp_method="auto")
-    assert op.hvp_method == "double-backward"
-    assert "forward-mode" in op.fallback_reason
+    for kind in ("hessian", "ggn"):
+        op = make_operator(kind, twin, x, y, hvp_method="auto")
+        assert op.hvp_method == "double-backward"
+        if kind == "ggn":
+            assert "forward-over-reverse failed" in op.fallback_reason
+        ref = make_operator(kind, model, x, y).to_dense()
+        assert_close(op.to_dense(), ref)
+        assert op.describe()["hvp_method"] == "double-backward"
+    with pytest.raises(RuntimeError):
+        make_operator("ggn", twin, x, y, hvp_method="forward-over-reverse")
+
+
+class _NoDoubleBackwardTanh(torch.autograd.Function):
+    """tanh whose backward is not differentiable, but with a forward-mode rule."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return _Opaque.apply(g * (1 - out**2))
+
+    @staticmethod
+    def jvp(ctx, t):
+        (out,) = ctx.saved_tensors
+        return t * (1 - out**2)
+
+
+class _Opaque(torch.autograd.Function):
+    """Identity on its first input whose own backward refuses (no double backward)."""
+
+    @staticmethod
+    def forward(a):
+        return a.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("double backward is not implemented for this op")
+
+    @staticmethod
+    def jvp(ctx, ta):
+        return ta
+
+
+def test_auto_falls_back_to_forward_mode_without_double_backward():
+    model, x, y = make_case("mlp_tanh")
+    twin = make_case("mlp_tanh")[0]
+    act = type("Act", (nn.Module,), {"forward": lambda self, t: _NoDoubleBackwardTanh.apply(t)})
+    twin[2], twin[4] = act(), act()
+    op = make_operator("hessian", twin, x, y)
+    assert op.hvp_method == "forward-over-reverse"
+    assert "double-backward failed" in op.fallback_reason
+    assert_close(op.to_dense(), make_operator("hessian", model, x, y).to_dense())
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_cached_graph_is_reused_and_follows_in_place_changes(kind):
+    model, x, y = make_case("mlp_tanh")
+    op = make_operator(kind, model, x, y, hvp_method="double-backward")  # one chunk: cached
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = op.matvec(v)
+    assert len(op._graphs) == 1
+    graph = next(iter(op._graphs.values()))[1]
+    assert torch.equal(op.matvec(v), first)
+    assert next(iter(op._graphs.values()))[1] is graph  # reused, not rebuilt
+    with torch.no_grad():
+        model[1].weight.mul_(1.5)
+    fresh = make_operator(kind, model, x, y, hvp_method="forward-over-reverse", cache=False)
+    assert torch.allclose(op.matvec(v), fresh.matvec(v), rtol=1e-10, atol=1e-13)
+    op.release()
+    assert not op._graphs
+    chunked = make_operator(kind, model, x, y, hvp_method="double-backward", batch_size=5)
+    chunked.matvec(v)
+    assert not chunked._graphs  # several chunks: nothing is kept
     ref = make_operator(kind, model, x, y).to_dense()
     assert_close(op.to_dense(), ref)
     assert op.describe()["hvp_method"] == "double-backward"
@@ -317,8 +406,11 @@ def test_usage_errors():
 
 
 def test_protocol_attributes_and_auto_batch_size():
+    from flatcli.curvature.linop import LinearOperator
+
     model, x, y = make_case("cnn")
     op = make_operator("ggn", model, x, y)  # batch_size=None: chosen to fit memory
+    assert isinstance(op, LinearOperator)
     assert 1 <= op.batch_size <= 12
     assert op.dim == sum(p.numel() for p in model.parameters())
     assert op.dtype == torch.float64 and op.device.type == "cpu" and op.matvecs == 0

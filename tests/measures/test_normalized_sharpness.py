@@ -26,7 +26,9 @@ def _brute(a: np.ndarray, b: np.ndarray, seed: int = 0, starts: int = 4) -> floa
         return objective(a, b, z[:m], z[m:])
 
     return min(
-        minimize(f, rng.normal(size=m + n), method="BFGS", options={"gtol": 1e-13, "maxiter": 50_000}).fun
+        minimize(
+            f, rng.normal(size=m + n), method="BFGS", options={"gtol": 1e-13, "maxiter": 50_000}
+        ).fun
         for _ in range(starts)
     )
 
@@ -35,7 +37,10 @@ def _brute(a: np.ndarray, b: np.ndarray, seed: int = 0, starts: int = 4) -> floa
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_brute_force_on_positive_entries(shape: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    a, b = rng.random(shape) * rng.lognormal(0, 2, shape), rng.random(shape) * rng.lognormal(0, 2, shape)
+    a, b = (
+        rng.random(shape) * rng.lognormal(0, 2, shape),
+        rng.random(shape) * rng.lognormal(0, 2, shape),
+    )
     sol = solve_normalized_layer(a, b)
     best = _brute(a, b, seed)
     assert sol.converged
@@ -50,7 +55,9 @@ def test_one_by_two_against_a_fine_grid() -> None:
     # f depends on (x + y1, x + y2) only: a 2-D grid over s1 = x + y1, s2 = x + y2
     s = np.linspace(-6, 6, 4001)
     s1, s2 = s[:, None], s[None, :]
-    grid = a[0, 0] * np.exp(s1) + b[0, 0] * np.exp(-s1) + a[0, 1] * np.exp(s2) + b[0, 1] * np.exp(-s2)
+    grid = (
+        a[0, 0] * np.exp(s1) + b[0, 0] * np.exp(-s1) + a[0, 1] * np.exp(s2) + b[0, 1] * np.exp(-s2)
+    )
     sol = solve_normalized_layer(a, b)
     assert sol.value <= grid.min() + 1e-12
     assert sol.value == pytest.approx(grid.min(), rel=1e-5)
@@ -68,7 +75,7 @@ def test_closed_form_steps_never_increase_the_objective() -> None:
         values.append(objective(a, b, x, y))
         y = 0.5 * (np.log((b.T * np.exp(-x)).sum(1)) - np.log((a.T * np.exp(x)).sum(1)))
         values.append(objective(a, b, x, y))
-    assert all(v1 <= v0 * (1 + 1e-14) for v0, v1 in zip(values, values[1:]))
+    assert all(v1 <= v0 * (1 + 1e-14) for v0, v1 in zip(values, values[1:], strict=False))
     # and the solver's plain alternating path (no Newton) ends no higher than 30 sweeps
     sol = solve_normalized_layer(a, b, newton=False, max_iter=30, check_every=30)
     assert sol.value <= values[-1] * (1 + 1e-12)
@@ -81,7 +88,9 @@ def test_gap_is_a_valid_bound(seed: int) -> None:
     a, b = rng.random((8, 6)) ** 2, rng.random((8, 6)) ** 2
     exact = solve_normalized_layer(a, b, rtol=1e-13).value
     for iters in (1, 2, 5):
-        early = solve_normalized_layer(a, b, newton=False, max_iter=iters, check_every=1, rtol=1e-15)
+        early = solve_normalized_layer(
+            a, b, newton=False, max_iter=iters, check_every=1, rtol=1e-15
+        )
         assert early.value - early.gap <= exact * (1 + 1e-12)
         assert early.value >= exact * (1 - 1e-12)
 
@@ -160,7 +169,9 @@ def test_lambda_scaling_and_conv_layout() -> None:
     np.testing.assert_allclose(b, (w**2).sum(axis=(2, 3)))
     v_half = solve_normalized_layer(a, b).value
     a2, b2 = layer_terms(w, h, lam=2.0)
-    assert solve_normalized_layer(a2, b2).value == pytest.approx(v_half * math.sqrt(0.5 / 2.0), rel=1e-9)
+    assert solve_normalized_layer(a2, b2).value == pytest.approx(
+        v_half * math.sqrt(0.5 / 2.0), rel=1e-9
+    )
     # groups: block-diagonal (out, in) embedding
     wg, hg = rng.normal(size=(4, 1, 3, 3)), rng.random((4, 1, 3, 3))
     ag, bg = layer_terms(wg, hg, groups=2)
@@ -181,9 +192,16 @@ def test_nsce_is_invariant_to_scaling_and_shifting_logits() -> None:
     y = torch.randint(0, 5, (16,), generator=g)
     base = normalized_cross_entropy(z, y)
     for scale, shift in [(3.0, 0.0), (0.01, 0.0), (1.0, 7.5), (42.0, -3.0)]:
-        torch.testing.assert_close(normalized_cross_entropy(scale * z + shift, y), base, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            normalized_cross_entropy(scale * z + shift, y), base, rtol=1e-12, atol=1e-12
+        )
     # per-example scales and shifts too
-    s, t = torch.rand(16, 1, generator=g, dtype=torch.float64) + 0.1, torch.randn(16, 1, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.rand(16, 1, generator=g, dtype=torch.float64) + 0.1,
+        torch.randn(16, 1, generator=g, dtype=torch.float64),
+    )
     torch.testing.assert_close(normalized_cross_entropy(s * z + t, y), base, rtol=1e-12, atol=1e-12)
     # plain cross-entropy is not
-    assert not torch.allclose(torch.nn.functional.cross_entropy(3 * z, y), torch.nn.functional.cross_entropy(z, y))
+    assert not torch.allclose(
+        torch.nn.functional.cross_entropy(3 * z, y), torch.nn.functional.cross_entropy(z, y)
+    )

@@ -1,0 +1,112 @@
+"""``flatcli gamma`` end to end: options reach the measure, numbers match the dense Gram."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from flatcli.cli.app import app
+from tests.curvature.test_gram import dense_jacobian
+from tests.io.test_report import validate_report
+
+FACTORY = """
+from torch import nn
+def make():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+def tiny():
+    return nn.Sequential(nn.Linear(6, 1), nn.Tanh(), nn.Linear(1, 3))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gamma")
+    (tmp / "nets.py").write_text(FACTORY)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    save_file({"x": x, "y": y}, str(tmp / "data.safetensors"))
+    ns: dict = {}
+    exec(FACTORY, ns)
+    torch.manual_seed(0)
+    model = ns["make"]().double().eval()
+    torch.save(model.state_dict(), tmp / "m.pt")
+    torch.save(ns["tiny"]().double().state_dict(), tmp / "tiny.pt")
+    J = dense_jacobian(model, x, y)
+    return tmp, J @ J.T
+
+
+def _invoke(tmp, *args, ckpt="m.pt", factory="make"):
+    common = ["--model", f"{tmp}/nets.py:{factory}", "--dataset", f"tensors:{tmp}/data.safetensors"]
+    return CliRunner().invoke(app, ["gamma", str(tmp / ckpt), *common, "--dtype", "float64", *args])
+
+
+def test_gamma_of_all_examples_is_the_dense_log_determinant(setup):
+    tmp, xi = setup
+    out = tmp / "r.json"
+    res = _invoke(tmp, "--samples", "16", "--trials", "1", "--baselines", "--json", str(out), "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    validate_report(report, "gamma")
+    entry = report["results"][0]
+    m = entry["metrics"]
+    assert set(m) == {
+        "gamma_hat", "gamma_hat_std", "gamma_scaled", "fisher_trace", "spectral_radius",
+        "fisher_frobenius_sq", "robustness", "samples", "trials", "num_params",
+    }
+    assert m["gamma_hat"] == pytest.approx(torch.logdet(xi).item(), rel=1e-10)
+    assert m["fisher_trace"] == pytest.approx(xi.trace().item() / 16, rel=1e-12)
+    assert m["num_params"] == 53 and m["samples"] == 16 and m["trials"] == 1
+    assert entry["details"]["per_trial"]["rank"] == [16]
+    cfg = report["config"]
+    assert cfg["samples"] == 16 and cfg["trials"] == 1 and cfg["baselines"] is True
+    assert cfg["bn_mode"] == "eval" and cfg["method"] == "auto"
+
+
+def test_options_reach_the_measure_and_the_table(setup):
+    tmp, _ = setup
+    res = _invoke(
+        tmp, "--samples", "4", "--trials", "3", "--method", "materialize", "--logit-scale", "25",
+        "--seed", "5", "--batch-size", "3", "--json", "-",
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    entry = report["results"][0]
+    assert entry["details"]["engine"]["method"] == "materialize"
+    assert entry["details"]["logit_scale"] == 25.0
+    assert len(entry["details"]["per_trial"]["logdet"]) == 3
+    assert report["config"]["seed"] == 5 and report["config"]["batch_size"] == 3
+    assert "robustness" not in entry["metrics"]
+    table = _invoke(tmp, "--samples", "4", "--trials", "2")
+    assert table.exit_code == 0 and "γ̂" in table.output
+
+
+def test_singular_sample_is_null_with_a_reason(setup):
+    tmp, _ = setup
+    out = tmp / "singular.json"
+    res = _invoke(  # W = 13 parameters < N' = 16
+        tmp, "--samples", "16", "--trials", "1", "--json", str(out), "-q",
+        ckpt="tiny.pt", factory="tiny",
+    )
+    assert res.exit_code == 0, res.output
+    entry = json.loads(out.read_text())["results"][0]
+    assert entry["metrics"]["gamma_hat"] is None
+    assert "exceed W = 13" in entry["details"]["reason"]
+    assert entry["details"]["per_trial"]["rank"][0] <= 13
+
+
+def test_gates_and_bad_values(setup):
+    tmp, xi = setup
+    value = torch.logdet(xi).item()
+    res = _invoke(tmp, "--samples", "16", "--trials", "1", "-q", "--fail-above", f"gamma_hat={value - 1}")
+    assert res.exit_code == 3, res.output
+    res = _invoke(tmp, "--bn-mode", "batch")
+    assert res.exit_code == 2
+    res = _invoke(tmp, "--head-dtype", "float16")
+    assert res.exit_code == 2 and "head dtype" in res.output
+    res = _invoke(tmp, "--samples", "17", "--trials", "1", "-q")
+    assert res.exit_code == 1 and "exceeds the 16 examples" in res.output

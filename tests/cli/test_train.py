@@ -1,0 +1,70 @@
+"""``flatcli train`` end to end: the checkpoint records everything an analysis needs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from flatcli.cli.app import app
+from flatcli.io.checkpoint import load_checkpoint
+from flatcli.io.spec import build_model, fill_data_kwargs, parse_model_option, spec_from_dict
+from tests.io.test_report import validate_report
+
+
+def _blobs(path, n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    centres = torch.randn(3, 8, generator=g) * 3
+    x = centres[y] + 0.3 * torch.randn(n, 8, generator=g)
+    save_file({"x_train": x, "y_train": y, "x_test": x[:12].clone(), "y_test": y[:12].clone()}, str(path))
+
+
+def test_train_writes_self_describing_checkpoint(tmp_path):
+    data = tmp_path / "blobs.safetensors"
+    _blobs(data)
+    out = tmp_path / "m.safetensors"
+    report = tmp_path / "r.json"
+    args = ["train", "--model", "mlp", "--dataset", f"tensors:{data}", "-o", str(out), "--epochs", "5",
+            "--batch-size", "16", "--seed", "3", "--random-labels", "0.1", "--json", str(report), "--quiet"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(out)
+    assert ck.spec["arch"] == "mlp" and ck.spec["kwargs"]["num_classes"] == 3
+    assert ck.meta["dataset"] == f"tensors:{data}"
+    assert ck.meta["train"]["random_labels"] == 0.1 and ck.meta["train"]["seed"] == 3
+    assert set(ck.meta["results"]) >= {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc"}
+    assert set(ck.init_state_dict) == set(ck.state_dict)
+    assert any(not torch.equal(ck.init_state_dict[k], v) for k, v in ck.state_dict.items())
+    model = build_model(spec_from_dict(ck.spec, source="t", base_dir=None, trusted=False))
+    model.load_state_dict(ck.state_dict)
+    validate_report(json.loads(report.read_text()), "train")
+    # same seed -> same weights
+    out2 = tmp_path / "m2.safetensors"
+    args[args.index(str(out))] = str(out2)
+    assert CliRunner().invoke(app, args).exit_code == 0
+    ck2 = load_checkpoint(out2)
+    assert all(torch.equal(ck2.state_dict[k], v) for k, v in ck.state_dict.items())
+
+
+def test_train_usage_errors(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "nope", "-o", str(tmp_path / "a.safetensors")])
+    assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist5k", "-o", str(tmp_path / "a.pt")])
+    assert res.exit_code == 2 and ".safetensors" in res.output
+    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist5k", "--optimizer", "lbfgs",
+                                   "-o", str(tmp_path / "a.safetensors")])
+    assert res.exit_code == 2 and "lbfgs" in res.output
+
+
+def test_fill_data_kwargs_only_fills_what_is_unset():
+    spec = fill_data_kwargs(parse_model_option("cnn6"), 2, (1, 28, 28))
+    assert spec.kwargs == {"num_classes": 2, "in_channels": 1}
+    spec = fill_data_kwargs(parse_model_option("lenet5"), 10, (3, 32, 32))
+    assert spec.kwargs == {"num_classes": 10, "in_channels": 3, "input_size": 32}
+    user = parse_model_option("mlp")
+    user.kwargs = {"num_classes": 4}
+    assert fill_data_kwargs(user, 10, (8,)).kwargs == {"num_classes": 4, "input_shape": [8]}
+    assert build_model(fill_data_kwargs(parse_model_option("cnn6"), 2, (1, 28, 28)))(torch.zeros(1, 1, 28, 28)).shape == (1, 2)
