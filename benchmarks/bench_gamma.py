@@ -141,24 +141,38 @@ def memory_child(method: str, n: int) -> None:
     t0 = time.process_time()
     xi = engine.grams(x, y)
     seconds = time.process_time() - t0
-    print(json.dumps({
-        "method": engine.method.value,
-        "baseline_mib": round(base, 1),
-        "peak_mib": round(_peak_mib(), 1),
-        "peak_over_baseline_mib": round(_peak_mib() - base, 1),
-        "seconds": round(seconds, 2),
-        "trace": float(xi[0].trace()),
-        "num_params": engine.num_params,
-    }))
+    print(
+        json.dumps(
+            {
+                "method": engine.method.value,
+                "baseline_mib": round(base, 1),
+                "peak_mib": round(_peak_mib(), 1),
+                "peak_over_baseline_mib": round(_peak_mib() - base, 1),
+                "seconds": round(seconds, 2),
+                "trace": float(xi[0].trace()),
+                "num_params": engine.num_params,
+            }
+        )
+    )
 
 
 def bench_memory(n: int) -> dict:
     out = {}
     for method in ("ghost", "materialize"):
         proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", method, "--memory-samples", str(n),
-             "--threads", str(torch.get_num_threads())],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                method,
+                "--memory-samples",
+                str(n),
+                "--threads",
+                str(torch.get_num_threads()),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     W = out["ghost"]["num_params"]

@@ -40,10 +40,33 @@ def train(out: Path, confusion: int, seed: int, args: argparse.Namespace) -> Pat
     if ckpt.exists():
         return ckpt
     cmd = [
-        sys.executable, "-m", "flatcli", "train", "--model", "lenet5", "--dataset", "mnist5k",
-        "-o", str(ckpt), "--train-subset", str(args.subset), "--confusion-size", str(confusion),
-        "--optimizer", args.optimizer, "--lr", str(args.lr), "--batch-size", "128",
-        "--epochs", str(args.epochs), "--target-train-acc", "1.0", "--seed", str(seed), "-q",
+        sys.executable,
+        "-m",
+        "flatcli",
+        "train",
+        "--model",
+        "lenet5",
+        "--dataset",
+        "mnist5k",
+        "-o",
+        str(ckpt),
+        "--train-subset",
+        str(args.subset),
+        "--confusion-size",
+        str(confusion),
+        "--optimizer",
+        args.optimizer,
+        "--lr",
+        str(args.lr),
+        "--batch-size",
+        "128",
+        "--epochs",
+        str(args.epochs),
+        "--target-train-acc",
+        "1.0",
+        "--seed",
+        str(seed),
+        "-q",
     ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return ckpt
@@ -100,13 +123,22 @@ def main() -> None:
     for confusion in args.sizes:
         for seed in args.seeds:
             ckpt = train(args.out, confusion, seed, args)
-            row = {"confusion": confusion, "seed": seed,
-                   **measure(ckpt, args.subset, seed, args.samples, args.trials)}
+            row = {
+                "confusion": confusion,
+                "seed": seed,
+                **measure(ckpt, args.subset, seed, args.samples, args.trials),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    keys = ["test_error", "gamma_hat", "fisher_frobenius_sq", "spectral_radius", "fisher_trace",
-            "robustness"]
+    keys = [
+        "test_error",
+        "gamma_hat",
+        "fisher_frobenius_sq",
+        "spectral_radius",
+        "fisher_trace",
+        "robustness",
+    ]
     print("| confusion | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for confusion in args.sizes:

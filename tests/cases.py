@@ -13,7 +13,9 @@ CASE_NAMES = ("mlp_tanh", "mlp_relu", "cnn", "cnn_bn")
 
 
 def _mlp(act: type[nn.Module]) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), act(), nn.Linear(5, 4), act(), nn.Linear(4, 3)
+    )
 
 
 def _cnn(bn: bool) -> nn.Module:
@@ -24,7 +26,9 @@ def _cnn(bn: bool) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_case(name: str, n: int = 12, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def make_case(
+    name: str, n: int = 12, seed: int = 0
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A float64 model in eval mode, inputs (n, ...) and int64 labels (n,) for ``name``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

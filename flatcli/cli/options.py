@@ -10,7 +10,7 @@ import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,47 +18,84 @@ from flatcli.errors import UsageError
 
 Checkpoints = Annotated[
     list[Path],
-    typer.Argument(help="Checkpoint files or directories (a directory stands for its checkpoints).", show_default=False, metavar="CHECKPOINT..."),
+    typer.Argument(
+        help="Checkpoint files or directories (a directory stands for its checkpoints).",
+        show_default=False,
+        metavar="CHECKPOINT...",
+    ),
 ]
 Model = Annotated[
-    Optional[str],
-    typer.Option("--model", help="Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME. Default: the spec in the checkpoint, else <stem>.yaml / model.yaml beside it."),
+    str | None,
+    typer.Option(
+        "--model",
+        help="Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME. Default: the spec in the checkpoint, else <stem>.yaml / model.yaml beside it.",
+    ),
 ]
 Dataset = Annotated[
-    Optional[str],
-    typer.Option("--dataset", help="mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, imagefolder:PATH, tensors:PATH. Default: the checkpoint's."),
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
+    ),
 ]
 DataDir = Annotated[
-    Optional[Path],
-    typer.Option("--data-dir", help="Where dataset files live. Default: $FLATCLI_DATA, else ~/.cache/flatcli/data."),
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where dataset files live. Default: $FLATCLI_DATA, else ~/.cache/flatcli/data.",
+    ),
 ]
-Download = Annotated[bool, typer.Option("--download", help="Let torchvision download a missing dataset.")]
-Split = Annotated[str, typer.Option("--split", help="Split the measure is computed on: train or test.")]
+Download = Annotated[
+    bool, typer.Option("--download", help="Let torchvision download a missing dataset.")
+]
+Split = Annotated[
+    str, typer.Option("--split", help="Split the measure is computed on: train or test.")
+]
 MaxExamples = Annotated[
-    Optional[int],
-    typer.Option("--max-examples", min=1, help="Use only the first N examples of the split, after a seeded shuffle."),
+    int | None,
+    typer.Option(
+        "--max-examples",
+        min=1,
+        help="Use only the first N examples of the split, after a seeded shuffle.",
+    ),
 ]
 BatchSize = Annotated[
-    Optional[int], typer.Option("--batch-size", min=1, help="Examples per forward/backward. Default: chosen to fit memory.")
+    int | None,
+    typer.Option(
+        "--batch-size", min=1, help="Examples per forward/backward. Default: chosen to fit memory."
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
 Seed = Annotated[int, typer.Option("--seed", help="Every random draw derives from it.")]
 JsonOut = Annotated[
-    Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout; the table then goes to stderr).")
+    str | None,
+    typer.Option(
+        "--json",
+        help="Write the JSON report to PATH ('-' for stdout; the table then goes to stderr).",
+    ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bar.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 UnsafeLoad = Annotated[
-    bool, typer.Option("--unsafe-load", help="Unpickle arbitrary objects from .pt files (runs code from the file).")
+    bool,
+    typer.Option(
+        "--unsafe-load", help="Unpickle arbitrary objects from .pt files (runs code from the file)."
+    ),
 ]
 FailAbove = Annotated[
-    Optional[list[str]],
-    typer.Option("--fail-above", help="Gate METRIC=VALUE: exit 3 if METRIC > VALUE for any checkpoint. Repeatable."),
+    list[str] | None,
+    typer.Option(
+        "--fail-above",
+        help="Gate METRIC=VALUE: exit 3 if METRIC > VALUE for any checkpoint. Repeatable.",
+    ),
 ]
 FailBelow = Annotated[
-    Optional[list[str]],
-    typer.Option("--fail-below", help="Gate METRIC=VALUE: exit 3 if METRIC < VALUE for any checkpoint. Repeatable."),
+    list[str] | None,
+    typer.Option(
+        "--fail-below",
+        help="Gate METRIC=VALUE: exit 3 if METRIC < VALUE for any checkpoint. Repeatable.",
+    ),
 ]
 
 _COMMON = {

@@ -15,10 +15,16 @@ from rich.table import Table
 
 
 def console(stderr: bool = False) -> Console:
-    """A console on stdout or stderr; colour off when the stream is not a terminal or NO_COLOR is set."""
+    """A console on stdout or stderr; no colour off a terminal or with NO_COLOR set."""
     stream = sys.stderr if stderr else sys.stdout
     no_color = bool(os.environ.get("NO_COLOR")) or not stream.isatty()
-    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=False, width=None if stream.isatty() else 160)
+    return Console(
+        file=stream,
+        no_color=no_color,
+        highlight=False,
+        soft_wrap=False,
+        width=None if stream.isatty() else 160,
+    )
 
 
 def fmt(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""The loop every analysis command shares: checkpoints in, one measured row each, table + report out.
+"""The loop every analysis command shares: checkpoints in, a row each, table and report out.
 
 A command module parses its own options into a config, then calls :func:`run_analysis` with a
 ``measure(ctx) -> result`` function (``result.metrics()``, ``result.details()``). Loading, data,
@@ -22,9 +22,21 @@ from flatcli.cli.errors import describe, handle_errors, print_error
 from flatcli.cli.options import CommonOptions
 from flatcli.cli.output import progress_bar, render_table
 from flatcli.errors import CheckpointError, UsageError
-from flatcli.io.checkpoint import Checkpoint, check_finite, expand_checkpoints, load_checkpoint, match_state_dict
+from flatcli.io.checkpoint import (
+    Checkpoint,
+    check_finite,
+    expand_checkpoints,
+    load_checkpoint,
+    match_state_dict,
+)
 from flatcli.io.report import build_report, environment_info, result_entry, write_report
-from flatcli.io.spec import ModelSpec, build_model, fill_data_kwargs, parse_model_option, resolve_spec
+from flatcli.io.spec import (
+    ModelSpec,
+    build_model,
+    fill_data_kwargs,
+    parse_model_option,
+    resolve_spec,
+)
 from flatcli.progress import ProgressFn
 
 
@@ -59,7 +71,7 @@ Measure = Callable[[AnalysisContext], MeasureResult]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when available, else MPS, else CPU; an unavailable explicit device is an error."""
+    """``auto``: CUDA when available, else MPS, else CPU; an unavailable explicit device is an error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -71,11 +83,21 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got '{name}'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise UsageError(
+            f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps asked for Apple MPS, which is not available here; use --device cpu")
+        raise UsageError(
+            "--device mps asked for Apple MPS, which is not available here; use --device cpu"
+        )
     return device
 
 
@@ -89,7 +111,9 @@ def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise UsageError(f"{flag} takes METRIC=VALUE (e.g. {flag} top_eigenvalue=50); got '{s}'")
+            raise UsageError(
+                f"{flag} takes METRIC=VALUE (e.g. {flag} top_eigenvalue=50); got '{s}'"
+            )
     return gates
 
 
@@ -132,7 +156,9 @@ def prepare_context(
     name = common.dataset or meta.get("dataset") or spec.dataset
     if name is None:
         raise CheckpointError(f"no dataset recorded for {path}: pass --dataset")
-    normalization = meta.get("normalization", "default") if name == meta.get("dataset") else "default"
+    normalization = (
+        meta.get("normalization", "default") if name == meta.get("dataset") else "default"
+    )
     dataset = data.get(name, normalization)
     spec = fill_data_kwargs(spec, dataset.num_classes, tuple(dataset.input_shape))
     model = build_model(spec)
@@ -161,7 +187,9 @@ def prepare_context(
     )
 
 
-def _check_fits(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: ModelSpec, name: str, path: Path) -> None:
+def _check_fits(
+    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: ModelSpec, name: str, path: Path
+) -> None:
     shape = tuple(x.shape[1:])
     if spec.input_shape is not None and tuple(spec.input_shape) != shape:
         raise CheckpointError(
@@ -174,7 +202,8 @@ def _check_fits(model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: 
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
-            f"inputs of shape {list(shape)} from dataset {name} do not fit the model of {path.name} "
+            f"inputs of shape {list(shape)} from dataset {name} do not fit the model of "
+            f"{path.name} "
             f"({first}); pick the matching --dataset or --model"
         ) from e
     if out.ndim != 2:
@@ -218,14 +247,19 @@ def run_analysis(
     """
     with handle_errors(common.debug):
         common.validate()
-        gates = parse_gates(common.fail_above, "--fail-above"), parse_gates(common.fail_below, "--fail-below")
+        gates = (
+            parse_gates(common.fail_above, "--fail-above"),
+            parse_gates(common.fail_below, "--fail-below"),
+        )
         model_option = parse_model_option(common.model) if common.model else None
         device = resolve_device(common.device)
         dtype = {"float32": torch.float32, "float64": torch.float64}[common.dtype]
         paths = expand_checkpoints(common.checkpoints)
         data = _DataCache(common)
         if common.dataset is not None:
-            data.get(common.dataset)  # an unknown or missing dataset is a usage error for the whole run
+            data.get(
+                common.dataset
+            )  # an unknown or missing dataset is a usage error for the whole run
 
     results: list[dict[str, Any]] = []
     failures = 0
@@ -235,9 +269,14 @@ def run_analysis(
             label = str(path)
             inner = bar.add_task(f"  {path.name}", total=None) if bar else None
 
-            def progress(description: str, completed: int, total: int, _task=inner) -> None:
+            def progress(description: str, completed: int, total: int, _task=inner, _name=path.name) -> None:
                 if bar is not None:
-                    bar.update(_task, description=f"  {path.name}: {description}", completed=completed, total=total)
+                    bar.update(
+                        _task,
+                        description=f"  {_name}: {description}",
+                        completed=completed,
+                        total=total,
+                    )
 
             start = time.perf_counter()
             sha, num_params = None, None
@@ -260,7 +299,11 @@ def run_analysis(
                 failures += 1
                 print_error(f"{path}: {describe(e)}", e, common.debug)
                 entry = result_entry(
-                    label, sha256=sha, num_params=num_params, seconds=time.perf_counter() - start, error=e
+                    label,
+                    sha256=sha,
+                    num_params=num_params,
+                    seconds=time.perf_counter() - start,
+                    error=e,
                 )
             results.append(entry)
             if bar is not None:
@@ -275,12 +318,21 @@ def run_analysis(
         for entry in results:
             name = Path(entry["checkpoint"]).name
             if entry["error"] is not None:
-                table_rows.append({"checkpoint": name, columns[0][0]: "error"} if columns else {"checkpoint": name})
+                table_rows.append(
+                    {"checkpoint": name, columns[0][0]: "error"}
+                    if columns
+                    else {"checkpoint": name}
+                )
             elif rows is not None:
                 table_rows.extend(rows(name, entry))
             else:
                 table_rows.append({"checkpoint": name, **entry["metrics"]})
-        render_table(f"flatcli {command}", [("checkpoint", "checkpoint"), *columns], table_rows, stderr=common.json == "-")
+        render_table(
+            f"flatcli {command}",
+            [("checkpoint", "checkpoint"), *columns],
+            table_rows,
+            stderr=common.json == "-",
+        )
     if common.json:
         write_report(report, common.json)
     if after is not None:
@@ -296,7 +348,9 @@ def run_analysis(
     raise typer.Exit(code)
 
 
-def _apply_gates(results: list[dict[str, Any]], above: list[tuple[str, float]], below: list[tuple[str, float]]) -> int:
+def _apply_gates(
+    results: list[dict[str, Any]], above: list[tuple[str, float]], below: list[tuple[str, float]]
+) -> int:
     failed = False
     for name, limit, sign in [(n, v, ">") for n, v in above] + [(n, v, "<") for n, v in below]:
         if results and all(name not in r["metrics"] for r in results):
@@ -306,9 +360,14 @@ def _apply_gates(results: list[dict[str, Any]], above: list[tuple[str, float]], 
         for r in results:
             value = r["metrics"].get(name)
             if value is None:
-                print_error(f"gate {name}{sign}{limit:g} cannot be checked for {r['checkpoint']}: value is null")
+                print_error(
+                    f"gate {name}{sign}{limit:g} cannot be checked for {r['checkpoint']}: "
+                    "value is null"
+                )
                 failed = True
             elif (sign == ">" and value > limit) or (sign == "<" and value < limit):
-                print_error(f"gate failed: {r['checkpoint']}: {name} = {value:.6g} {sign} {limit:g}")
+                print_error(
+                    f"gate failed: {r['checkpoint']}: {name} = {value:.6g} {sign} {limit:g}"
+                )
                 failed = True
     return 3 if failed else 0

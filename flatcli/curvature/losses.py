@@ -25,7 +25,9 @@ class LossName(str, Enum):
     NSCE = "nsce"
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, *, head_dtype: torch.dtype | None = None) -> Tensor:
+def cross_entropy(
+    logits: Tensor, labels: Tensor, *, head_dtype: torch.dtype | None = None
+) -> Tensor:
     """Per-example softmax cross-entropy ``-ln softmax(logits)[y]``, shape (N,).
 
     Args:

@@ -8,9 +8,9 @@ over the flat concatenation of the selected parameters (model order). Products a
 chunk by chunk (``batch_size`` examples at a time) and summed with weight n_b/N, so the chunking
 changes nothing but rounding. With z_n = f(x_n; theta) the logits and J_n = dz_n/dtheta:
 
-- ``"hessian"``: H = d^2 L / dtheta^2. Forward-over-reverse (``torch.func.jvp`` of
-  ``torch.func.grad``) or, for modules without forward-mode AD, double backward
-  (``torch.autograd.grad`` with ``create_graph=True``).
+- ``"hessian"``: H = d^2 L / dtheta^2, by double backward (``torch.autograd.grad`` with
+  ``create_graph=True``) or forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``);
+  see ``hvp_method`` below.
 - ``"ggn"``: G = 1/N sum_n J_n^T H_n J_n, with H_n = d^2 loss / dz^2 at z_n, the Hessian of the loss
   head with respect to the logits (for softmax cross-entropy diag(p) - p p^T; for the NSCE head
   of normalized-flat-minima.md Eq. 20 something else). Computed as J^T (H_n (J v)): J v by a

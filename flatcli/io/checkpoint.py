@@ -1,4 +1,4 @@
-"""Reading and writing checkpoints: safetensors with flatcli metadata, and PyTorch pickles loaded safely.
+"""Reading and writing checkpoints: safetensors with flatcli metadata, PyTorch pickles read safely.
 
 CONTRACTS.md "Checkpoint files": ``.safetensors`` (spec under ``flatcli.spec``, record under
 ``flatcli.meta``), ``.pt/.pth/.bin/.ckpt`` through ``torch.load(weights_only=True)``, state dicts
@@ -53,7 +53,7 @@ def file_sha256(path: Path) -> str:
 
 
 def expand_checkpoints(paths: list[Path]) -> list[Path]:
-    """Expand each argument: a file stays, a directory stands for its checkpoint files sorted by name.
+    """Expand arguments: a file stays, a directory stands for its checkpoint files sorted by name.
 
     Raises:
         UsageError: a directory holds no checkpoint file.
@@ -177,7 +177,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def match_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+def match_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint"
+) -> dict[str, Tensor]:
     """Return ``state_dict`` with wrapper prefixes stripped so its keys match ``model``'s.
 
     Prefixes ``module.`` (DDP), ``model.`` (Lightning) and ``_orig_mod.`` (torch.compile) are

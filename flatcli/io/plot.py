@@ -206,11 +206,24 @@ def _per_layer(details: list[dict], labels: list[str], matrix: str, which: str):
             xs = [j - 0.4 + width * (i + 0.5) for j in range(n)]
             ax.bar(xs, row, width=width, label=label, color=color)
         else:
-            ax.plot(range(n), row, marker="o", markersize=4, linewidth=0.8, alpha=0.9,
-                    label=label, color=color)
+            ax.plot(
+                range(n),
+                row,
+                marker="o",
+                markersize=4,
+                linewidth=0.8,
+                alpha=0.9,
+                label=label,
+                color=color,
+            )
     ax.set_xticks(range(n))
-    ax.set_xticklabels(layers, rotation=0 if n <= 6 else 60, ha="center" if n <= 6 else "right",
-                       rotation_mode="anchor", fontsize="small" if n > 12 else None)
+    ax.set_xticklabels(
+        layers,
+        rotation=0 if n <= 6 else 60,
+        ha="center" if n <= 6 else "right",
+        rotation_mode="anchor",
+        fontsize="small" if n > 12 else None,
+    )
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_xlabel("layer (its diagonal block of the matrix)")
     flat = [v for row in values for v in row]
@@ -240,8 +253,15 @@ def _eigenvalues(details: list[dict], labels: list[str], matrix: str, which: str
     markers = "osD^vP*X"
     colors = _colors(len(series))
     for i, (vals, label, color) in enumerate(zip(series, labels, colors, strict=True)):
-        ax.plot(range(1, len(vals) + 1), vals, marker=markers[i % len(markers)], markersize=5,
-                linewidth=1.0, label=label, color=color)
+        ax.plot(
+            range(1, len(vals) + 1),
+            vals,
+            marker=markers[i % len(markers)],
+            markersize=5,
+            linewidth=1.0,
+            label=label,
+            color=color,
+        )
     k = max(len(s) for s in series)
     flat = [v for s in series for v in s]
     if _log_scale_fits(flat, 50):

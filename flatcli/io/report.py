@@ -14,12 +14,20 @@ import torch
 import flatcli
 
 SCHEMA = "flatcli/report-v1"
-REPORT_KEYS = ("schema", "command", "flatcli_version", "created", "config", "environment", "results")
+REPORT_KEYS = (
+    "schema",
+    "command",
+    "flatcli_version",
+    "created",
+    "config",
+    "environment",
+    "results",
+)
 RESULT_KEYS = ("checkpoint", "sha256", "num_params", "metrics", "details", "seconds", "error")
 
 
 def finite_metrics(metrics: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
-    """Metrics with non-finite numbers replaced by ``None``; the reason goes to ``details['non_finite']``.
+    """Metrics with non-finite numbers set to ``None``, the reason in ``details['non_finite']``.
 
     A measure that already set a metric to ``None`` is expected to have put its reason in details.
     """
@@ -108,7 +116,7 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # str Enums
+    if hasattr(obj, "value") and isinstance(obj.value, str):  # str Enums
         return obj.value
     if isinstance(obj, torch.dtype | torch.device):
         return str(obj).replace("torch.", "")

@@ -1,4 +1,6 @@
-"""Model specs: how to build the ``nn.Module`` whose weights a checkpoint holds (CONTRACTS.md "Model specs").
+"""Model specs: how to build the ``nn.Module`` whose weights a checkpoint holds.
+
+CONTRACTS.md "Model specs".
 
 A spec is a zoo name, a YAML file, ``package.module:callable``, ``path/to/file.py:callable`` or
 ``torchvision:NAME``. Importing a factory runs user code, so :func:`build_model` imports one only
@@ -24,7 +26,7 @@ _SPEC_KEYS = {"arch", "factory", "kwargs", "input_shape", "dataset"}
 
 @dataclass
 class ModelSpec:
-    """How to build a model: exactly one of ``arch`` (zoo or ``torchvision:NAME``) or ``factory``."""
+    """How to build a model: one of ``arch`` (zoo or ``torchvision:NAME``) or ``factory``."""
 
     arch: str | None = None
     factory: str | None = None
@@ -93,7 +95,7 @@ def spec_from_dict(data: dict, *, source: str, base_dir: Path | None, trusted: b
 
 
 def parse_model_option(value: str) -> ModelSpec:
-    """Interpret a ``--model`` value: YAML file, ``torchvision:NAME``, ``file.py:fn``, ``pkg.mod:fn`` or zoo name.
+    """Interpret ``--model``: YAML, ``torchvision:NAME``, ``file.py:fn``, ``pkg.mod:fn``, zoo name.
 
     Raises:
         SpecError: an unreadable or invalid YAML spec (exit 2).
@@ -125,7 +127,7 @@ def read_spec_file(path: Path, *, source: str | None = None) -> ModelSpec:
 
 
 def check_zoo_name(name: str) -> None:
-    """Raise :class:`UsageError` (exit 2) listing the zoo's names when ``name`` is not one of them."""
+    """Raise :class:`UsageError` (exit 2), listing the zoo's names, for a name not among them."""
     import model_zoo
     from model_zoo.registry import normalise_name
 
@@ -136,7 +138,9 @@ def check_zoo_name(name: str) -> None:
         )
 
 
-def resolve_spec(checkpoint_path: Path, model_option: ModelSpec | None, stored: dict | None) -> ModelSpec:
+def resolve_spec(
+    checkpoint_path: Path, model_option: ModelSpec | None, stored: dict | None
+) -> ModelSpec:
     """The spec for one checkpoint, in CONTRACTS.md order.
 
     ``--model`` if given, else the spec stored in the checkpoint, else ``<stem>.yaml`` or
@@ -162,7 +166,7 @@ def resolve_spec(checkpoint_path: Path, model_option: ModelSpec | None, stored: 
 
 
 def fill_data_kwargs(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
-    """A copy of ``spec`` whose zoo or torchvision model gets its data-shaped kwargs from the dataset.
+    """A copy of ``spec`` whose zoo or torchvision model takes its data-shaped kwargs from the data.
 
     Only kwargs the spec leaves unset and the builder accepts are filled: ``num_classes``,
     ``in_channels`` (channels of image inputs), and, for builders that take them, ``input_size``
@@ -219,7 +223,9 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
 
     name = spec.arch.split(":", 1)[1]
     if name not in torchvision.models.list_models():
-        raise UsageError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()")
+        raise UsageError(
+            f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
+        )
     kwargs = dict(spec.kwargs)
     kwargs.pop("weights", None)  # no downloads: weights always come from the checkpoint
     try:
@@ -231,7 +237,9 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
 def _import_factory(factory: str, base_dir: Path | None):
     target, sep, attr = factory.rpartition(":")
     if not sep or not target or not attr:
-        raise SpecError(f"factory '{factory}' must look like pkg.module:callable or file.py:callable")
+        raise SpecError(
+            f"factory '{factory}' must look like pkg.module:callable or file.py:callable"
+        )
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_absolute():

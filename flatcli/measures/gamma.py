@@ -102,7 +102,8 @@ class GammaConfig:
         method: Gram engine, ``"auto"``, ``"ghost"`` or ``"materialize"``.
         head_dtype: dtype of the loss head, ``"float64"`` (default) or ``"float32"``.
         robustness_tol: power iteration stops for an example when the residual
-            ‖JJᵀu − θu‖ ≤ tol·θ (then θ is within tol·θ of an eigenvalue of JJᵀ).
+            ‖JJᵀu − θu‖ ≤ tol·θ: then θ is within tol·θ of an eigenvalue of JJᵀ, and (a
+            Rayleigh quotient) within about tol²·θ²/gap of it.
         robustness_max_iter: power iterations at most.
     """
 
@@ -115,7 +116,7 @@ class GammaConfig:
     batch_size: int | None = None
     method: str = "auto"
     head_dtype: str = "float64"
-    robustness_tol: float = 1e-6
+    robustness_tol: float = 1e-4
     robustness_max_iter: int = 200
 
     def __post_init__(self) -> None:
@@ -391,7 +392,7 @@ def input_jacobian_sq_norms(
     x: Tensor,
     *,
     logit_scale: float | None = None,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_iter: int = 200,
     batch_size: int | None = None,
     seed: int = 0,

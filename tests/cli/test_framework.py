@@ -14,7 +14,6 @@ import pytest
 import torch
 import typer
 from safetensors.torch import save_file
-from torch import nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
@@ -54,7 +53,9 @@ def _app() -> typer.Typer:
         def measure(ctx: AnalysisContext):
             with torch.no_grad():
                 out = ctx.model(ctx.x)
-            return _Loss(F.cross_entropy(out, ctx.y).item(), (out.argmax(1) == ctx.y).float().mean().item())
+            return _Loss(
+                F.cross_entropy(out, ctx.y).item(), (out.argmax(1) == ctx.y).float().mean().item()
+            )
 
         run_analysis("loss", common, {}, measure, columns=[("loss", "loss"), ("accuracy", "acc")])
 
@@ -96,7 +97,9 @@ def test_measures_and_reports(setup):
 
 def test_json_to_stdout_is_pure_json(setup):
     tmp, data, _, good = setup
-    res = CliRunner().invoke(_app(), ["loss", str(good), *_common(tmp, data), "--json", "-", "--quiet"])
+    res = CliRunner().invoke(
+        _app(), ["loss", str(good), *_common(tmp, data), "--json", "-", "--quiet"]
+    )
     assert res.exit_code == 0
     validate_report(json.loads(res.stdout), "loss")
 
@@ -113,7 +116,11 @@ def test_corrupt_file(setup):
     bad = tmp / "bad.pt"
     bad.write_bytes(good.read_bytes()[:100])
     res = _run(_app(), ["loss", str(bad), *_common(tmp, data)])
-    assert res.exit_code == 1 and "truncated or corrupt" in res.output and "Traceback" not in res.output
+    assert (
+        res.exit_code == 1
+        and "truncated or corrupt" in res.output
+        and "Traceback" not in res.output
+    )
 
 
 class _Evil:
@@ -134,10 +141,16 @@ def test_code_running_pickle_not_run(setup, monkeypatch):
 
 def test_spec_mismatch_names_keys(setup):
     tmp, data, _, good = setup
-    res = _run(_app(), ["loss", str(good), "--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{data}"])
+    res = _run(
+        _app(),
+        ["loss", str(good), "--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{data}"],
+    )
     assert res.exit_code == 0
     (tmp / "wide.yaml").write_text("factory: ./nets.py:make\nkwargs: {hidden: 7}\n")
-    res = _run(_app(), ["loss", str(good), "--model", str(tmp / "wide.yaml"), "--dataset", f"tensors:{data}"])
+    res = _run(
+        _app(),
+        ["loss", str(good), "--model", str(tmp / "wide.yaml"), "--dataset", f"tensors:{data}"],
+    )
     assert res.exit_code == 1 and "1.weight (5, 6) vs model (7, 6)" in res.output
 
 
@@ -168,8 +181,13 @@ def test_input_shape_mismatch(setup):
     tmp, _, model, good = setup
     data = tmp / "wrong.safetensors"
     save_file({"x": torch.randn(4, 9), "y": torch.zeros(4, dtype=torch.int64)}, str(data))
-    res = _run(_app(), ["loss", str(good), "--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{data}"])
-    assert res.exit_code == 1 and "inputs of shape [9]" in res.output and "Traceback" not in res.output
+    res = _run(
+        _app(),
+        ["loss", str(good), "--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{data}"],
+    )
+    assert (
+        res.exit_code == 1 and "inputs of shape [9]" in res.output and "Traceback" not in res.output
+    )
 
 
 def test_nan_weights(setup):
@@ -215,7 +233,18 @@ def test_gates(setup):
     tmp, data, _, good = setup
     res = _run(_app(), ["loss", str(good), *_common(tmp, data), "--fail-above", "loss=0.0001"])
     assert res.exit_code == 3 and "gate failed" in res.output
-    res = _run(_app(), ["loss", str(good), *_common(tmp, data), "--fail-above", "loss=1e9", "--fail-below", "accuracy=-1"])
+    res = _run(
+        _app(),
+        [
+            "loss",
+            str(good),
+            *_common(tmp, data),
+            "--fail-above",
+            "loss=1e9",
+            "--fail-below",
+            "accuracy=-1",
+        ],
+    )
     assert res.exit_code == 0
     res = _run(_app(), ["loss", str(good), *_common(tmp, data), "--fail-above", "nosuch=1"])
     assert res.exit_code == 2 and "not in this report" in res.output
@@ -226,6 +255,19 @@ def test_deterministic(setup):
     outs = []
     for i in range(2):
         out = tmp / f"r{i}.json"
-        _run(_app(), ["loss", str(good), *_common(tmp, data), "--max-examples", "7", "--seed", "3", "--json", str(out)])
+        _run(
+            _app(),
+            [
+                "loss",
+                str(good),
+                *_common(tmp, data),
+                "--max-examples",
+                "7",
+                "--seed",
+                "3",
+                "--json",
+                str(out),
+            ],
+        )
         outs.append(json.loads(out.read_text())["results"][0]["metrics"])
     assert outs[0] == outs[1]

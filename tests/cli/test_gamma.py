@@ -55,8 +55,16 @@ def test_gamma_of_all_examples_is_the_dense_log_determinant(setup):
     entry = report["results"][0]
     m = entry["metrics"]
     assert set(m) == {
-        "gamma_hat", "gamma_hat_std", "gamma_scaled", "fisher_trace", "spectral_radius",
-        "fisher_frobenius_sq", "robustness", "samples", "trials", "num_params",
+        "gamma_hat",
+        "gamma_hat_std",
+        "gamma_scaled",
+        "fisher_trace",
+        "spectral_radius",
+        "fisher_frobenius_sq",
+        "robustness",
+        "samples",
+        "trials",
+        "num_params",
     }
     assert m["gamma_hat"] == pytest.approx(torch.logdet(xi).item(), rel=1e-10)
     assert m["fisher_trace"] == pytest.approx(xi.trace().item() / 16, rel=1e-12)
@@ -70,8 +78,21 @@ def test_gamma_of_all_examples_is_the_dense_log_determinant(setup):
 def test_options_reach_the_measure_and_the_table(setup):
     tmp, _ = setup
     res = _invoke(
-        tmp, "--samples", "4", "--trials", "3", "--method", "materialize", "--logit-scale", "25",
-        "--seed", "5", "--batch-size", "3", "--json", "-",
+        tmp,
+        "--samples",
+        "4",
+        "--trials",
+        "3",
+        "--method",
+        "materialize",
+        "--logit-scale",
+        "25",
+        "--seed",
+        "5",
+        "--batch-size",
+        "3",
+        "--json",
+        "-",
     )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
@@ -89,8 +110,16 @@ def test_singular_sample_is_null_with_a_reason(setup):
     tmp, _ = setup
     out = tmp / "singular.json"
     res = _invoke(  # W = 13 parameters < N' = 16
-        tmp, "--samples", "16", "--trials", "1", "--json", str(out), "-q",
-        ckpt="tiny.pt", factory="tiny",
+        tmp,
+        "--samples",
+        "16",
+        "--trials",
+        "1",
+        "--json",
+        str(out),
+        "-q",
+        ckpt="tiny.pt",
+        factory="tiny",
     )
     assert res.exit_code == 0, res.output
     entry = json.loads(out.read_text())["results"][0]
@@ -102,7 +131,9 @@ def test_singular_sample_is_null_with_a_reason(setup):
 def test_gates_and_bad_values(setup):
     tmp, xi = setup
     value = torch.logdet(xi).item()
-    res = _invoke(tmp, "--samples", "16", "--trials", "1", "-q", "--fail-above", f"gamma_hat={value - 1}")
+    res = _invoke(
+        tmp, "--samples", "16", "--trials", "1", "-q", "--fail-above", f"gamma_hat={value - 1}"
+    )
     assert res.exit_code == 3, res.output
     res = _invoke(tmp, "--bn-mode", "batch")
     assert res.exit_code == 2

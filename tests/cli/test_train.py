@@ -19,7 +19,9 @@ def _blobs(path, n=60, seed=0):
     y = torch.arange(n) % 3
     centres = torch.randn(3, 8, generator=g) * 3
     x = centres[y] + 0.3 * torch.randn(n, 8, generator=g)
-    save_file({"x_train": x, "y_train": y, "x_test": x[:12].clone(), "y_test": y[:12].clone()}, str(path))
+    save_file(
+        {"x_train": x, "y_train": y, "x_test": x[:12].clone(), "y_test": y[:12].clone()}, str(path)
+    )
 
 
 def test_train_writes_self_describing_checkpoint(tmp_path):
@@ -27,15 +29,39 @@ def test_train_writes_self_describing_checkpoint(tmp_path):
     _blobs(data)
     out = tmp_path / "m.safetensors"
     report = tmp_path / "r.json"
-    args = ["train", "--model", "mlp", "--dataset", f"tensors:{data}", "-o", str(out), "--epochs", "5",
-            "--batch-size", "16", "--seed", "3", "--random-labels", "0.1", "--json", str(report), "--quiet"]
+    args = [
+        "train",
+        "--model",
+        "mlp",
+        "--dataset",
+        f"tensors:{data}",
+        "-o",
+        str(out),
+        "--epochs",
+        "5",
+        "--batch-size",
+        "16",
+        "--seed",
+        "3",
+        "--random-labels",
+        "0.1",
+        "--json",
+        str(report),
+        "--quiet",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ck = load_checkpoint(out)
     assert ck.spec["arch"] == "mlp" and ck.spec["kwargs"]["num_classes"] == 3
     assert ck.meta["dataset"] == f"tensors:{data}"
     assert ck.meta["train"]["random_labels"] == 0.1 and ck.meta["train"]["seed"] == 3
-    assert set(ck.meta["results"]) >= {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc"}
+    assert set(ck.meta["results"]) >= {
+        "train_acc",
+        "test_acc",
+        "train_loss",
+        "test_loss",
+        "gap_acc",
+    }
     assert set(ck.init_state_dict) == set(ck.state_dict)
     assert any(not torch.equal(ck.init_state_dict[k], v) for k, v in ck.state_dict.items())
     model = build_model(spec_from_dict(ck.spec, source="t", base_dir=None, trusted=False))
@@ -50,12 +76,28 @@ def test_train_writes_self_describing_checkpoint(tmp_path):
 
 
 def test_train_usage_errors(tmp_path):
-    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "nope", "-o", str(tmp_path / "a.safetensors")])
+    res = CliRunner().invoke(
+        app, ["train", "--model", "mlp", "--dataset", "nope", "-o", str(tmp_path / "a.safetensors")]
+    )
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist5k", "-o", str(tmp_path / "a.pt")])
+    res = CliRunner().invoke(
+        app, ["train", "--model", "mlp", "--dataset", "mnist5k", "-o", str(tmp_path / "a.pt")]
+    )
     assert res.exit_code == 2 and ".safetensors" in res.output
-    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--dataset", "mnist5k", "--optimizer", "lbfgs",
-                                   "-o", str(tmp_path / "a.safetensors")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "mlp",
+            "--dataset",
+            "mnist5k",
+            "--optimizer",
+            "lbfgs",
+            "-o",
+            str(tmp_path / "a.safetensors"),
+        ],
+    )
     assert res.exit_code == 2 and "lbfgs" in res.output
 
 
@@ -67,4 +109,6 @@ def test_fill_data_kwargs_only_fills_what_is_unset():
     user = parse_model_option("mlp")
     user.kwargs = {"num_classes": 4}
     assert fill_data_kwargs(user, 10, (8,)).kwargs == {"num_classes": 4, "input_shape": [8]}
-    assert build_model(fill_data_kwargs(parse_model_option("cnn6"), 2, (1, 28, 28)))(torch.zeros(1, 1, 28, 28)).shape == (1, 2)
+    assert build_model(fill_data_kwargs(parse_model_option("cnn6"), 2, (1, 28, 28)))(
+        torch.zeros(1, 1, 28, 28)
+    ).shape == (1, 2)

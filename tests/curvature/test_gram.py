@@ -12,9 +12,9 @@ from torch.func import functional_call, jacrev
 from flatcli.curvature.gram import (
     GramEngine,
     gram_spectrum,
+    per_example_gradients,
     per_example_gram,
     per_example_grams,
-    per_example_gradients,
     per_example_sq_norms,
 )
 from flatcli.curvature.losses import cross_entropy
@@ -132,8 +132,17 @@ def _extra_case(name: str, n: int = 12):
     return model, x, y
 
 
-CASES = ("mlp_tanh", "mlp_relu", "cnn", "cnn_bn", "conv_stride", "conv_wide", "seq3d_ln",
-         "conv1d_custom", "twice_inplace")
+CASES = (
+    "mlp_tanh",
+    "mlp_relu",
+    "cnn",
+    "cnn_bn",
+    "conv_stride",
+    "conv_wide",
+    "seq3d_ln",
+    "conv1d_custom",
+    "twice_inplace",
+)
 
 
 def _case(name: str, n: int = 12):
@@ -181,7 +190,9 @@ def test_gram_equals_dense_jacobian_gram(name, method):
 def test_norms_and_materialised_rows(name):
     model, x, y = _case(name)
     J = dense_jacobian(model, x, y)
-    torch.testing.assert_close(per_example_sq_norms(model, x, y), (J * J).sum(1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        per_example_sq_norms(model, x, y), (J * J).sum(1), rtol=0, atol=1e-10
+    )
     torch.testing.assert_close(per_example_gradients(model, x, y), J, rtol=0, atol=1e-12)
     torch.testing.assert_close(per_example_gram(model, x, y), J @ J.T, rtol=0, atol=1e-10)
 

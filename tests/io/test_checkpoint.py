@@ -27,7 +27,10 @@ def test_safetensors_round_trip_with_spec_meta_and_init(tmp_path):
     m = _model()
     init = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
     path = save_checkpoint(
-        tmp_path / "a.safetensors", m.state_dict(), spec={"arch": "mlp"}, meta={"dataset": "mnist5k"},
+        tmp_path / "a.safetensors",
+        m.state_dict(),
+        spec={"arch": "mlp"},
+        meta={"dataset": "mnist5k"},
         init_state_dict=init,
     )
     ck = load_checkpoint(path)
@@ -92,7 +95,9 @@ def test_mismatched_keys_are_listed():
     sd = _model().state_dict()
     sd["extra.weight"] = torch.zeros(1)
     del sd["0.bias"]
-    with pytest.raises(CheckpointError, match=r"missing keys \[0\.bias\].*unexpected keys \[extra\.weight\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \[0\.bias\].*unexpected keys \[extra\.weight\]"
+    ):
         match_state_dict(_model(), sd)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import math
 
-from flatcli.io.report import REPORT_KEYS, RESULT_KEYS, build_report, environment_info, result_entry, write_report
+from flatcli.io.report import (
+    REPORT_KEYS,
+    RESULT_KEYS,
+    build_report,
+    environment_info,
+    result_entry,
+    write_report,
+)
 
 
 def validate_report(report: dict, command: str) -> None:
@@ -21,7 +28,9 @@ def validate_report(report: dict, command: str) -> None:
 
 
 def test_report_shape_and_non_finite(tmp_path):
-    ok = result_entry("a.pt", sha256="0" * 64, num_params=10, metrics={"x": 1.5, "y": math.inf}, seconds=0.1)
+    ok = result_entry(
+        "a.pt", sha256="0" * 64, num_params=10, metrics={"x": 1.5, "y": math.inf}, seconds=0.1
+    )
     bad = result_entry("b.pt", sha256=None, num_params=None, error=ValueError("boom"))
     report = build_report("demo", {"seed": 0}, environment_info("cpu", "float32"), [ok, bad])
     write_report(report, tmp_path / "r.json")
@@ -29,4 +38,7 @@ def test_report_shape_and_non_finite(tmp_path):
     validate_report(loaded, "demo")
     assert loaded["results"][0]["metrics"] == {"x": 1.5, "y": None}
     assert "y" in loaded["results"][0]["details"]["non_finite"]
-    assert loaded["results"][1]["metrics"] == {} and loaded["results"][1]["error"]["type"] == "ValueError"
+    assert (
+        loaded["results"][1]["metrics"] == {}
+        and loaded["results"][1]["error"]["type"] == "ValueError"
+    )

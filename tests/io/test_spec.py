@@ -24,7 +24,9 @@ def test_zoo_name_and_unknown():
 
 def test_file_factory_with_kwargs_from_yaml(tmp_path):
     (tmp_path / "nets.py").write_text(FACTORY)
-    (tmp_path / "model.yaml").write_text("factory: ./nets.py:make\nkwargs: {width: 7}\ninput_shape: [4]\n")
+    (tmp_path / "model.yaml").write_text(
+        "factory: ./nets.py:make\nkwargs: {width: 7}\ninput_shape: [4]\n"
+    )
     spec = read_spec_file(tmp_path / "model.yaml")
     model = build_model(spec)
     assert isinstance(model, nn.Module) and model[1].out_features == 7
@@ -39,7 +41,11 @@ def test_module_factory(tmp_path, monkeypatch):
 
 
 def test_torchvision_model():
-    model = build_model(parse_model_option("torchvision:resnet18").__class__(arch="torchvision:resnet18", kwargs={"num_classes": 5}))
+    model = build_model(
+        parse_model_option("torchvision:resnet18").__class__(
+            arch="torchvision:resnet18", kwargs={"num_classes": 5}
+        )
+    )
     assert model.fc.out_features == 5
 
 
@@ -75,7 +81,9 @@ def test_resolution_order(tmp_path):
 
 def test_factory_stored_in_checkpoint_is_not_imported(tmp_path):
     marker = tmp_path / "ran"
-    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef make():\n    pass\n")
+    (tmp_path / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\ndef make():\n    pass\n"
+    )
     spec = resolve_spec(tmp_path / "c.safetensors", None, {"factory": f"{tmp_path}/evil.py:make"})
     with pytest.raises(CheckpointError, match="pass --model"):
         build_model(spec)
