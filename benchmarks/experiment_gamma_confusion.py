@@ -10,8 +10,11 @@ robustness does not.
 
     python benchmarks/experiment_gamma_confusion.py --out runs/gamma-confusion
     python benchmarks/experiment_gamma_confusion.py --quick      # 2 sizes, 1 seed, small caps
+    python benchmarks/experiment_gamma_confusion.py --sizes 0 --fisher-reg 100  # §7.2.2 check
 
-Checkpoints already present in ``--out`` are reused, so an interrupted run resumes.
+Checkpoints already present in ``--out`` are reused, so an interrupted run resumes. By default a
+run stops at 100 % training accuracy; ``--fixed-epochs`` trains every run equally long (the
+paper's protocol: 200 epochs for all, learning rate divided by 10 on plateaus).
 """
 
 from __future__ import annotations
@@ -36,38 +39,20 @@ from flatcli.train import TrainConfig, prepare_train_split  # noqa: E402
 
 
 def train(out: Path, confusion: int, seed: int, args: argparse.Namespace) -> Path:
-    ckpt = out / f"lenet5_c{confusion}_s{seed}.safetensors"
+    reg = f"_reg{args.fisher_reg:g}" if args.fisher_reg else ""
+    ckpt = out / f"lenet5_c{confusion}_s{seed}{reg}.safetensors"
     if ckpt.exists():
         return ckpt
-    cmd = [
-        sys.executable,
-        "-m",
-        "flatcli",
-        "train",
-        "--model",
-        "lenet5",
-        "--dataset",
-        "mnist5k",
-        "-o",
-        str(ckpt),
-        "--train-subset",
-        str(args.subset),
-        "--confusion-size",
-        str(confusion),
-        "--optimizer",
-        args.optimizer,
-        "--lr",
-        str(args.lr),
-        "--batch-size",
-        "128",
-        "--epochs",
-        str(args.epochs),
-        "--target-train-acc",
-        "1.0",
-        "--seed",
-        str(seed),
-        "-q",
-    ]
+    cmd = [sys.executable, "-m", "flatcli", "train", "--model", "lenet5", "--dataset", "mnist5k"]
+    cmd += ["-o", str(ckpt), "--train-subset", str(args.subset), "--confusion-size", str(confusion)]
+    cmd += ["--optimizer", args.optimizer, "--lr", str(args.lr), "--batch-size", "128"]
+    cmd += ["--epochs", str(args.epochs), "--seed", str(seed), "-q"]
+    if args.fixed_epochs:  # every run the same length; the learning rate / 10 at 2/3 of it
+        cmd += ["--schedule", "step", "--milestones", str(2 * args.epochs // 3)]
+    else:
+        cmd += ["--target-train-acc", "1.0"]
+    if args.fisher_reg:
+        cmd += ["--fisher-reg", "--reg-beta", str(args.fisher_reg)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return ckpt
 
@@ -95,6 +80,7 @@ def measure(ckpt: Path, subset: int, seed: int, samples: int, trials: int) -> di
     return {
         "checkpoint": ckpt.name,
         "train_acc": rec["train_acc"],
+        "train_loss": rec["train_loss"],
         "test_error": 100 * (1 - rec["test_acc"]),
         "epochs": rec["epochs"],
         **result.metrics(),
@@ -115,6 +101,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--fixed-epochs",
+        action="store_true",
+        help="train every run for --epochs epochs (learning rate / 10 at 2/3) instead of "
+        "stopping at 100%% training accuracy",
+    )
+    parser.add_argument(
+        "--fisher-reg",
+        type=float,
+        default=None,
+        metavar="BETA",
+        help="train with the Fisher-trace regulariser of Eq. 6 (reg-beta BETA); files *_regBETA",
+    )
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.seeds, args.epochs, args.trials = [0, 1000], [0], 20, 10
@@ -126,11 +125,13 @@ def main() -> None:
             row = {
                 "confusion": confusion,
                 "seed": seed,
+                "fisher_reg": args.fisher_reg,
                 **measure(ckpt, args.subset, seed, args.samples, args.trials),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    name = f"results_reg{args.fisher_reg:g}.json" if args.fisher_reg else "results.json"
+    (args.out / name).write_text(json.dumps(rows, indent=1))
     keys = [
         "test_error",
         "gamma_hat",

@@ -430,6 +430,12 @@ def neuron_scale(
         raise UsageError(
             f"neuron_scale: BatchNorm {bns[-1].name!r} has no affine parameters to rescale."
         )
+    if bns and row.num_features != units:
+        raise UsageError(
+            f"neuron_scale: BatchNorm {bns[-1].name!r} has {row.num_features} features, not the "
+            f"{units} units of {chain[start].name!r} (a BatchNorm after a Flatten is not "
+            "supported)."
+        )
     w_row = row.weight
     idx_t = torch.as_tensor(idx)
     f_row = factors.to(w_row.dtype).to(w_row.device)

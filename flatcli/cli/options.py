@@ -49,7 +49,12 @@ Download = Annotated[
     bool, typer.Option("--download", help="Let torchvision download a missing dataset.")
 ]
 Split = Annotated[
-    str, typer.Option("--split", help="Split the measure is computed on: train or test.")
+    str,
+    typer.Option(
+        "--split",
+        help="Data the measure is computed on: train, test, or trained (the training data exactly "
+        "as flatcli train used them: its subset, random labels and confusion set).",
+    ),
 ]
 MaxExamples = Annotated[
     int | None,
@@ -142,8 +147,8 @@ class CommonOptions:
 
     def validate(self) -> None:
         """Check option values that Typer cannot check by type alone."""
-        if self.split not in ("train", "test"):
-            raise UsageError(f"--split must be 'train' or 'test'; got '{self.split}'")
+        if self.split not in ("train", "test", "trained"):
+            raise UsageError(f"--split must be train, test or trained; got '{self.split}'")
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"--dtype must be 'float32' or 'float64'; got '{self.dtype}'")
 

@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         layer: LayerOpt = None,
         neurons: Neurons = None,
         measure: MeasureOpt = None,
-        diag_method: DiagMethodOpt = DiagMethod.HUTCHINSON,
+        diag_method: DiagMethodOpt = DiagMethod.GGN,
         loss: LossOpt = LossName.NSCE,
         probes: Probes = 100,
         trace_probes: TraceProbes = 100,

@@ -166,7 +166,17 @@ def prepare_context(
     check_finite(state, source=str(path))
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
-    split = dataset.split(common.split)
+    if common.split == "trained":
+        from flatcli.train.prepare import rebuild_train_split
+
+        if name != meta.get("dataset"):
+            raise CheckpointError(
+                f"--split trained rebuilds the data {path.name} was trained on, from dataset "
+                f"{meta.get('dataset')!r}; drop --dataset {name} or use --split train"
+            )
+        split = rebuild_train_split(dataset.train, dataset.num_classes, meta)
+    else:
+        split = dataset.split(common.split)
     split = subset(split, common.max_examples, common.seed)
     x = split.x.to(device=device, dtype=dtype)
     y = split.y.to(device=device)
@@ -269,7 +279,9 @@ def run_analysis(
             label = str(path)
             inner = bar.add_task(f"  {path.name}", total=None) if bar else None
 
-            def progress(description: str, completed: int, total: int, _task=inner, _name=path.name) -> None:
+            def progress(
+                description: str, completed: int, total: int, _task=inner, _name=path.name
+            ) -> None:
                 if bar is not None:
                     bar.update(
                         _task,

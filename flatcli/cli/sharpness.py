@@ -178,7 +178,7 @@ def register(app: typer.Typer) -> None:
     def sharpness(
         common,
         measure: MeasureOpt = None,
-        diag_method: DiagMethodOpt = DiagMethod.HUTCHINSON,
+        diag_method: DiagMethodOpt = DiagMethod.GGN,
         loss: LossOpt = LossName.NSCE,
         classic_loss: ClassicLossOpt = LossName.CE,
         probes: Probes = 100,

@@ -19,9 +19,11 @@ Per layer the cheaper of two exact forms is used (flop counts in :func:`_token_s
 - ``"materialise"``: the per-example weight gradients G_nᵀ A_n of THIS layer only, in blocks of
   output channels bounded by a workspace, then their Gram.
 
-Other layers with parameters (BatchNorm in eval mode, LayerNorm, GroupNorm, PReLU, custom modules):
-per-example gradients of their own parameters by ``vmap`` over examples of the vjp of that module's
-forward, with the captured output gradient as cotangent (``"vmap"``; such layers are small).
+BatchNorm with running statistics is a fixed affine map per channel: its per-example gradients are
+Σ g·x̂ and Σ g over positions (``"direct"``). Other layers with parameters (LayerNorm, GroupNorm,
+PReLU, custom modules): per-example gradients of their own parameters by ``vmap`` over examples
+of the vjp of that module's forward, with the captured output gradient as cotangent (``"vmap"``;
+such layers are small).
 
 Capture: forward hooks record each parameterised module's inputs and output, one batched forward
 runs, the caller's head gives unit-norm per-example logit gradients, and one ``torch.autograd.grad``
@@ -31,7 +33,8 @@ detected by its version counter and the chunk is run again with the recorded ten
 All products are formed in float64.
 
 Valid only when examples do not interact in the forward (no BatchNorm with batch statistics) and
-each parameter is used only inside its own module's forward: :func:`plan` and the capture raise
+each parameter is used only inside its own module's forward (a ``TorchFunctionMode`` watches every
+torch call of the recorded forward for that): :func:`plan` and the capture raise
 :class:`GhostUnsupported` otherwise, and the caller falls back to the materialised path.
 """
 
@@ -74,7 +77,8 @@ class Target:
     Attributes:
         name: module name in ``model.named_modules()`` (``""`` for the root).
         module: the module.
-        kind: ``"linear"``, ``"conv"`` (Conv1d/Conv2d) or ``"generic"``.
+        kind: ``"linear"``, ``"conv"`` (Conv1d/Conv2d), ``"batchnorm"`` (running statistics)
+            or ``"generic"``.
         params: ``{attribute name: parameter}`` of its selected direct parameters.
         strategy: how the last call formed its Gram ("ghost", "materialise" or "vmap").
     """
@@ -99,6 +103,12 @@ def _kind(module: nn.Module) -> str:
         return "conv"
     if isinstance(module, nn.Conv1d) and forward is nn.Conv1d.forward:
         return "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and forward in (
+        nn.BatchNorm1d.forward,
+        nn.BatchNorm2d.forward,
+        nn.BatchNorm3d.forward,
+    ):
+        return "batchnorm"  # plan() admits only running statistics: a fixed affine map
     return "generic"
 
 
@@ -282,6 +292,8 @@ def _capture(model: nn.Module, recorder: Recorder, x: Tensor, y: Tensor, head: H
             gs.append(torch.zeros_like(out) if g is None else g.detach())
         if t.kind == "generic":
             cap.dense[i] = _vmap_grads(t, gs) if t.calls else _zeros(t, x.shape[0])
+        elif t.kind == "batchnorm":
+            cap.dense[i] = _batchnorm_grads(t, gs) if t.calls else _zeros(t, x.shape[0])
         else:
             cap.inputs[i] = [args[0].detach() for args, _, _, _ in t.calls]
             cap.grads[i] = gs
@@ -292,6 +304,29 @@ def _capture(model: nn.Module, recorder: Recorder, x: Tensor, y: Tensor, head: H
 def _zeros(t: Target, c: int) -> Tensor:
     p = next(iter(t.params.values()))
     return torch.zeros((c, t.numel), dtype=p.dtype, device=p.device)
+
+
+def _batchnorm_grads(target: Target, grads: list[Tensor]) -> Tensor:
+    """Per-example gradients (c, p) of an eval-mode BatchNorm's weight and bias.
+
+    With running statistics, out = γ x̂ + β with x̂ = (x − μ)/√(σ² + ε) fixed per channel, so
+    ∂ℓ_n/∂γ = Σ_positions g_n x̂_n and ∂ℓ_n/∂β = Σ_positions g_n.
+    """
+    bn = target.module
+    total: dict[str, Tensor] = {}
+    for (args, _, _, _), g in zip(target.calls, grads, strict=True):
+        x = args[0].detach()
+        c = x.shape[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+        per = {
+            "weight": (g * xhat).reshape(c, x.shape[1], -1).sum(dim=2),
+            "bias": g.reshape(c, x.shape[1], -1).sum(dim=2),
+        }
+        for k in target.params:
+            total[k] = total[k] + per[k] if k in total else per[k]
+    c = grads[0].shape[0]
+    return torch.cat([total[k].reshape(c, -1) for k in target.params], dim=1)
 
 
 def _vmap_grads(target: Target, grads: list[Tensor]) -> Tensor:
@@ -404,7 +439,9 @@ def _conv_tokens(
     # The grouped-convolution form beats unfold + bmm when the output map is large or the layer
     # is narrow (measured on CPU: LeNet-5 convs 4-7x, WRN 64->64 at 32x32 1.7x; 256->256 at 8x8
     # and 1x1 convs are faster by unfold + bmm).
-    trick = groups == 1 and k > 1 and (P >= 512 or din * dout <= 16384)
+    # float64 convolutions have no fast CPU kernel (mkldnn is float32-only): unfold + bmm there.
+    fast_conv = inputs[0].dtype != torch.float64
+    trick = fast_conv and groups == 1 and k > 1 and (P >= 512 or din * dout <= 16384)
     return _Tokens(c, P, groups, din, dout, a, g, weight_grads if trick else None)
 
 
@@ -540,9 +577,9 @@ def ghost_grams(
     out = torch.zeros((E // n, n, n), dtype=F64, device=x.device)
     dense: list[Tensor] = []
     for i, t in enumerate(targets):
-        if t.kind == "generic":
+        if t.kind in ("generic", "batchnorm"):
             dense.append(cap.dense[i])
-            t.strategy = "vmap"
+            t.strategy = "vmap" if t.kind == "generic" else "direct"
             continue
         if not cap.inputs[i]:  # never called: no gradient
             t.strategy = "unused"

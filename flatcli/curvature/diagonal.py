@@ -38,7 +38,7 @@ from torch.func import hessian, jacrev, vmap
 from flatcli.curvature._functional import FunctionalModel, head_loss
 from flatcli.curvature.losses import get_loss
 from flatcli.curvature.operators import make_operator
-from flatcli.curvature.params import param_slices, select_parameters, unflatten
+from flatcli.curvature.params import select_parameters, unflatten
 from flatcli.curvature.trace import hutchinson_diagonal
 from flatcli.errors import UsageError
 
@@ -285,8 +285,3 @@ def curvature_diagonal(
         per * groups,
         time.perf_counter() - start,
     )
-
-
-def flat_slices(values: dict[str, Tensor]) -> dict[str, slice]:
-    """``{name: slice}`` of each parameter in the flat order of ``values``."""
-    return param_slices({k: v.shape for k, v in values.items()})

@@ -133,7 +133,8 @@ class GramEngine:
         head_dtype: dtype of the head (float64 by default; None keeps the logits' dtype).
         method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
         chunk_size: examples per forward (ghost, materialised) or per batch of vjps (coupled
-            BatchNorm); default up to 1024, less for wide models on the materialised path.
+            BatchNorm); default: what fits ``CHUNK_BUDGET`` by the measured activation size
+            (at most 1024), the same on every run.
         params: parameter names (``model.named_parameters()``); None = all with requires_grad.
         workspace: elements a layer's temporary float64 blocks may hold.
 

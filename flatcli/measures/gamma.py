@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -53,6 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatcli.curvature.gram import GramEngine, GramMethod, GramSpectrum, gram_spectrum
 from flatcli.curvature.losses import cross_entropy
+from flatcli.curvature.operators import eval_mode
 from flatcli.errors import UsageError
 from flatcli.progress import ProgressFn, no_progress
 
@@ -288,23 +291,15 @@ def scaled_logits(z: Tensor, scale: float | None) -> Tensor:
     return z * (scale / norm.clamp_min(torch.finfo(z.dtype).tiny))
 
 
-class _Modes:
-    """Put a model in eval mode (BatchNorm in train mode if asked) and restore it afterwards."""
-
-    def __init__(self, model: nn.Module, bn_train: bool) -> None:
-        self.model, self.bn_train = model, bn_train
-
-    def __enter__(self) -> None:
-        self.saved = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        if self.bn_train:
-            for m in self.model.modules():
+@contextmanager
+def _measuring_mode(model: nn.Module, bn_train: bool) -> Iterator[None]:
+    """Eval mode (BatchNorm in train mode if asked) for the block; every flag restored after."""
+    with eval_mode(model):
+        if bn_train:
+            for m in model.modules():
                 if isinstance(m, _BatchNorm):
                     m.train()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, training in self.saved:
-            m.training = training
+        yield
 
 
 def compute_gamma(
@@ -336,7 +331,7 @@ def compute_gamma(
         return cross_entropy(scaled_logits(z, config.logit_scale), labels)
 
     index = draw_samples(N, n, T, config.seed)  # (T, N')
-    with _Modes(model, config.bn_mode == "train"):
+    with _measuring_mode(model, config.bn_mode == "train"):
         engine = GramEngine(model, loss_fn, head_dtype, config.method, config.batch_size)
         flat = index.reshape(-1)
         xi = engine.grams(
@@ -347,7 +342,7 @@ def compute_gamma(
     del xi
     robustness = info = None
     if config.baselines:
-        with _Modes(model, False):
+        with _measuring_mode(model, False):
             values, info = input_jacobian_sq_norms(
                 model,
                 x,

@@ -286,8 +286,8 @@ def solve_normalized_layer(
 
     >>> import numpy as np
     >>> sol = solve_normalized_layer(np.array([[1.0, 2.0]]), np.array([[4.0, 1.0]]))
-    >>> round(sol.value, 8), sol.gap < 1e-8
-    (6.0, True)
+    >>> round(sol.value, 8), sol.gap < 1e-8  # one row: each entry's AM-GM, 2·√4 + 2·√2
+    (6.82842712, True)
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

@@ -127,3 +127,40 @@ def prepare_train_split(
         "confusion_sha256": _sha256(confusion_idx) if c else None,
     }
     return Split(x_out, y_out), info
+
+
+def rebuild_train_split(train: Split, num_classes: int, record: dict[str, Any]) -> Split:
+    """The exact training data a ``flatcli train`` checkpoint was fitted to, from its record.
+
+    Re-applies the recorded ``train_subset``, ``random_labels`` and ``confusion_size`` draws to
+    the dataset's training split (``--split trained``), and checks the result against the
+    recorded ``data_info`` (sizes, changed-label counts and index fingerprints).
+
+    Args:
+        train: the training split of the dataset the checkpoint records.
+        num_classes: K of that dataset.
+        record: the checkpoint's ``flatcli.meta`` record.
+
+    Raises:
+        CheckpointError: the record lacks the training configuration, or the rebuilt data does
+            not match it (a different dataset or flatcli version drew other examples).
+    """
+    from flatcli.errors import CheckpointError
+
+    if not isinstance(record.get("train"), dict):
+        raise CheckpointError(
+            "--split trained needs a checkpoint written by flatcli train (it records how the "
+            "training data were drawn); use --split train for the dataset's own labels"
+        )
+    config = TrainConfig.from_dict({**record["train"], "device": "cpu"})
+    split, info = prepare_train_split(train, num_classes, config, record.get("seed"))
+    stored = record.get("data_info")
+    if isinstance(stored, dict):
+        keys = ("size", "subset_sha256", "random_labels_changed", "confusion_sha256")
+        bad = [k for k in keys if stored.get(k) != info.get(k)]
+        if bad:
+            raise CheckpointError(
+                f"the training data rebuilt from the checkpoint's record differ from the "
+                f"recorded ones in {bad}; the dataset changed since training"
+            )
+    return split

@@ -141,3 +141,66 @@ def test_gates_and_bad_values(setup):
     assert res.exit_code == 2 and "head dtype" in res.output
     res = _invoke(tmp, "--samples", "17", "--trials", "1", "-q")
     assert res.exit_code == 1 and "exceeds the 16 examples" in res.output
+
+
+def test_fisher_regulariser_lowers_the_fisher_trace_gamma_measures(tmp_path):
+    """§6/Table 2 sanity check: `flatcli train --fisher-reg` (Eq. 6) lowers the trace of the
+    Fisher that `flatcli gamma` measures, against the same training without the regulariser."""
+    (tmp_path / "nets.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))\n"
+    )
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(128, 8, generator=g, dtype=torch.float64)
+    y = (x @ w + 0.5 * torch.randn(128, 3, generator=g, dtype=torch.float64)).argmax(1)
+    xt = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    data = {"x_train": x, "y_train": y, "x_test": xt, "y_test": (xt @ w).argmax(1)}
+    save_file(data, str(tmp_path / "data.safetensors"))
+    model = ["--model", f"{tmp_path}/nets.py:make"]
+    train = [
+        "train",
+        *model,
+        "--dataset",
+        f"tensors:{tmp_path}/data.safetensors",
+        "--dtype",
+        "float64",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--epochs",
+        "60",
+        "--batch-size",
+        "32",
+        "--seed",
+        "0",
+        "-q",
+    ]
+    runner = CliRunner()
+    for name, extra in (("plain", []), ("reg", ["--fisher-reg", "--reg-beta", "200"])):
+        res = runner.invoke(app, [*train, "-o", str(tmp_path / f"{name}.safetensors"), *extra])
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "g.json"
+    res = runner.invoke(
+        app,
+        [
+            "gamma",
+            str(tmp_path / "plain.safetensors"),
+            str(tmp_path / "reg.safetensors"),
+            *model,
+            "--dtype",
+            "float64",
+            "--samples",
+            "32",
+            "--trials",
+            "20",
+            "--json",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    plain, reg = (r["metrics"] for r in json.loads(out.read_text())["results"])
+    assert reg["fisher_trace"] < 0.95 * plain["fisher_trace"]

@@ -28,7 +28,13 @@ def test_metrics_and_details_keys() -> None:
         x,
         y,
         SharpnessConfig(
-            probes=20, probe_groups=2, trace_probes=10, eps_steps=3, adaptive_steps=3, batch_size=12
+            diag_method="hutchinson",
+            probes=20,
+            probe_groups=2,
+            trace_probes=10,
+            eps_steps=3,
+            adaptive_steps=3,
+            batch_size=12,
         ),
     )
     m = res.metrics()
@@ -55,6 +61,15 @@ def test_metrics_and_details_keys() -> None:
     assert model[1].training is False  # make_case gives eval mode, and it stays so
 
 
+def test_default_is_the_exact_ggn_diagonal() -> None:
+    model, x, y = make_case("mlp_relu")
+    cfg = SharpnessConfig(measures=("normalized_sharpness",), batch_size=12)
+    assert cfg.diag_method == "ggn"
+    res = compute_sharpness(model, x, y, cfg)
+    assert "normalized_sharpness_stderr" not in res.metrics()
+    assert res.details()["products"]["diagonal"] == 0
+
+
 def test_model_mode_is_restored() -> None:
     model, x, y = make_case("cnn_bn")
     model.train()
@@ -77,7 +92,10 @@ def test_hutchinson_agrees_with_exact_within_stderr() -> None:
     cfg = dict(measures=("normalized_sharpness", "matrix_normalized_sharpness"), batch_size=12)
     exact = compute_sharpness(model, x, y, SharpnessConfig(diag_method="exact", **cfg)).metrics()
     est = compute_sharpness(
-        model, x, y, SharpnessConfig(probes=1000, trace_probes=300, seed=1, **cfg)
+        model,
+        x,
+        y,
+        SharpnessConfig(diag_method="hutchinson", probes=1000, trace_probes=300, seed=1, **cfg),
     ).metrics()
     for k in ("normalized_sharpness", "matrix_normalized_sharpness"):
         # clipping noisy entries biases normalized sharpness; allow the bias on top of 4 stderr
@@ -88,6 +106,7 @@ def test_same_seed_same_numbers() -> None:
     model, x, y = make_case("mlp_tanh")
     cfg = SharpnessConfig(
         measures=("normalized_sharpness", "hessian_trace"),
+        diag_method="hutchinson",
         probes=20,
         probe_groups=2,
         trace_probes=10,
