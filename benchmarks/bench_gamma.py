@@ -184,17 +184,78 @@ def bench_memory(n: int) -> dict:
     return out
 
 
+ZOO = ("lenet5", "resnet20", "wrn", "cnn6", "vgg11", "densenet-bc")
+
+
+def _zoo_row(name: str, n: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    shape = (1, 28, 28) if name.startswith("lenet") else (3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((n, *shape), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    ghost = GramEngine(model, chunk_size=n)
+    mat = GramEngine(model, method="materialize", chunk_size=n)
+    ghost.grams(x[:2], y[:2])  # warm up (and the ghost engine's one-time checks)
+    mat.grams(x[:2], y[:2])
+
+    def floor() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    runs = {
+        "floor": floor,
+        "ghost": lambda: ghost.grams(x, y),
+        "materialize": lambda: mat.grams(x, y),
+    }
+    best = {k: float("inf") for k in runs}
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            t0 = time.process_time()
+            fn()
+            best[key] = min(best[key], time.process_time() - t0)
+    return {
+        "model": name,
+        "num_params": ghost.num_params,
+        "samples": n,
+        **{k: round(v, 2) for k, v in best.items()},
+        "ghost_over_floor": round(best["ghost"] / best["floor"], 1),
+        "materialize_over_floor": round(best["materialize"] / best["floor"], 1),
+    }
+
+
+def bench_zoo(names: list[str], n: int, rounds: int) -> list[dict]:
+    """One Gram of n random inputs per model: ghost vs materialised vs one forward+backward."""
+    rows = []
+    for name in names:
+        rows.append(_zoo_row(name, n, rounds))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 10, one round, N' = 8 memory")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
+    parser.add_argument(
+        "--zoo",
+        nargs="*",
+        default=None,
+        metavar="MODEL",
+        help=f"only compare the engines on model_zoo models (default {' '.join(ZOO)})",
+    )
     parser.add_argument("--memory-child", choices=["ghost", "materialize"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-samples", type=int, default=None, help="N' for the memory part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child, args.memory_samples)
+        return
+    if args.zoo is not None:
+        n = args.memory_samples or 100
+        print(json.dumps(bench_zoo(args.zoo or list(ZOO), n, rounds=2), indent=2))
         return
     report = {"time": bench_time(trials=10 if args.quick else 100, rounds=1 if args.quick else 3)}
     if not args.skip_memory:

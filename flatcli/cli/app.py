@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated
 
 import typer
 
 import flatcli
+from flatcli.cli import gamma, reparam, sharpness, spectrum, train
 
 app = typer.Typer(
     name="flatcli",
@@ -17,8 +17,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-COMMAND_MODULES = ("train", "spectrum", "sharpness", "reparam", "gamma")
 
 
 def _version(value: bool) -> None:
@@ -39,12 +37,8 @@ def _root(
     """flatcli: flatness, sharpness and curvature of trained networks."""
 
 
-for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"flatcli.cli.{_name}").register(app)
-    except ModuleNotFoundError as _e:  # a subcommand not yet written
-        if _e.name != f"flatcli.cli.{_name}":
-            raise
+for _module in (train, spectrum, sharpness, reparam, gamma):
+    _module.register(app)
 
 
 def main() -> None:

@@ -52,8 +52,9 @@ Split = Annotated[
     str,
     typer.Option(
         "--split",
-        help="Data the measure is computed on: train, test, or trained (the training data exactly "
-        "as flatcli train used them: its subset, random labels and confusion set).",
+        help="Data the measure is computed on: train, test, trained (the training data exactly as "
+        "flatcli train used them: its subset, random labels and confusion set) or trained-clean "
+        "(the same without the confusion set).",
     ),
 ]
 MaxExamples = Annotated[
@@ -147,8 +148,10 @@ class CommonOptions:
 
     def validate(self) -> None:
         """Check option values that Typer cannot check by type alone."""
-        if self.split not in ("train", "test", "trained"):
-            raise UsageError(f"--split must be train, test or trained; got '{self.split}'")
+        if self.split not in ("train", "test", "trained", "trained-clean"):
+            raise UsageError(
+                f"--split must be train, test, trained or trained-clean; got '{self.split}'"
+            )
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"--dtype must be 'float32' or 'float64'; got '{self.dtype}'")
 

@@ -166,7 +166,7 @@ def prepare_context(
     check_finite(state, source=str(path))
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
-    if common.split == "trained":
+    if common.split in ("trained", "trained-clean"):
         from flatcli.train.prepare import rebuild_train_split
 
         if name != meta.get("dataset"):
@@ -174,7 +174,9 @@ def prepare_context(
                 f"--split trained rebuilds the data {path.name} was trained on, from dataset "
                 f"{meta.get('dataset')!r}; drop --dataset {name} or use --split train"
             )
-        split = rebuild_train_split(dataset.train, dataset.num_classes, meta)
+        split = rebuild_train_split(
+            dataset.train, dataset.num_classes, meta, clean=common.split == "trained-clean"
+        )
     else:
         split = dataset.split(common.split)
     split = subset(split, common.max_examples, common.seed)

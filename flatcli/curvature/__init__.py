@@ -1,1 +1,55 @@
+"""The curvature core: matrix-free operators and the estimators built on them.
 
+Every curvature measure in flatcli is composed from these pieces, each written once:
+
+- operators: Hessian, generalized Gauss-Newton and Fisher products of the mean loss;
+- lanczos / trace / density: eigenvalues, trace (Hutchinson, Hutch++) and spectral density
+  of any :class:`LinearOperator`;
+- gram: per-example-gradient Gram matrices (ghost or materialised);
+- diagonal: Hessian / GGN diagonals.
+"""
+
+from flatcli.curvature.density import Density, spectral_density
+from flatcli.curvature.diagonal import curvature_diagonal, ggn_diagonal
+from flatcli.curvature.gram import gram_spectrum, per_example_gram, per_example_sq_norms
+from flatcli.curvature.lanczos import EigenResult, lanczos
+from flatcli.curvature.linop import DenseOperator, LinearOperator, to_dense
+from flatcli.curvature.losses import cross_entropy, get_loss, normalized_cross_entropy
+from flatcli.curvature.memory import auto_batch_size, estimate_memory
+from flatcli.curvature.operators import CurvatureOperator, eval_mode, make_operator
+from flatcli.curvature.params import select_parameters
+from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchinson_diagonal, hutchpp
+
+__all__ = [
+    # operators
+    "make_operator",
+    "CurvatureOperator",
+    "eval_mode",
+    "select_parameters",
+    "LinearOperator",
+    "DenseOperator",
+    "to_dense",
+    # loss heads
+    "cross_entropy",
+    "normalized_cross_entropy",
+    "get_loss",
+    # spectra
+    "lanczos",
+    "EigenResult",
+    "spectral_density",
+    "Density",
+    # traces and diagonals
+    "hutchinson",
+    "hutchpp",
+    "hutchinson_diagonal",
+    "TraceEstimate",
+    "curvature_diagonal",
+    "ggn_diagonal",
+    # per-example Gram
+    "per_example_gram",
+    "per_example_sq_norms",
+    "gram_spectrum",
+    # memory
+    "estimate_memory",
+    "auto_batch_size",
+]

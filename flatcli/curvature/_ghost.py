@@ -41,6 +41,7 @@ torch call of the recorded forward for that): :func:`plan` and the capture raise
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,7 @@ class Target:
     kind: str
     params: dict[str, nn.Parameter]
     strategy: str = ""
+    checked: bool = False  # its parameters' use was watched through one recorded forward
     calls: list[tuple[tuple, dict, Tensor, list[int]]] = field(default_factory=list, repr=False)
 
     @property
@@ -270,7 +272,10 @@ def _capture(model: nn.Module, recorder: Recorder, x: Tensor, y: Tensor, head: H
             t.calls = []
         recorder.active, recorder.clone, recorder.stack = True, clone, []
         try:
-            with torch.enable_grad(), _Guard(recorder):
+            # watch parameter use on the first forward only: the code path of a forward does
+            # not change between chunks of the same model
+            guard = _Guard(recorder) if not all(t.checked for t in targets) else nullcontext()
+            with torch.enable_grad(), guard:
                 z = model(x)
         finally:
             recorder.active = False
@@ -280,6 +285,8 @@ def _capture(model: nn.Module, recorder: Recorder, x: Tensor, y: Tensor, head: H
             raise GhostUnsupported("a recorded layer input or output is modified in place")
     if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
         raise GhostUnsupported("the model's output is not a (N, K) tensor of logits")
+    for t in targets:
+        t.checked = True
     cot, scale = head(z.detach(), y)
     # (a parameter read outside its module's forward was refused by _Guard during the forward)
     outputs = [out for t in targets for (_, _, out, _) in t.calls if out.requires_grad]
@@ -401,6 +408,10 @@ def _linear_tokens(inputs: list[Tensor], grads: list[Tensor]) -> _Tokens:
 def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     """Input patches ``(c, C_in·k, P)`` of a Conv1d/Conv2d, rows as ``weight.view(out, -1)``."""
     zero_pad = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if zero_pad and all(k == 1 for k in module.kernel_size) and not any(module.padding):
+        # a 1x1 convolution: the patches are the (strided) input pixels themselves
+        sub = x[(..., *(slice(None, None, st) for st in module.stride))]
+        return sub.reshape(x.shape[0], x.shape[1], -1)
     if not zero_pad:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
@@ -581,10 +592,10 @@ def ghost_grams(
             dense.append(cap.dense[i])
             t.strategy = "vmap" if t.kind == "generic" else "direct"
             continue
-        if not cap.inputs[i]:  # never called: no gradient
+        inputs, grads = cap.inputs.pop(i), cap.grads.pop(i)  # freed once this layer is done
+        if not inputs:  # never called: no gradient
             t.strategy = "unused"
             continue
-        inputs, grads = cap.inputs[i], cap.grads[i]
         if t.kind == "linear":
             tok = _linear_tokens(inputs, grads)
         else:

@@ -333,14 +333,10 @@ class CurvatureOperator:
         return (self.dim, self.dim)
 
     def to_dense(self, block: int = 64) -> Tensor:
-        """The full ``(dim, dim)`` matrix, ``block`` columns at a time (for small models/tests)."""
-        cols = []
-        for a in range(0, self.dim, block):
-            b = min(self.dim, a + block)
-            eye = torch.zeros((self.dim, b - a), dtype=self.dtype, device=self.device)
-            eye[torch.arange(a, b), torch.arange(b - a)] = 1
-            cols.append(self.matmat(eye))
-        return torch.cat(cols, dim=1)
+        """The full ``(dim, dim)`` matrix in the operator's dtype (for small models and tests)."""
+        from flatcli.curvature.linop import to_dense
+
+        return to_dense(self, block).to(self.dtype)
 
     def describe(self) -> dict[str, Any]:
         """What a report should say about how the products were formed (JSON-ready)."""

@@ -57,6 +57,9 @@ from flatcli.curvature.gram import GramEngine, GramMethod, GramSpectrum, gram_sp
 from flatcli.curvature.losses import cross_entropy
 from flatcli.curvature.operators import eval_mode
 from flatcli.errors import UsageError
+from flatcli.measures._config import choice as _choice
+from flatcli.measures._config import finite_or_none as _finite_or_none
+from flatcli.measures._config import floats as _floats
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = [
@@ -77,14 +80,6 @@ class BNMode(str, Enum):
 
     EVAL = "eval"
     TRAIN = "train"
-
-
-def _choice(enum: type[Enum], value: Any, what: str) -> str:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
 
 
 @dataclass(frozen=True)
@@ -271,16 +266,6 @@ class GammaResult:
             f"{k} of {self.config.trials} trials have ln|ξ| = -inf: {why}; rank found "
             f"{ranks} of {n}"
         )
-
-
-def _finite_or_none(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _floats(t: Tensor) -> list[float | None]:
-    return [_finite_or_none(float(v)) for v in t.tolist()]
 
 
 def scaled_logits(z: Tensor, scale: float | None) -> Tensor:

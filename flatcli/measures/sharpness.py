@@ -61,6 +61,8 @@ from flatcli.curvature.operators import eval_mode, make_operator
 from flatcli.curvature.params import param_slices
 from flatcli.curvature.trace import hutchinson
 from flatcli.errors import MeasureError, UsageError
+from flatcli.measures._config import HEAD_DTYPES as _HEAD_DTYPES
+from flatcli.measures._config import choice as _choice
 from flatcli.measures.normalized_sharpness import (
     LayerSolution,
     layer_terms,
@@ -78,7 +80,6 @@ __all__ = [
     "weight_matrices",
 ]
 
-_HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 JACKKNIFE_RTOL = 1e-6
 """Solver tolerance for the jackknife replicates (their spread is far above it)."""
 
@@ -94,14 +95,6 @@ class SharpnessMeasure(str, Enum):
 
 
 ALL_MEASURES: tuple[str, ...] = tuple(m.value for m in SharpnessMeasure)
-
-
-def _choice(enum: type[Enum], value: Any, what: str) -> str:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
 
 
 @dataclass(frozen=True)

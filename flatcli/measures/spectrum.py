@@ -19,12 +19,10 @@ unless BatchNorm batch statistics are what you mean to measure.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from flatcli.curvature.density import Density, spectral_density
@@ -34,6 +32,10 @@ from flatcli.curvature.operators import CurvatureOperator, HvpMethod, Kind, make
 from flatcli.curvature.params import select_parameters
 from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
 from flatcli.errors import UsageError
+from flatcli.measures._config import HEAD_DTYPES as _HEAD_DTYPES
+from flatcli.measures._config import choice as _choice
+from flatcli.measures._config import finite_or_none as _finite_or_none
+from flatcli.measures._config import floats as _floats
 from flatcli.progress import ProgressFn
 
 __all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "compute_spectrum"]
@@ -41,22 +43,12 @@ __all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "
 DENSITY_STEPS = 90
 """Lanczos steps per density run when ``lanczos_steps`` is not given (PyHessian uses 100)."""
 
-_HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 class TraceMethod(str, Enum):
     """Trace estimators."""
 
     HUTCHINSON = "hutchinson"
     HUTCHPP = "hutchpp"
-
-
-def _choice(enum: type[Enum], value: Any, what: str) -> str:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
 
 
 @dataclass(frozen=True)
@@ -132,15 +124,23 @@ class SpectrumConfig:
         checks = [
             (self.top_k >= 0, f"top_k must be >= 0. Got {self.top_k}."),
             (0 < self.tol < 1, f"tol must be in (0, 1). Got {self.tol}."),
-            (self.lanczos_steps is None or self.lanczos_steps >= 1,
-             f"lanczos_steps must be >= 1. Got {self.lanczos_steps}."),
-            (self.probes >= (3 if self.trace_method == "hutchpp" else 2),
-             f"probes must be >= 3 for hutchpp (2 for hutchinson). Got {self.probes}."),
-            (self.trace_rel_stderr is None or self.trace_rel_stderr > 0,
-             f"trace_rel_stderr must be positive. Got {self.trace_rel_stderr}."),
+            (
+                self.lanczos_steps is None or self.lanczos_steps >= 1,
+                f"lanczos_steps must be >= 1. Got {self.lanczos_steps}.",
+            ),
+            (
+                self.probes >= (3 if self.trace_method == "hutchpp" else 2),
+                f"probes must be >= 3 for hutchpp (2 for hutchinson). Got {self.probes}.",
+            ),
+            (
+                self.trace_rel_stderr is None or self.trace_rel_stderr > 0,
+                f"trace_rel_stderr must be positive. Got {self.trace_rel_stderr}.",
+            ),
             (self.density_runs >= 1, f"density_runs must be >= 1. Got {self.density_runs}."),
-            (self.batch_size is None or self.batch_size >= 1,
-             f"batch_size must be >= 1. Got {self.batch_size}."),
+            (
+                self.batch_size is None or self.batch_size >= 1,
+                f"batch_size must be >= 1. Got {self.batch_size}.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -256,16 +256,6 @@ class SpectrumResult:
         return metric.startswith("trace") and self.config.trace
 
 
-def _finite_or_none(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _floats(t: Tensor) -> list[float | None]:
-    return [_finite_or_none(float(v)) for v in t.tolist()]
-
-
 def _layer_blocks(model: nn.Module, selected: list[str]) -> list[tuple[str, list[str]]]:
     """``(module name, its selected parameter names)`` for each module holding parameters."""
     chosen = set(selected)
@@ -315,10 +305,11 @@ def compute_spectrum(
     head_dtype = None if config.head_dtype is None else _HEAD_DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
     blocks = _layer_blocks(model, selected) if config.per_layer else []
-    stages = (
-        [("eigenvalues", config.top_k > 0), ("trace", config.trace), ("density", config.density)]
-        + [(f"layer {name}", True) for name, _ in blocks]
-    )
+    stages = [
+        ("eigenvalues", config.top_k > 0),
+        ("trace", config.trace),
+        ("density", config.density),
+    ] + [(f"layer {name}", True) for name, _ in blocks]
     total = sum(on for _, on in stages)
     done = 0
 
@@ -373,8 +364,9 @@ def compute_spectrum(
             block = operator(params)
             top = None
             if config.top_k > 0:
-                top = float(lanczos(block, 1, config.which, tol=config.tol, seed=config.seed)
-                            .eigenvalues[0])
+                top = float(
+                    lanczos(block, 1, config.which, tol=config.tol, seed=config.seed).eigenvalues[0]
+                )
             est = _trace(block, config) if config.trace else None
             per_layer.append(
                 LayerSpectrum(

@@ -129,7 +129,9 @@ def prepare_train_split(
     return Split(x_out, y_out), info
 
 
-def rebuild_train_split(train: Split, num_classes: int, record: dict[str, Any]) -> Split:
+def rebuild_train_split(
+    train: Split, num_classes: int, record: dict[str, Any], *, clean: bool = False
+) -> Split:
     """The exact training data a ``flatcli train`` checkpoint was fitted to, from its record.
 
     Re-applies the recorded ``train_subset``, ``random_labels`` and ``confusion_size`` draws to
@@ -140,6 +142,8 @@ def rebuild_train_split(train: Split, num_classes: int, record: dict[str, Any]) 
         train: the training split of the dataset the checkpoint records.
         num_classes: K of that dataset.
         record: the checkpoint's ``flatcli.meta`` record.
+        clean: keep only the training subset (rows ``[0, n)``), without the confusion set
+            (``--split trained-clean``); its labels are as trained (random labels included).
 
     Raises:
         CheckpointError: the record lacks the training configuration, or the rebuilt data does
@@ -163,4 +167,7 @@ def rebuild_train_split(train: Split, num_classes: int, record: dict[str, Any]) 
                 f"the training data rebuilt from the checkpoint's record differ from the "
                 f"recorded ones in {bad}; the dataset changed since training"
             )
+    if clean:
+        start, stop = info["rows"]["subset"]
+        split = Split(split.x[start:stop], split.y[start:stop])
     return split

@@ -154,6 +154,11 @@ def test_split_trained_rebuilds_the_training_labels(tmp_path):
     expected, _ = prepare_train_split(ds.train, ds.num_classes, config)
     assert torch.equal(ctx.y, expected.y) and torch.equal(ctx.x, expected.x)
     assert not torch.equal(ctx.y[:50], ds.train.y[:50])  # really not the stored labels
+    common = CommonOptions(checkpoints=[out], split="trained-clean")
+    ctx = prepare_context(
+        out, common, None, _DataCache(common), torch.device("cpu"), torch.float32, lambda *a: None
+    )
+    assert torch.equal(ctx.y, expected.y[:50]) and torch.equal(ctx.x, expected.x[:50])
     res = CliRunner().invoke(
         app, ["spectrum", str(out), "--split", "trained", "--top-k", "1", "--quiet"]
     )

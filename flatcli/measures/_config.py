@@ -1,0 +1,36 @@
+"""Small helpers shared by the measures' configs and results."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatcli.errors import UsageError
+
+HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""Loss-head dtypes a user can name."""
+
+
+def choice(enum: type[Enum], value: Any, what: str) -> str:
+    """``value`` as the string of a member of ``enum``; else a UsageError listing the members."""
+    try:
+        return enum(value).value
+    except ValueError:
+        valid = ", ".join(repr(e.value) for e in enum)
+        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
+
+
+def finite_or_none(v: Any) -> Any:
+    """``v``, or None when it is a non-finite float (JSON reports write None as null)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def floats(t: Tensor) -> list[float | None]:
+    """A tensor's entries as a JSON-ready list, non-finite entries as None."""
+    return [finite_or_none(float(v)) for v in t.tolist()]
