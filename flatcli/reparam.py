@@ -13,8 +13,8 @@ Each transform returns a NEW model (a deep copy) that computes the same function
   multiplied by α. If a BatchNorm sits between the two layers, the row side is the BatchNorm's
   affine weight and bias for channel i instead (its output is what the activation sees).
 - :func:`bn_scale`: the weight and bias of the layer feeding a BatchNorm are multiplied by α, and
-  the BatchNorm's running mean by α, running variance and ``eps`` by α², so its eval-mode (and
-  train-mode) output is unchanged.
+  the BatchNorm's running mean by α and its running variance set to ``α²(var + eps) − eps``
+  (``eps`` kept, so a checkpoint stores the result), so its eval-mode output is unchanged.
 
 Supported models: a chain. The model is traced with ``torch.fx.symbolic_trace``; every operation
 must take its tensor input from the one before (shape queries such as ``x.size(0)`` aside). An
@@ -489,12 +489,14 @@ def bn_scale(model: nn.Module, alpha: float, *, bn: str | Sequence[str] | None =
     """Scale the layer feeding each (or the named) BatchNorm by α and its statistics to match.
 
     Weight and bias of the Linear/Conv right before the BatchNorm times α; ``running_mean`` times α,
-    ``running_var`` and ``eps`` times α², so ``BN(α z)`` equals the old ``BN(z)`` in eval mode (and
-    in train mode, whose batch statistics scale the same way).
+    ``running_var`` becomes ``α²(running_var + eps) − eps`` with ``eps`` unchanged, so that
+    ``sqrt(var' + eps) = α sqrt(var + eps)`` and ``BN(α z)`` equals the old ``BN(z)`` in eval
+    mode. (Train mode, which uses batch statistics and the fixed ``eps``, differs by O(eps).)
 
     Raises:
         UsageError: no BatchNorm follows a weight layer directly, a named module is not such a
-            BatchNorm, or a BatchNorm keeps no running statistics.
+            BatchNorm, a BatchNorm keeps no running statistics, or (α < 1 with a tiny running
+            variance) the new running variance would be negative.
     """
     alpha = _check_alpha(alpha)
     new = copy.deepcopy(model)
@@ -523,12 +525,19 @@ def bn_scale(model: nn.Module, alpha: float, *, bn: str | Sequence[str] | None =
         mod = norm.module
         if mod.running_mean is None or mod.running_var is None:
             raise UsageError(f"bn_scale: BatchNorm {name!r} keeps no running statistics.")
+        new_var = alpha**2 * (mod.running_var.double() + mod.eps) - mod.eps
+        if bool((new_var < 0).any()):
+            raise UsageError(
+                f"bn_scale: α={alpha:g} would make BatchNorm {name!r}'s running variance "
+                f"negative (α² (var + eps) − eps < 0 for {int((new_var < 0).sum())} channels, "
+                f"smallest var {float(mod.running_var.min()):.3g}, eps {mod.eps:g}); "
+                "use a larger α."
+            )
         layer.module.weight.mul_(alpha)
         if layer.module.bias is not None:
             layer.module.bias.mul_(alpha)
         mod.running_mean.mul_(alpha)
-        mod.running_var.mul_(alpha**2)
-        mod.eps = mod.eps * alpha**2
+        mod.running_var.copy_(new_var.to(mod.running_var.dtype))
     return new
 
 

@@ -164,14 +164,23 @@ def test_neuron_scale_through_batchnorm_scales_its_affine_rows() -> None:
     assert max_logit_difference(model, other, x) < 1e-10
 
 
-def test_bn_scale_scales_statistics_and_eps() -> None:
+def test_bn_scale_keeps_eps_and_sets_running_var() -> None:
     model, x, _ = _build(_bn_net)
     other = bn_scale(model, 3.0)
     torch.testing.assert_close(other[0].weight, 3 * model[0].weight)
-    torch.testing.assert_close(other[1].running_var, 9 * model[1].running_var)
-    assert other[1].eps == pytest.approx(9 * model[1].eps)
-    other.train(), model.train()  # batch statistics scale the same way
-    assert max_logit_difference(model, other, x) < 1e-10
+    eps = model[1].eps
+    assert other[1].eps == eps  # a checkpoint can store the result
+    torch.testing.assert_close(other[1].running_var, 9 * (model[1].running_var + eps) - eps)
+    torch.testing.assert_close(other[1].running_mean, 3 * model[1].running_mean)
+    assert max_logit_difference(model, other, x) < 1e-10  # eval mode
+
+
+def test_bn_scale_refuses_a_negative_running_var() -> None:
+    model, _, _ = _build(_bn_net)
+    with torch.no_grad():
+        model[1].running_var.fill_(1e-8)
+    with pytest.raises(UsageError, match="negative"):
+        bn_scale(model, 0.01)
 
 
 def test_chain_tracing() -> None:

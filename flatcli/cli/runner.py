@@ -161,11 +161,13 @@ def prepare_context(
     )
     dataset = data.get(name, normalization)
     spec = fill_data_kwargs(spec, dataset.num_classes, tuple(dataset.input_shape))
-    model = build_model(spec)
+    model = build_model(spec).to(
+        device=device, dtype=dtype
+    )  # cast first: float64 weights stay exact
     state = match_state_dict(model, ckpt.state_dict, source=str(path))
     check_finite(state, source=str(path))
     model.load_state_dict(state)
-    model.to(device=device, dtype=dtype).eval()
+    model.eval()
     if common.split in ("trained", "trained-clean"):
         from flatcli.train.prepare import rebuild_train_split
 

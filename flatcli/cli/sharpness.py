@@ -14,12 +14,14 @@ from flatcli.cli.options import analysis_command
 from flatcli.cli.runner import AnalysisContext, run_analysis
 from flatcli.curvature.diagonal import DiagMethod
 from flatcli.curvature.losses import LossName
+from flatcli.errors import UsageError
 from flatcli.measures.sharpness import (
     ALL_MEASURES,
     SharpnessConfig,
     SharpnessResult,
     compute_sharpness,
 )
+from flatcli.reparam import Transform, audit_invariance
 
 MeasureOpt = Annotated[
     list[str] | None,
@@ -93,6 +95,71 @@ HeadDtype = Annotated[
 PerLayer = Annotated[
     bool, typer.Option("--per-layer", help="Also a row per weight matrix (its term of each sum).")
 ]
+
+Invariance = Annotated[
+    bool,
+    typer.Option(
+        "--invariance",
+        help="Audit: each measure on the checkpoint and on a function-preserving "
+        "reparametrisation of it (--transform, --alpha), with the relative change.",
+    ),
+]
+TransformOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--transform",
+        help="layer-scale (Dinh et al.), neuron-scale (Eqs. 15-16) or bn-scale "
+        "(default with --invariance: layer-scale).",
+    ),
+]
+Alpha = Annotated[
+    float | None, typer.Option("--alpha", help="The transform's factor α > 0 (default 10).")
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="neuron-scale: the weight layer whose units are rescaled; bn-scale: the BatchNorm.",
+    ),
+]
+Neurons = Annotated[
+    int | None,
+    typer.Option(
+        "--neurons", min=1, help="neuron-scale: how many units (random, seeded; default half)."
+    ),
+]
+Rtol = Annotated[
+    float | None,
+    typer.Option(
+        "--rtol",
+        help="--invariance: threshold on the relative change "
+        "(default 1e-6 in float64, 1e-3 in float32).",
+    ),
+]
+
+
+def transform_name(value: str) -> str:
+    """The :class:`Transform` value of ``value`` (``-`` or ``_``); UsageError if unknown."""
+    name = value.strip().lower().replace("-", "_")
+    if name not in {t.value for t in Transform}:
+        valid = [t.value.replace("_", "-") for t in Transform]
+        raise UsageError(f"Unknown transform {value!r}; choose one of {', '.join(valid)}.")
+    return name
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a finite number > 0, else UsageError."""
+    if not (alpha > 0 and alpha < float("inf")):
+        raise UsageError(f"--alpha must be a finite number > 0; got {alpha}")
+    return alpha
+
+
+def layer_arg(layer: str | None, name: str) -> Any:
+    """``--layer`` as given, or an int index for neuron-scale when it is all digits."""
+    if layer is not None and layer.isdigit() and name == Transform.NEURON_SCALE.value:
+        return int(layer)
+    return layer
+
 
 _HEADERS = {
     "normalized_sharpness": ("normalized", "normalized_sharpness_stderr"),
@@ -195,8 +262,29 @@ def register(app: typer.Typer) -> None:
         step_size: StepSize = 0.25,
         head_dtype: HeadDtype = "float64",
         per_layer: PerLayer = False,
+        invariance: Invariance = False,
+        transform: TransformOpt = None,
+        alpha: Alpha = None,
+        layer: LayerOpt = None,
+        neurons: Neurons = None,
+        rtol: Rtol = None,
     ) -> None:
         with handle_errors(common.debug):  # a bad option value: one line, exit 2
+            audit_opts = {
+                "--transform": transform,
+                "--alpha": alpha,
+                "--layer": layer,
+                "--neurons": neurons,
+                "--rtol": rtol,
+            }
+            given = [k for k, v in audit_opts.items() if v is not None]
+            if given and not invariance:
+                raise UsageError(
+                    f"{', '.join(given)} only apply with --invariance "
+                    "(to write a reparametrised checkpoint, use `flatcli reparam`)"
+                )
+            if invariance and per_layer:
+                raise UsageError("--per-layer does not combine with --invariance")
             config = sharpness_options(
                 measure,
                 diag_method,
@@ -218,6 +306,9 @@ def register(app: typer.Typer) -> None:
                 common.seed,
                 common.batch_size,
             )
+
+        if invariance:
+            _audit(common, config, transform or "layer-scale", alpha, layer, neurons, rtol)
 
         def measure_fn(ctx: AnalysisContext) -> SharpnessResult:
             cfg = dataclasses.replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
@@ -241,3 +332,69 @@ def register(app: typer.Typer) -> None:
             columns_for(config),
             rows=rows if per_layer else None,
         )
+
+
+def _audit(
+    common: Any,
+    config: SharpnessConfig,
+    transform: str,
+    alpha: float | None,
+    layer: str | None,
+    neurons: int | None,
+    rtol: float | None,
+) -> None:
+    """``sharpness --invariance``: each measure on the checkpoint and on a reparametrised copy."""
+    with handle_errors(common.debug):
+        name = transform_name(transform)
+        alpha = check_alpha(10.0 if alpha is None else alpha)
+        threshold = rtol if rtol is not None else (1e-6 if common.dtype == "float64" else 1e-3)
+        parsed_layer = layer_arg(layer, name)
+
+    def measure_fn(ctx: AnalysisContext):
+        cfg = dataclasses.replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
+        return audit_invariance(
+            ctx.model,
+            ctx.x,
+            ctx.y,
+            cfg,
+            name,
+            alpha,
+            ctx.seed,
+            rtol=threshold,
+            layer=parsed_layer,
+            neurons=neurons,
+        )
+
+    def rows(label: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        out = [
+            {
+                "checkpoint": label,
+                "max_logit_difference": entry["metrics"].get("max_logit_difference"),
+            }
+        ]
+        for row in entry["details"].get("rows", []):
+            out.append(
+                {
+                    "checkpoint": f"  {row['measure']}",
+                    **row,
+                    "invariant": "yes" if row["invariant"] else "NO",
+                }
+            )
+        return out
+
+    columns = [
+        ("original", "original"),
+        ("transformed", "transformed"),
+        ("rel_change", "rel. change"),
+        ("invariant", "invariant"),
+        ("max_logit_difference", "max |Δ logit|"),
+    ]
+    extra = {
+        "invariance": True,
+        "transform": name,
+        "alpha": alpha,
+        "layer": layer,
+        "neurons": neurons,
+        "rtol": threshold,
+    }
+    run_analysis("sharpness", common, {**config.to_dict(), **extra}, measure_fn, columns, rows=rows)

@@ -271,3 +271,28 @@ def test_deterministic(setup):
         )
         outs.append(json.loads(out.read_text())["results"][0]["metrics"])
     assert outs[0] == outs[1]
+
+
+def test_float64_weights_are_not_rounded_through_float32(setup):
+    tmp, data, model, _ = setup
+    sd = {k: v.double() + 1e-12 for k, v in model.state_dict().items()}
+    path = tmp / "f64.pt"
+    torch.save(sd, path)
+    seen = {}
+    app = typer.Typer()
+
+    @app.callback()
+    def _cb() -> None:
+        pass
+
+    @analysis_command(app, "peek")
+    def peek(common) -> None:
+        def measure(ctx: AnalysisContext):
+            seen.update({k: v.detach().clone() for k, v in ctx.model.state_dict().items()})
+            return _Loss(0.0, 0.0)
+
+        run_analysis("peek", common, {}, measure, columns=[("loss", "loss")])
+
+    res = _run(app, ["peek", str(path), *_common(tmp, data), "--dtype", "float64", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert all(torch.equal(seen[k], v) for k, v in sd.items())

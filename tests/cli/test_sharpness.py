@@ -11,13 +11,18 @@ from torch import nn
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
-from flatcli.io.checkpoint import load_checkpoint
+from flatcli.io.checkpoint import load_checkpoint, save_checkpoint
+from flatcli.io.spec import build_model, spec_from_dict
 
 FACTORY = """
 from torch import nn
 def make():
     return nn.Sequential(
         nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+    )
+def make_bn():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)
     )
 def make_tanh():
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -138,49 +143,190 @@ def test_sharpness_bad_option(setup) -> None:
     assert "Unknown measure" in res.output
 
 
-def test_reparam_audit_and_output(setup) -> None:
-    tmp, common = setup
-    out, ckpt = tmp / "a.json", tmp / "scaled.safetensors"
-    res = _run(
+def _audit(tmp, common, out, *extra):
+    return _run(
         [
-            "reparam",
+            "sharpness",
             str(tmp / "m.pt"),
             "--model",
             f"{tmp / 'nets.py'}:make",
             *common,
-            "--transform",
-            "neuron-scale",
-            "--alpha",
-            "10",
+            "--invariance",
             "--diag-method",
             "exact",
-            "--eps-steps",
-            "3",
-            "--adaptive-steps",
-            "3",
+            "--measure",
+            "normalized_sharpness",
+            "--measure",
+            "hessian_trace",
             "--json",
             str(out),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("transform", ["layer-scale", "neuron-scale"])
+def test_sharpness_invariance_audit(setup, transform) -> None:
+    tmp, common = setup
+    out = tmp / "a.json"
+    res = _audit(tmp, common, out, "--transform", transform, "--alpha", "10")
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["command"] == "sharpness" and report["config"]["invariance"]
+    entry = report["results"][0]
+    rows = {r["measure"]: r for r in entry["details"]["rows"]}
+    assert set(rows) == {"normalized_sharpness", "hessian_trace"}
+    assert entry["metrics"]["max_logit_difference"] < 1e-10
+    assert rows["normalized_sharpness"]["invariant"]
+    assert rows["normalized_sharpness"]["rel_change"] < 1e-6
+    assert not rows["hessian_trace"]["invariant"]
+    assert rows["hessian_trace"]["rel_change"] > 1e-2
+
+
+def test_sharpness_invariance_table(setup) -> None:
+    tmp, common = setup
+    common = [c for c in common if c != "--quiet"]
+    res = _audit(tmp, common, tmp / "a.json", "--alpha", "5")
+    assert res.exit_code == 0, res.output
+    for word in ("original", "transformed", "rel. change", "invariant", "yes", "NO"):
+        assert word in res.output
+
+
+def test_transform_without_invariance_is_a_usage_error(setup) -> None:
+    tmp, common = setup
+    for extra in (["--transform", "layer-scale"], ["--alpha", "3"]):
+        res = _run(
+            ["sharpness", str(tmp / "m.pt"), "--model", f"{tmp / 'nets.py'}:make", *common, *extra]
+        )
+        assert res.exit_code == 2, res.output
+        assert "--invariance" in res.output
+
+
+def _zoo_checkpoint(tmp):
+    """A zoo-spec checkpoint that names its data, so no --model / --dataset is needed."""
+    spec = {"arch": "mlp", "kwargs": {"in_features": 6, "hidden": [5, 4], "num_classes": 3}}
+    torch.manual_seed(0)
+    model = build_model(spec_from_dict(spec, source="test", base_dir=None, trusted=True))
+    path = tmp / "z.safetensors"
+    meta = {"dataset": f"tensors:{tmp / 'data.safetensors'}"}
+    save_checkpoint(path, model.double().state_dict(), spec=spec, meta=meta)
+    return path
+
+
+def _logits(path, x):
+    ckpt = load_checkpoint(path)
+    model = build_model(spec_from_dict(ckpt.spec, source="t", base_dir=None, trusted=True))
+    model = model.double()
+    model.load_state_dict(ckpt.state_dict)
+    return model.eval()(x)
+
+
+@pytest.mark.parametrize("transform", ["layer-scale", "neuron-scale"])
+def test_reparam_writes_an_equivalent_checkpoint(setup, transform) -> None:
+    tmp, _ = setup
+    src, dst, out = _zoo_checkpoint(tmp), tmp / "scaled.safetensors", tmp / "r.json"
+    res = _run(
+        [
+            "reparam",
+            str(src),
+            "--transform",
+            transform,
+            "--alpha",
+            "7",
             "-o",
-            str(ckpt),
+            str(dst),
+            "--dtype",
+            "float64",
+            "--json",
+            str(out),
+            "--quiet",
         ]
     )
     assert res.exit_code == 0, res.output
     entry = json.loads(out.read_text())["results"][0]
-    rows = {r["measure"]: r for r in entry["details"]["rows"]}
     assert entry["metrics"]["max_logit_difference"] < 1e-10
-    assert rows["normalized_sharpness"]["invariant"] and rows["adaptive_sharpness"]["invariant"]
-    assert (
-        not rows["matrix_normalized_sharpness"]["invariant"]
-        and not rows["hessian_trace"]["invariant"]
+    assert entry["metrics"]["num_params"] == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
+    assert "normalized_sharpness" not in entry["metrics"]
+    saved = load_checkpoint(dst)
+    assert saved.meta["reparam"]["transform"] == transform.replace("-", "_")
+    assert saved.meta["dataset"] == load_checkpoint(src).meta["dataset"]
+    before, after = load_checkpoint(src).state_dict, saved.state_dict
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    x = torch.randn(30, 6, dtype=torch.float64)
+    assert (_logits(src, x) - _logits(dst, x)).abs().max() < 1e-10
+    # the written checkpoint is a normal one: another command reads it with no extra arguments
+    again = _run(
+        [
+            "sharpness",
+            str(dst),
+            "--measure",
+            "hessian_trace",
+            "--diag-method",
+            "exact",
+            "--dtype",
+            "float64",
+            "--quiet",
+        ]
     )
-    saved = load_checkpoint(ckpt)
-    assert saved.meta["reparam"]["transform"] == "neuron_scale"
-    torch.manual_seed(0)
-    original = torch.load(tmp / "m.pt")
-    assert not torch.equal(saved.state_dict["1.weight"], original["1.weight"])
+    assert again.exit_code == 0, again.output
 
 
-def test_reparam_refuses_tanh(setup) -> None:
+def test_reparam_bn_scale_checkpoint(setup) -> None:
+    tmp, common = setup
+    torch.manual_seed(1)
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        bn[2].running_mean.uniform_(-0.5, 0.5)
+        bn[2].running_var.uniform_(0.5, 2.0)
+    # float32 values: the runner fills a float32 model before casting it to --dtype float64
+    bn = bn.double()
+    torch.save(bn.state_dict(), tmp / "bn.pt")
+    dst, out = tmp / "bn_scaled.safetensors", tmp / "r.json"
+    res = _run(
+        [
+            "reparam",
+            str(tmp / "bn.pt"),
+            "--model",
+            f"{tmp / 'nets.py'}:make_bn",
+            *common,
+            "--transform",
+            "bn-scale",
+            "--alpha",
+            "3",
+            "-o",
+            str(dst),
+            "--json",
+            str(out),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["results"][0]["metrics"]["max_logit_difference"] < 1e-10
+    other = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)
+    ).double()
+    other.load_state_dict(load_checkpoint(dst).state_dict)
+    assert other[2].eps == bn[2].eps
+    x = torch.randn(30, 6, dtype=torch.float64)
+    assert (bn.eval()(x) - other.eval()(x)).abs().max() < 1e-10
+    small = _run(
+        [
+            "reparam",
+            str(dst),
+            "--model",
+            f"{tmp / 'nets.py'}:make_bn",
+            *common,
+            "--transform",
+            "bn-scale",
+            "--alpha",
+            "1e-3",
+            "-o",
+            str(tmp / "neg.safetensors"),
+        ]
+    )
+    assert small.exit_code in (1, 2) and "negative" in small.output
+
+
+def test_reparam_refusals(setup) -> None:
     tmp, common = setup
     res = _run(
         [
@@ -191,12 +337,14 @@ def test_reparam_refuses_tanh(setup) -> None:
             *common,
             "--transform",
             "layer-scale",
-            "--measure",
-            "hessian_trace",
+            "-o",
+            str(tmp / "o.safetensors"),
         ]
     )
-    assert res.exit_code == 1  # the checkpoint cannot be measured this way
+    assert res.exit_code in (1, 2)
     assert "homogeneous" in res.output or "smooth activation" in res.output
+    assert len([ln for ln in res.output.splitlines() if "layer_scale" in ln]) == 1
+    assert not (tmp / "o.safetensors").exists()
     bad = _run(
         [
             "reparam",
@@ -206,6 +354,10 @@ def test_reparam_refuses_tanh(setup) -> None:
             *common,
             "--transform",
             "rotate",
+            "-o",
+            str(tmp / "o.safetensors"),
         ]
     )
     assert bad.exit_code == 2 and "Unknown transform" in bad.output
+    missing = _run(["reparam", str(tmp / "m.pt"), "--transform", "layer-scale", *common])
+    assert missing.exit_code == 2
