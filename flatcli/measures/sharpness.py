@@ -508,43 +508,24 @@ def _compute(
         "batch_size": config.batch_size,
         "head_dtype": config.head,
     }
-    if SharpnessMeasure.EPS.value in wanted:
-        progress("eps-sharpness", done, total_steps)
-        name = SharpnessMeasure.EPS.value
+    worst_case = {
+        SharpnessMeasure.EPS.value: (
+            "eps-sharpness",
+            eps_sharpness,
+            {"eps": config.eps, "steps": config.eps_steps},
+        ),
+        SharpnessMeasure.ADAPTIVE.value: (
+            "adaptive sharpness",
+            adaptive_sharpness,
+            {"rho": config.adaptive_rho, "p": config.adaptive_p, "steps": config.adaptive_steps},
+        ),
+    }
+    for name, (label, fn, kwargs) in worst_case.items():
+        if name not in wanted:
+            continue
+        progress(label, done, total_steps)
         start = time.perf_counter()
-        res = eps_sharpness(
-            model,
-            x,
-            y,
-            eps=config.eps,
-            steps=config.eps_steps,
-            step_size=config.step_size,
-            **worst_kwargs,
-        )
-        values[name] = res.value
-        settings[name] = {
-            **res.settings,
-            "loss": config.classic_loss,
-            "base_loss": res.base_loss,
-            "max_loss": res.max_loss,
-        }
-        seconds[name] = time.perf_counter() - start
-        done += 1
-
-    if SharpnessMeasure.ADAPTIVE.value in wanted:
-        progress("adaptive sharpness", done, total_steps)
-        name = SharpnessMeasure.ADAPTIVE.value
-        start = time.perf_counter()
-        res = adaptive_sharpness(
-            model,
-            x,
-            y,
-            rho=config.adaptive_rho,
-            p=config.adaptive_p,
-            steps=config.adaptive_steps,
-            step_size=config.step_size,
-            **worst_kwargs,
-        )
+        res = fn(model, x, y, step_size=config.step_size, **kwargs, **worst_kwargs)
         values[name] = res.value
         settings[name] = {
             **res.settings,
