@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
@@ -43,4 +44,7 @@ for _module in (train, spectrum, sharpness, reparam, gamma):
 
 def main() -> None:
     """Console-script entry point."""
+    # torch 2.15 warns about its own internal use of torch.jit.script (in torch.func and
+    # torch.fx); a user of the command line can do nothing about it.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     app()
