@@ -54,3 +54,29 @@ def make_case(
     x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
     return model, x, y
+
+
+TANH_MLP_FACTORY = """
+from torch import nn
+def make():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+"""
+"""A ``nets.py`` source whose ``make()`` builds a tiny tanh MLP for 6 inputs and 3 classes."""
+
+
+def write_cli_problem(folder, n: int, factory: str = TANH_MLP_FACTORY, seed: int = 0) -> dict:
+    """Write what a CLI test needs into ``folder``: ``nets.py`` and ``data.safetensors``.
+
+    ``data.safetensors`` holds ``x`` (n, 6) float64 and ``y`` (n,) in 0..2, drawn from ``seed``.
+    Returns the namespace of the executed factory source (its builders by name).
+    """
+    from safetensors.torch import save_file
+
+    (folder / "nets.py").write_text(factory)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    save_file({"x": x, "y": y}, str(folder / "data.safetensors"))
+    namespace: dict = {}
+    exec(factory, namespace)
+    return namespace

@@ -9,31 +9,19 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
 from flatcli.errors import MeasureError, UsageError
 from flatcli.io import plot as plotting
-
-FACTORY = """
-from torch import nn
-def make():
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-"""
+from tests.cases import write_cli_problem
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two checkpoints of one small MLP in ``ckpts/`` and a ``tensors:`` dataset."""
     tmp = tmp_path_factory.mktemp("plot")
-    (tmp / "nets.py").write_text(FACTORY)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (24,), generator=g)
-    save_file({"x": x, "y": y}, str(tmp / "data.safetensors"))
-    ns: dict = {}
-    exec(FACTORY, ns)
+    ns = write_cli_problem(tmp, 24)
     (tmp / "ckpts").mkdir()
     for i, scale in enumerate((1.0, 3.0)):
         torch.manual_seed(i)
@@ -90,8 +78,9 @@ def test_failed_checkpoint_is_left_out_of_the_plot(setup, tmp_path):
         (folder / name).write_bytes((setup / "ckpts" / name).read_bytes())
     torch.save({"1.weight": torch.zeros(2, 2)}, folder / "broken.pt")  # does not fit the model
     png, report = tmp_path / "mixed.png", tmp_path / "mixed.json"
-    res = _invoke(setup, "--top-k", "3", "--plot", str(png), "--json", str(report), "-q",
-                  target=folder)
+    res = _invoke(
+        setup, "--top-k", "3", "--plot", str(png), "--json", str(report), "-q", target=folder
+    )
     assert res.exit_code == 1, res.output
     assert "broken.pt" in res.output
     _check_png(png)
@@ -121,8 +110,9 @@ def test_missing_matplotlib_exits_2_before_measuring(setup, tmp_path, monkeypatc
         (["--top-k", "2"], "x.jpg", ".png, .pdf or .svg"),
     ],
 )
-def test_plot_usage_errors_exit_2_before_measuring(setup, tmp_path, monkeypatch, args, name,
-                                                   message):
+def test_plot_usage_errors_exit_2_before_measuring(
+    setup, tmp_path, monkeypatch, args, name, message
+):
     monkeypatch.setattr("flatcli.cli.spectrum.compute_spectrum", None)  # would fail if called
     res = _invoke(setup, *args, "--plot", str(tmp_path / name))
     assert res.exit_code == 2, res.output
@@ -132,8 +122,16 @@ def test_plot_usage_errors_exit_2_before_measuring(setup, tmp_path, monkeypatch,
 def test_plot_failure_keeps_the_report(setup, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     report = tmp_path / "r.json"
-    res = _invoke(setup, "--top-k", "2", "--plot", str(tmp_path / "a_file" / "x.png"),
-                  "--json", str(report), "-q")
+    res = _invoke(
+        setup,
+        "--top-k",
+        "2",
+        "--plot",
+        str(tmp_path / "a_file" / "x.png"),
+        "--json",
+        str(report),
+        "-q",
+    )
     assert res.exit_code == 1, res.output
     assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
     assert "Traceback" not in res.output
@@ -165,10 +163,20 @@ def test_density_is_clipped_on_a_log_axis():
 
 
 def test_per_layer_union_of_layers_and_titles():
-    a = _entry("a.pt", per_layer=[{"name": "fc1", "top_eigenvalue": 2.0, "trace": 5.0},
-                                  {"name": "fc2", "top_eigenvalue": -1.0, "trace": 1.0}])
-    b = _entry("b.pt", per_layer=[{"name": "fc2", "top_eigenvalue": 3.0, "trace": 4.0},
-                                  {"name": "fc3", "top_eigenvalue": None, "trace": 2.0}])
+    a = _entry(
+        "a.pt",
+        per_layer=[
+            {"name": "fc1", "top_eigenvalue": 2.0, "trace": 5.0},
+            {"name": "fc2", "top_eigenvalue": -1.0, "trace": 1.0},
+        ],
+    )
+    b = _entry(
+        "b.pt",
+        per_layer=[
+            {"name": "fc2", "top_eigenvalue": 3.0, "trace": 4.0},
+            {"name": "fc3", "top_eigenvalue": None, "trace": 2.0},
+        ],
+    )
     fig = plotting._per_layer([a["details"], b["details"]], ["a.pt", "b.pt"], "GGN", "smallest")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["fc1", "fc2", "fc3"]
@@ -204,8 +212,9 @@ def test_plot_spectrum_skips_errors_and_same_names(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pdf", ".svg"])
 def test_other_formats_by_suffix(tmp_path, suffix):
-    out = plotting.plot_spectrum([_entry("a.pt", eigenvalues=[1.0])], tmp_path / f"e{suffix}",
-                                 "eigenvalues")
+    out = plotting.plot_spectrum(
+        [_entry("a.pt", eigenvalues=[1.0])], tmp_path / f"e{suffix}", "eigenvalues"
+    )
     head = out.read_bytes()[:200]
     assert head.startswith(b"%PDF") if suffix == ".pdf" else b"<svg" in out.read_bytes()
 
@@ -230,6 +239,7 @@ def test_matplotlib_is_imported_only_when_plotting():
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root}
     code = "import sys, flatcli.cli.app, flatcli.io.plot; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=root, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env
+    )
     assert out.stdout.strip() == "False"

@@ -34,3 +34,10 @@ def finite_or_none(v: Any) -> Any:
 def floats(t: Tensor) -> list[float | None]:
     """A tensor's entries as a JSON-ready list, non-finite entries as None."""
     return [finite_or_none(float(v)) for v in t.tolist()]
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise a UsageError with the message of the first ``(ok, message)`` check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)

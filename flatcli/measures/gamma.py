@@ -60,6 +60,7 @@ from flatcli.errors import UsageError
 from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
+from flatcli.measures._config import require as _require
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = [
@@ -146,9 +147,7 @@ class GammaConfig:
                 f"robustness_max_iter must be >= 1. Got {self.robustness_max_iter}.",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        _require(checks)
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, JSON-ready."""

@@ -63,6 +63,7 @@ from flatcli.curvature.trace import hutchinson
 from flatcli.errors import MeasureError, UsageError
 from flatcli.measures._config import HEAD_DTYPES as _HEAD_DTYPES
 from flatcli.measures._config import choice as _choice
+from flatcli.measures._config import require as _require
 from flatcli.measures.normalized_sharpness import (
     LayerSolution,
     layer_terms,
@@ -200,9 +201,7 @@ class SharpnessConfig:
                 f"batch_size must be >= 1. Got {self.batch_size}.",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        _require(checks)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready values."""

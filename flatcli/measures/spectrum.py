@@ -36,6 +36,7 @@ from flatcli.measures._config import HEAD_DTYPES as _HEAD_DTYPES
 from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
+from flatcli.measures._config import require as _require
 from flatcli.progress import ProgressFn
 
 __all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "compute_spectrum"]
@@ -142,9 +143,7 @@ class SpectrumConfig:
                 f"batch_size must be >= 1. Got {self.batch_size}.",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        _require(checks)
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, JSON-ready."""

@@ -6,32 +6,29 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
+from tests.cases import TANH_MLP_FACTORY, write_cli_problem
 from tests.curvature.test_gram import dense_jacobian
 from tests.io.test_report import validate_report
 
-FACTORY = """
-from torch import nn
-def make():
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+FACTORY = (
+    TANH_MLP_FACTORY
+    + """
 def tiny():
     return nn.Sequential(nn.Linear(6, 1), nn.Tanh(), nn.Linear(1, 3))
 """
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gamma")
-    (tmp / "nets.py").write_text(FACTORY)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (16,), generator=g)
-    save_file({"x": x, "y": y}, str(tmp / "data.safetensors"))
-    ns: dict = {}
-    exec(FACTORY, ns)
+    ns = write_cli_problem(tmp, 16, FACTORY)
+    data = load_file(str(tmp / "data.safetensors"))
+    x, y = data["x"], data["y"]
     torch.manual_seed(0)
     model = ns["make"]().double().eval()
     torch.save(model.state_dict(), tmp / "m.pt")

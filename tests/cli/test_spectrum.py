@@ -6,31 +6,22 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
 from flatcli.curvature.linop import to_dense
 from flatcli.curvature.operators import make_operator
+from tests.cases import write_cli_problem
 from tests.io.test_report import validate_report
-
-FACTORY = """
-from torch import nn
-def make():
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spectrum")
-    (tmp / "nets.py").write_text(FACTORY)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (24,), generator=g)
-    save_file({"x": x, "y": y}, str(tmp / "data.safetensors"))
-    ns: dict = {}
-    exec(FACTORY, ns)
+    ns = write_cli_problem(tmp, 24)
+    data = load_file(str(tmp / "data.safetensors"))
+    x, y = data["x"], data["y"]
     torch.manual_seed(0)
     model = ns["make"]().double().eval()
     torch.save(model.state_dict(), tmp / "m.pt")
@@ -49,8 +40,20 @@ def test_eigenvalues_trace_and_density_in_the_report(setup):
     tmp, H = setup
     out = tmp / "r.json"
     res = _invoke(
-        tmp, "--top-k", "3", "--tol", "1e-10", "--trace", "--probes", "180", "--density",
-        "--lanczos-steps", "40", "--json", str(out), "--quiet",
+        tmp,
+        "--top-k",
+        "3",
+        "--tol",
+        "1e-10",
+        "--trace",
+        "--probes",
+        "180",
+        "--density",
+        "--lanczos-steps",
+        "40",
+        "--json",
+        str(out),
+        "--quiet",
     )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
