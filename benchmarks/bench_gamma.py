@@ -1,4 +1,4 @@
-"""Benchmark of ``flatcli gamma``'s per-example Gram engine (docs/_parts/gamma-benchmarks.md).
+"""Benchmark of ``flatcli gamma``'s per-example Gram engine (results in docs/benchmarks.md).
 
 Time: γ̂ with N' = 100, T = 100 (10,000 per-example gradients) on LeNet-5 (model_zoo ``lenet5``,
 float32) on the bundled mnist5k training split, against the floor = one batched forward +

@@ -1,6 +1,6 @@
 """Top-k Hessian eigenvalues: flatcli's Lanczos against PyHessian's power iteration with deflation.
 
-A 784-32-32-10 ReLU MLP (26,506 parameters, the network of NOTES.md) is trained briefly with Adam
+A 784-32-32-10 ReLU MLP (26,506 parameters) is trained briefly with Adam
 on the bundled mnist5k training split; its Hessian over those 4,000 examples (float32, as the CLI
 runs by default) is the operator. Ground truth: Lanczos on the same Hessian in float64 with
 residuals verified (extra products) below 1e-10 |λ_max|, so eigenvalue errors below 1e-10.

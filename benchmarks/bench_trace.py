@@ -6,7 +6,7 @@ eigenvalues that carry most of ``||H||_F``, which is what Hutchinson's variance
 ``2 Σ_{i≠j} H_ij²`` is made of; Hutch++ (Meyer et al. 2021) removes them with a sketch and
 estimates only the remainder.
 
-Exact trace: for a ReLU MLP the Hessian diagonal equals the Gauss-Newton diagonal (NOTES.md), so
+Exact trace: for a ReLU MLP (piecewise linear) the Hessian diagonal equals the GGN diagonal, so
 ``tr(H) = Σ diag(GGN)``, computed exactly from per-example Jacobians
 (:func:`flatcli.curvature.diagonal.ggn_diagonal`).
 

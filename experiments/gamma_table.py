@@ -17,7 +17,14 @@ from scipy import stats
 
 from flatcli.io.checkpoint import load_checkpoint
 
-METRICS = ("gamma_hat", "fisher_frobenius_sq", "spectral_radius", "fisher_trace", "robustness")
+METRICS = (
+    "gamma_hat",
+    "fisher_frobenius_sq",  # exact ||xi||_F^2 / N'^2
+    "fisher_frobenius_sq_diag",  # Jia & Su's Appendix D estimate, (1/N') sum ||g_n||^4
+    "spectral_radius",
+    "fisher_trace",
+    "robustness",
+)
 
 
 def main() -> None:

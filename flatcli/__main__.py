@@ -1,3 +1,6 @@
+"""``python -m flatcli``: the same as the ``flatcli`` console script."""
+
 from flatcli.cli.app import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Exceptions that carry a one-line, actionable message and the exit code of CONTRACTS.md."""
+"""Exceptions that carry a one-line, actionable message and a documented exit code."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from __future__ import annotations
 class FlatcliError(Exception):
     """Base of every error flatcli reports to a user: the message says what is wrong and what to do.
 
-    ``exit_code`` follows CONTRACTS.md: 1 for a checkpoint that failed to load or measure,
-    2 for bad usage (unknown dataset or zoo name, unreadable spec, bad option value).
+    ``exit_code`` follows the README's "Reports and exit codes": 1 for a checkpoint that failed
+    to load or measure, 2 for bad usage (unknown dataset or zoo name, unreadable spec, bad option
+    value).
     """
 
     exit_code: int = 1

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
-from flatcli.cli.errors import handle_errors
 from flatcli.cli.options import analysis_command
 from flatcli.cli.runner import AnalysisContext, run_analysis
 from flatcli.curvature.gram import GramMethod
 from flatcli.measures.gamma import BNMode, GammaConfig, GammaResult, compute_gamma
+from flatcli.measures.registry import get_measure, reported_keys
 
 Samples = Annotated[
     int, typer.Option("--samples", min=1, help="N': examples per sample S^t (the paper: 100).")
@@ -70,18 +70,17 @@ def register(app: typer.Typer) -> None:
         method: MethodOpt = GramMethod.AUTO,
         head_dtype: HeadDtype = "float64",
     ) -> None:
-        with handle_errors(common.debug):  # a bad option value: one line, exit 2
-            config = GammaConfig(
-                samples=samples,
-                trials=trials,
-                logit_scale=logit_scale,
-                baselines=baselines,
-                bn_mode=bn_mode.value,
-                seed=common.seed,
-                batch_size=common.batch_size,
-                method=method.value,
-                head_dtype=head_dtype,
-            )
+        config = GammaConfig(
+            samples=samples,
+            trials=trials,
+            logit_scale=logit_scale,
+            baselines=baselines,
+            bn_mode=bn_mode.value,
+            seed=common.seed,
+            batch_size=common.batch_size,
+            method=method.value,
+            head_dtype=head_dtype,
+        )
 
         def measure(ctx: AnalysisContext) -> GammaResult:
             cfg = dataclasses.replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
@@ -93,8 +92,10 @@ def register(app: typer.Typer) -> None:
             ("fisher_trace", "tr/N'"),
             ("spectral_radius", "λ_max"),
             ("fisher_frobenius_sq", "‖ξ‖²_F/N'²"),
+            ("fisher_frobenius_sq_diag", "Σ‖g‖⁴/N'"),
         ]
         if baselines:
             columns.append(("robustness", "robustness"))
         columns.append(("num_params", "params"))
-        run_analysis("gamma", common, config.to_dict(), measure, columns)
+        metrics = reported_keys(get_measure("gamma"), config)
+        run_analysis("gamma", common, config.to_dict(), measure, columns, metrics=metrics)

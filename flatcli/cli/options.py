@@ -1,4 +1,4 @@
-"""Options shared by the analysis commands, defined once (CONTRACTS.md "Common options").
+"""Options shared by the analysis commands, defined once (README "Common options").
 
 :func:`analysis_command` registers a command function whose signature is extended with the
 CHECKPOINT argument and every common option; the function receives them bundled as ``common``.

@@ -3,8 +3,9 @@
 ``flatcli reparam CHECKPOINT --transform KIND [--alpha A] [--layer L] [--neurons N] -o OUT``
 applies a function-preserving reparametrisation (layer-scale, neuron-scale or bn-scale, see
 :mod:`flatcli.reparam`), writes it with the original's spec and record (plus a ``reparam``
-entry), and reports the largest logit difference between the two networks on the data (round-off
-level) and the parameter count. The sharpness audit is ``flatcli sharpness --invariance``.
+entry; for a checkpoint without flatcli's record, the spec and dataset this run used, so the
+output needs no ``--model`` or ``--dataset``), and reports the largest logit difference between
+the two networks on the data (round-off level) and the parameter count. The sharpness audit is ``flatcli sharpness --invariance``.
 
 No ``from __future__ import annotations`` here: the option annotations must be objects, since
 ``analysis_command`` re-evaluates string annotations in its own module's namespace.
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flatcli import distributed
 from flatcli.cli.errors import handle_errors
 from flatcli.cli.options import analysis_command
 from flatcli.cli.runner import AnalysisContext, run_analysis
@@ -92,20 +94,31 @@ def register(app: typer.Typer) -> None:
                 k: v.detach().to("cpu", stored[k].dtype if k in stored else v.dtype).contiguous()
                 for k, v in other.state_dict().items()
             }
+            meta = dict(ctx.checkpoint.meta or {})
+            spec_record = ctx.spec.to_dict()
+            if meta.get("dataset") is None:  # not flatcli's: record what this run used
+                meta.update(
+                    dataset=ctx.dataset.name,
+                    normalization=ctx.dataset.normalization,
+                    num_classes=ctx.dataset.num_classes,
+                    input_shape=list(ctx.dataset.input_shape),
+                )
+            spec_record.setdefault("dataset", meta["dataset"])
             meta = {
-                **(ctx.checkpoint.meta or {}),
+                **meta,
                 "reparam": {
                     "transform": name,
                     "alpha": alpha,
                     "layer": layer,
                     "neurons": neurons,
                     "seed": ctx.seed,
-                    "source": str(ctx.checkpoint.path),
+                    "source": str(Path(ctx.checkpoint.path).resolve()),
                     "source_sha256": ctx.checkpoint.sha256,
                     "max_logit_difference": diff,
                 },
             }
-            save_checkpoint(output, state, spec=ctx.spec.to_dict(), meta=meta)
+            if distributed.is_main():  # under torchrun every rank computes it; rank 0 writes
+                save_checkpoint(output, state, spec=spec_record, meta=meta)
             return ReparamResult(
                 max_logit_difference=diff,
                 num_params=sum(p.numel() for p in other.parameters()),

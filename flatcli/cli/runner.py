@@ -7,37 +7,25 @@ devices, per-checkpoint error isolation, tables, JSON reports, gates and exit co
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import typer
-from torch import Tensor, nn
 
-from flatcli.cli.errors import describe, handle_errors, print_error
+from flatcli import distributed
+from flatcli.cli.errors import describe, print_error
 from flatcli.cli.options import CommonOptions
-from flatcli.cli.output import progress_bar, render_table
-from flatcli.errors import CheckpointError, UsageError
-from flatcli.io.checkpoint import (
-    Checkpoint,
-    check_finite,
-    expand_checkpoints,
-    load_checkpoint,
-    match_state_dict,
-)
-from flatcli.io.report import build_report, environment_info, result_entry, write_report
-from flatcli.io.spec import (
-    ModelSpec,
-    build_model,
-    fill_data_kwargs,
-    parse_model_option,
-    resolve_spec,
-)
-from flatcli.progress import ProgressFn
+from flatcli.cli.output import Output
+from flatcli.errors import UsageError
+from flatcli.io.checkpoint import expand_checkpoints
+from flatcli.io.load import DatasetCache, Run, load, resolve_device, resolve_dtype
+from flatcli.io.report import build_report, environment_info, result_entry
+from flatcli.io.spec import ModelSpec, parse_model_option
+from flatcli.progress import ProgressFn, no_progress
 
 
 class MeasureResult(Protocol):
@@ -49,56 +37,15 @@ class MeasureResult(Protocol):
 
 
 @dataclass
-class AnalysisContext:
-    """Everything a measure needs for one checkpoint, already on the device and in the dtype."""
+class AnalysisContext(Run):
+    """A :class:`~flatcli.io.load.Run` plus the progress callback of one command's run (the
+    bar of its checkpoint) and scratch space for the command."""
 
-    checkpoint: Checkpoint
-    spec: ModelSpec
-    model: nn.Module
-    dataset: Any
-    x: Tensor
-    y: Tensor
-    num_classes: int
-    device: torch.device
-    dtype: torch.dtype
-    seed: int
-    batch_size: int | None
-    progress: ProgressFn
+    progress: ProgressFn = no_progress
     extra: dict = field(default_factory=dict)
 
 
 Measure = Callable[[AnalysisContext], MeasureResult]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else MPS, else CPU; an unavailable explicit device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got '{name}'") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu"
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise UsageError(
-            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(
-            "--device mps asked for Apple MPS, which is not available here; use --device cpu"
-        )
-    return device
 
 
 def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
@@ -117,119 +64,37 @@ def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
     return gates
 
 
-class _DataCache:
-    """Datasets loaded once per (name, normalisation) for a whole batch of checkpoints."""
+class _DataCache(DatasetCache):
+    """The datasets of one run, from the common options' --data-dir and --download."""
 
     def __init__(self, common: CommonOptions) -> None:
-        self.common = common
-        self._cache: dict[str, Any] = {}
-
-    def get(self, name: str, normalization: Any = "default"):
-        from flatcli.data import load_dataset
-
-        key = json.dumps([name, normalization], sort_keys=True, default=str)
-        if key not in self._cache:
-            self._cache[key] = load_dataset(
-                name,
-                data_dir=self.common.data_dir,
-                download=self.common.download,
-                normalization=normalization,
-            )
-        return self._cache[key]
+        super().__init__(common.data_dir, common.download)
 
 
 def prepare_context(
     path: Path,
     common: CommonOptions,
     model_option: ModelSpec | None,
-    data: _DataCache,
+    data: DatasetCache,
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressFn,
 ) -> AnalysisContext:
-    """Load one checkpoint, build and fill its model, and fetch its data on the device."""
-    from flatcli.data import subset
-
-    ckpt = load_checkpoint(path, unsafe=common.unsafe_load)
-    spec = resolve_spec(path, model_option, ckpt.spec)
-    meta = ckpt.meta or {}
-    name = common.dataset or meta.get("dataset") or spec.dataset
-    if name is None:
-        raise CheckpointError(f"no dataset recorded for {path}: pass --dataset")
-    normalization = (
-        meta.get("normalization", "default") if name == meta.get("dataset") else "default"
-    )
-    dataset = data.get(name, normalization)
-    spec = fill_data_kwargs(spec, dataset.num_classes, tuple(dataset.input_shape))
-    model = build_model(spec).to(
-        device=device, dtype=dtype
-    )  # cast first: float64 weights stay exact
-    state = match_state_dict(model, ckpt.state_dict, source=str(path))
-    check_finite(state, source=str(path))
-    model.load_state_dict(state)
-    model.eval()
-    if common.split in ("trained", "trained-clean"):
-        from flatcli.train.prepare import rebuild_train_split
-
-        if name != meta.get("dataset"):
-            raise CheckpointError(
-                f"--split trained rebuilds the data {path.name} was trained on, from dataset "
-                f"{meta.get('dataset')!r}; drop --dataset {name} or use --split train"
-            )
-        split = rebuild_train_split(
-            dataset.train, dataset.num_classes, meta, clean=common.split == "trained-clean"
-        )
-    else:
-        split = dataset.split(common.split)
-    split = subset(split, common.max_examples, common.seed)
-    x = split.x.to(device=device, dtype=dtype)
-    y = split.y.to(device=device)
-    _check_fits(model, x, y, dataset.num_classes, spec, name, path)
-    return AnalysisContext(
-        checkpoint=ckpt,
-        spec=spec,
-        model=model,
-        dataset=dataset,
-        x=x,
-        y=y,
-        num_classes=dataset.num_classes,
+    """Load one checkpoint (:func:`flatcli.io.load.load`) with the common options applied."""
+    run = load(
+        path,
+        model=model_option,
+        dataset=common.dataset,
+        split=common.split,
+        max_examples=common.max_examples,
+        seed=common.seed,
         device=device,
         dtype=dtype,
-        seed=common.seed,
+        unsafe_load=common.unsafe_load,
         batch_size=common.batch_size,
-        progress=progress,
+        datasets=data,
     )
-
-
-def _check_fits(
-    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: ModelSpec, name: str, path: Path
-) -> None:
-    shape = tuple(x.shape[1:])
-    if spec.input_shape is not None and tuple(spec.input_shape) != shape:
-        raise CheckpointError(
-            f"dataset {name} has inputs of shape {list(shape)} but the spec of {path.name} "
-            f"expects {list(spec.input_shape)}; pick the matching --dataset or --model"
-        )
-    try:
-        with torch.no_grad():
-            out = model(x[:2])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise CheckpointError(
-            f"inputs of shape {list(shape)} from dataset {name} do not fit the model of "
-            f"{path.name} "
-            f"({first}); pick the matching --dataset or --model"
-        ) from e
-    if out.ndim != 2:
-        raise CheckpointError(
-            f"the model of {path.name} returns outputs of shape {list(out.shape)}; flatcli needs "
-            "logits of shape (batch, classes)"
-        )
-    if out.shape[1] < num_classes or (y.numel() and int(y.max()) >= out.shape[1]):
-        raise CheckpointError(
-            f"the model of {path.name} has {out.shape[1]} outputs but dataset {name} has "
-            f"{num_classes} classes; set num_classes in the spec or pick the matching --dataset"
-        )
+    return AnalysisContext(**{f.name: getattr(run, f.name) for f in fields(Run)}, progress=progress)
 
 
 def run_analysis(
@@ -241,8 +106,16 @@ def run_analysis(
     *,
     rows: Callable[[str, dict[str, Any]], list[dict[str, Any]]] | None = None,
     after: Callable[[list[dict[str, Any]]], None] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> None:
     """Measure every checkpoint of ``common.checkpoints``, render, report, gate, and exit.
+
+    Errors raised here (bad options, unknown datasets, an unwritable ``--json`` path) propagate
+    to the command's one error handler (:func:`flatcli.cli.errors.handle_errors`); errors of
+    one checkpoint are recorded in its result entry and the others still run. With ``--json
+    PATH`` the report is rewritten (atomically) after every checkpoint; until the run ends it
+    carries ``"interrupted": true``, so Ctrl-C (exit 130) or a crash leaves a valid report of
+    every finished checkpoint that says the run did not finish.
 
     Args:
         command: the subcommand's name (report ``command``).
@@ -255,113 +128,189 @@ def run_analysis(
         after: optional ``after(result_entries)``, called once the report is written and before
             the exit code is decided (e.g. to draw a figure); an error in it is printed as one
             ``error:`` line and makes the exit code 1, without losing the report.
+        metrics: the metric keys this run reports (from the measure registry); a gate on any
+            other key is then a usage error before any work. None: checked after the run.
 
     Raises:
-        typer.Exit: always, with the CONTRACTS.md exit code.
+        typer.Exit: always, with the documented exit code.
     """
-    with handle_errors(common.debug):
-        common.validate()
-        gates = (
-            parse_gates(common.fail_above, "--fail-above"),
-            parse_gates(common.fail_below, "--fail-below"),
-        )
-        model_option = parse_model_option(common.model) if common.model else None
-        device = resolve_device(common.device)
-        dtype = {"float32": torch.float32, "float64": torch.float64}[common.dtype]
-        paths = expand_checkpoints(common.checkpoints)
-        data = _DataCache(common)
-        if common.dataset is not None:
-            data.get(
-                common.dataset
-            )  # an unknown or missing dataset is a usage error for the whole run
+    common.validate()
+    gates = (
+        parse_gates(common.fail_above, "--fail-above"),
+        parse_gates(common.fail_below, "--fail-below"),
+    )
+    if metrics is not None:
+        check_gate_metrics(gates, metrics, command)
+    device = resolve_device(common.device)
+    distributed.init(device)  # joins the torchrun process group (a no-op in one process)
+    device = distributed.device_for(device)  # cuda -> cuda:LOCAL_RANK under torchrun
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes
+    out = Output(common.json if main else None, common.quiet or not main)
+    out.check()
+    model_option = parse_model_option(common.model) if common.model else None
+    dtype = resolve_dtype(common.dtype)
+    paths = expand_checkpoints(common.checkpoints)
+    data = _DataCache(common)
+    if common.dataset is not None:
+        data.get(common.dataset)  # an unknown or missing dataset is a usage error for the run
 
     results: list[dict[str, Any]] = []
-    failures = 0
-    with progress_bar(not common.quiet) as bar:
-        overall = bar.add_task(f"{command}", total=len(paths)) if bar else None
-        for path in paths:
-            label = str(path)
-            inner = bar.add_task(f"  {path.name}", total=None) if bar else None
+    run_config = {**config, **common.to_config()}
+    environment = environment_info(device, dtype, world_size=distributed.world_size())
 
-            def progress(
-                description: str, completed: int, total: int, _task=inner, _name=path.name
-            ) -> None:
+    def report(interrupted: bool) -> dict[str, Any]:
+        return build_report(command, run_config, environment, results, interrupted=interrupted)
+
+    failure = 0  # the largest exit code of a failed checkpoint (2: bad usage, e.g. its spec)
+    try:
+        with out.progress() as bar:
+            overall = bar.add_task(f"{command}", total=len(paths)) if bar else None
+            for path in paths:
+                entry, code = _measure_one(
+                    path, common, model_option, data, device, dtype, measure, bar, environment
+                )
+                failure = max(failure, code)
+                results.append(entry)
+                out.report(report(interrupted=True), partial=True)
                 if bar is not None:
-                    bar.update(
-                        _task,
-                        description=f"  {_name}: {description}",
-                        completed=completed,
-                        total=total,
-                    )
+                    bar.advance(overall)
+    except BaseException:
+        out.report(report(interrupted=True))  # every finished checkpoint, marked unfinished
+        raise
 
-            start = time.perf_counter()
-            sha, num_params = None, None
-            try:
-                ctx = prepare_context(path, common, model_option, data, device, dtype, progress)
-                sha = ctx.checkpoint.sha256
-                num_params = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
-                result = measure(ctx)
-                entry = result_entry(
-                    label,
-                    sha256=sha,
-                    num_params=num_params,
-                    metrics=result.metrics(),
-                    details=result.details(),
-                    seconds=time.perf_counter() - start,
-                )
-            except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                failures += 1
-                print_error(f"{path}: {describe(e)}", e, common.debug)
-                entry = result_entry(
-                    label,
-                    sha256=sha,
-                    num_params=num_params,
-                    seconds=time.perf_counter() - start,
-                    error=e,
-                )
-            results.append(entry)
-            if bar is not None:
-                bar.remove_task(inner)
-                bar.advance(overall)
-
-    report = build_report(
-        command, {**config, **common.to_config()}, environment_info(device, dtype), results
-    )
-    if not common.quiet:
-        table_rows: list[dict[str, Any]] = []
-        for entry in results:
-            name = Path(entry["checkpoint"]).name
-            if entry["error"] is not None:
-                table_rows.append(
-                    {"checkpoint": name, columns[0][0]: "error"}
-                    if columns
-                    else {"checkpoint": name}
-                )
-            elif rows is not None:
-                table_rows.extend(rows(name, entry))
-            else:
-                table_rows.append({"checkpoint": name, **entry["metrics"]})
-        render_table(
-            f"flatcli {command}",
-            [("checkpoint", "checkpoint"), *columns],
-            table_rows,
-            stderr=common.json == "-",
-        )
-    if common.json:
-        write_report(report, common.json)
-    if after is not None:
+    final = report(interrupted=False)
+    table_rows: list[dict[str, Any]] = []
+    for entry in results:
+        name = Path(entry["checkpoint"]).name
+        if entry["error"] is not None:
+            table_rows.append(
+                {"checkpoint": name, columns[0][0]: "error"} if columns else {"checkpoint": name}
+            )
+        elif rows is not None:
+            table_rows.extend(rows(name, entry))
+        else:
+            table_rows.append({"checkpoint": name, **entry["metrics"]})
+    out.table(f"flatcli {command}", [("checkpoint", "checkpoint"), *columns], table_rows)
+    out.report(final)
+    if after is not None and main:
         try:
             after(results)
         except Exception as e:  # noqa: BLE001 - the report is out; report the error, exit 1
-            failures += 1
+            failure = max(failure, 1)
             print_error(describe(e), e, common.debug)
 
-    if failures:
-        raise typer.Exit(1)
-    code = _apply_gates(results, *gates)
-    raise typer.Exit(code)
+    if failure:
+        raise typer.Exit(failure)
+    raise typer.Exit(_apply_gates(results, *gates))
+
+
+def _measure_one(
+    path: Path,
+    common: CommonOptions,
+    model_option: ModelSpec | None,
+    data: DatasetCache,
+    device: torch.device,
+    dtype: torch.dtype,
+    measure: Measure,
+    bar: Any,
+    environment: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Load and measure one checkpoint: its result entry (with the error, if it failed) and
+    the exit code its failure calls for (0 when it was measured; 2 for a usage error while
+    loading, such as a spec beside it that cannot be read or built, as for a bad --model;
+    else 1)."""
+    inner = bar.add_task(f"  {path.name}", total=None) if bar is not None else None
+
+    def progress(description: str, completed: int, total: int) -> None:
+        if bar is not None:
+            bar.update(
+                inner,
+                description=f"  {path.name}: {description}",
+                completed=completed,
+                total=total,
+            )
+
+    start = time.perf_counter()
+    sha, num_params, loading = None, None, True
+    try:
+        ctx, failed = None, None
+        try:
+            ctx = prepare_context(path, common, model_option, data, device, dtype, progress)
+        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+            failed = e
+        # under torchrun: no process measures (collectives) unless every process loaded
+        distributed.agree(failed, f"loading {path.name}")
+        assert ctx is not None
+        loading = False
+        sha = ctx.checkpoint.sha256
+        num_params = ctx.num_params
+        if environment is not None:
+            environment.update(distributed.environment(int(ctx.x.shape[0])))
+        try:
+            result, failed = measure(ctx), None
+        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+            failed = e
+        distributed.agree(failed, f"measuring {path.name}")
+        entry = result_entry(
+            str(path),
+            sha256=sha,
+            num_params=num_params,
+            metrics=result.metrics(),
+            details=result.details(),
+            seconds=time.perf_counter() - start,
+        )
+        return entry, 0
+    except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        if distributed.is_main():
+            print_error(f"{path}: {describe(e)}", e, common.debug)
+        entry = result_entry(
+            str(path),
+            sha256=sha,
+            num_params=num_params,
+            seconds=time.perf_counter() - start,
+            error=e,
+        )
+        # A spec or dataset that cannot be used is bad usage (2) whether it came
+        # from an option or from beside the checkpoint; a checkpoint that failed to load or
+        # measure otherwise is 1 (even a UsageError of the measure, e.g. too few examples)
+        usage = isinstance(e, UsageError) or getattr(e, "usage", False)  # a peer's UsageError
+        return entry, 2 if loading and usage else 1
+    finally:
+        if bar is not None:
+            bar.remove_task(inner)
+
+
+def check_gate_metrics(
+    gates: tuple[list[tuple[str, float]], list[tuple[str, float]]],
+    metrics: Sequence[str],
+    command: str,
+) -> None:
+    """A gate on a metric this run does not report is a usage error (before any work).
+
+    Raises:
+        UsageError: naming the gate, the metrics this run reports, and where the gate's metric
+            comes from when some measure reports it.
+    """
+    from flatcli.measures.registry import find_metric
+
+    for flag, specs in (("--fail-above", gates[0]), ("--fail-below", gates[1])):
+        for name, _ in specs:
+            if name in metrics:
+                continue
+            try:
+                owner, _ = find_metric(name)
+            except UsageError:
+                hint = "no flatcli measure reports it"
+            else:
+                hint = (
+                    f"other options of `flatcli {command}` compute it"
+                    if owner.command == command
+                    else f"`flatcli {owner.command}` reports it"
+                )
+            raise UsageError(
+                f"{flag} {name}: this run does not report {name} ({hint}); "
+                f"its metrics: {', '.join(metrics)}"
+            )
 
 
 def _apply_gates(

@@ -15,13 +15,15 @@ from flatcli.cli.runner import AnalysisContext, run_analysis
 from flatcli.curvature.diagonal import DiagMethod
 from flatcli.curvature.losses import LossName
 from flatcli.errors import UsageError
+from flatcli.measures.invariance import audit_invariance
 from flatcli.measures.sharpness import (
     ALL_MEASURES,
     SharpnessConfig,
     SharpnessResult,
     compute_sharpness,
+    sharpness_metric_keys,
 )
-from flatcli.reparam import Transform, audit_invariance
+from flatcli.reparam import Transform
 
 MeasureOpt = Annotated[
     list[str] | None,
@@ -91,6 +93,14 @@ StepSize = Annotated[
 HeadDtype = Annotated[
     str,
     typer.Option("--head-dtype", help="dtype of the loss head (float64 keeps confident examples)."),
+]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Run --diag-method exact (one Hessian-vector product per parameter) even when its "
+        "estimated time is over an hour.",
+    ),
 ]
 PerLayer = Annotated[
     bool, typer.Option("--per-layer", help="Also a row per weight matrix (its term of each sum).")
@@ -190,6 +200,7 @@ def sharpness_options(
     head_dtype: str,
     seed: int,
     batch_size: int | None,
+    force: bool = False,
 ) -> SharpnessConfig:
     """A validated :class:`SharpnessConfig` from the command-line values (UsageError if bad)."""
     return SharpnessConfig(
@@ -212,6 +223,7 @@ def sharpness_options(
         head_dtype=head_dtype,
         seed=seed,
         batch_size=batch_size,
+        force=force,
     )
 
 
@@ -261,6 +273,7 @@ def register(app: typer.Typer) -> None:
         adaptive_steps: AdaptiveSteps = 20,
         step_size: StepSize = 0.25,
         head_dtype: HeadDtype = "float64",
+        force: Force = False,
         per_layer: PerLayer = False,
         invariance: Invariance = False,
         transform: TransformOpt = None,
@@ -305,6 +318,7 @@ def register(app: typer.Typer) -> None:
                 head_dtype,
                 common.seed,
                 common.batch_size,
+                force,
             )
 
         if invariance:
@@ -331,6 +345,7 @@ def register(app: typer.Typer) -> None:
             measure_fn,
             columns_for(config),
             rows=rows if per_layer else None,
+            metrics=sharpness_metric_keys(config),
         )
 
 
@@ -363,6 +378,7 @@ def _audit(
             rtol=threshold,
             layer=parsed_layer,
             neurons=neurons,
+            progress=ctx.progress,
         )
 
     def rows(label: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -397,4 +413,13 @@ def _audit(
         "neurons": neurons,
         "rtol": threshold,
     }
-    run_analysis("sharpness", common, {**config.to_dict(), **extra}, measure_fn, columns, rows=rows)
+    metrics = ["max_logit_difference", *(f"{m}_rel_change" for m in config.measures)]
+    run_analysis(
+        "sharpness",
+        common,
+        {**config.to_dict(), **extra},
+        measure_fn,
+        columns,
+        rows=rows,
+        metrics=metrics,
+    )

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from safetensors.torch import save_file
 
-from flatcli.cli.errors import handle_errors
+from flatcli import distributed
 from flatcli.cli.options import analysis_command
 from flatcli.cli.runner import AnalysisContext, run_analysis
 from flatcli.curvature.lanczos import DEFAULT_TOL, Which
@@ -19,6 +19,7 @@ from flatcli.curvature.losses import LossName
 from flatcli.curvature.operators import HvpMethod, Kind
 from flatcli.curvature.params import unflatten_columns
 from flatcli.io.plot import plot_format, plot_spectrum, require_matplotlib, spectrum_plot_kind
+from flatcli.measures.registry import get_measure, reported_keys
 from flatcli.measures.spectrum import SpectrumConfig, SpectrumResult, TraceMethod, compute_spectrum
 
 _TOP = {"largest": "λ_max", "smallest": "λ_min", "magnitude": "|λ|_max"}
@@ -86,23 +87,28 @@ PlotOpt = Annotated[
         "--plot",
         help="Write a figure (PNG; .pdf/.svg by suffix): the density with --density, else the "
         "top eigenvalue per layer with --per-layer, else the top-k eigenvalues. "
-        "Needs matplotlib: pip install 'flatcli[plot]'.",
+        "Needs matplotlib: pip install 'flatcli\\[plot]'.",
     ),
 ]
 
 
 def _save_eigenvectors(result: SpectrumResult, ctx: AnalysisContext, folder: Path) -> str:
     """Write ``<folder>/<checkpoint stem>.eigenvectors.safetensors``: one ``(k, *shape)`` tensor
-    per parameter (row i is eigenvector i) and ``eigenvalues`` (k,)."""
+    per parameter (row i is eigenvector i) and ``eigenvalues`` (k,); returns the path.
+
+    Under ``torchrun`` every process holds the same (replicated) eigenvectors and only rank 0
+    writes the file; the others return the same path.
+    """
     assert result.eigen is not None and result.eigenvectors is not None
     shapes = {n: p.shape for n, p in ctx.model.named_parameters() if n in result.slices}
     tensors = unflatten_columns(result.eigenvectors.detach(), shapes)
     tensors = {n: t.contiguous().cpu() for n, t in tensors.items()}
     tensors["eigenvalues"] = result.eigen.eigenvalues.clone()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{Path(ctx.checkpoint.path).stem}.eigenvectors.safetensors"
-    meta = {"flatcli.matrix": result.config.matrix, "flatcli.which": result.config.which}
-    save_file(tensors, str(path), metadata=meta)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"flatcli.matrix": result.config.matrix, "flatcli.which": result.config.which}
+        save_file(tensors, str(path), metadata=meta)
     return str(path)
 
 
@@ -133,34 +139,33 @@ def register(app: typer.Typer) -> None:
         save_eigenvectors: SaveEigenvectors = None,
         plot: PlotOpt = None,
     ) -> None:
-        with handle_errors(common.debug):  # a bad option value: one line, exit 2
-            config = SpectrumConfig(
-                matrix=matrix.value,
-                top_k=top_k,
-                which=which.value,
-                tol=tol,
-                lanczos_steps=lanczos_steps,
-                trace=trace,
-                trace_method=trace_method.value,
-                probes=probes,
-                trace_rel_stderr=trace_rel_stderr,
-                density=density,
-                density_runs=density_runs,
-                layers=tuple(layer) if layer else None,
-                per_layer=per_layer,
-                seed=common.seed,
-                batch_size=common.batch_size,
-                head_dtype=head_dtype,
-                loss=loss.value,
-                hvp_method=hvp_method.value,
-                eigenvectors=save_eigenvectors is not None and top_k > 0,
+        config = SpectrumConfig(
+            matrix=matrix.value,
+            top_k=top_k,
+            which=which.value,
+            tol=tol,
+            lanczos_steps=lanczos_steps,
+            trace=trace,
+            trace_method=trace_method.value,
+            probes=probes,
+            trace_rel_stderr=trace_rel_stderr,
+            density=density,
+            density_runs=density_runs,
+            layers=tuple(layer) if layer else None,
+            per_layer=per_layer,
+            seed=common.seed,
+            batch_size=common.batch_size,
+            head_dtype=head_dtype,
+            loss=loss.value,
+            hvp_method=hvp_method.value,
+            eigenvectors=save_eigenvectors is not None and top_k > 0,
+        )
+        if plot is not None:  # before any measuring: a missing extra costs nothing
+            plot_kind = spectrum_plot_kind(
+                density=density, per_layer=per_layer, top_k=top_k, trace=trace
             )
-            if plot is not None:  # before any measuring: a missing extra costs nothing
-                plot_kind = spectrum_plot_kind(
-                    density=density, per_layer=per_layer, top_k=top_k, trace=trace
-                )
-                plot_format(plot)
-                require_matplotlib()
+            plot_format(plot)
+            require_matplotlib()
 
         def measure(ctx: AnalysisContext) -> SpectrumResult:
             cfg = dataclasses.replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
@@ -196,4 +201,5 @@ def register(app: typer.Typer) -> None:
             columns,
             rows=rows if per_layer else None,
             after=draw if plot is not None else None,
+            metrics=reported_keys(get_measure("spectrum"), config),
         )

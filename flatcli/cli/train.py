@@ -11,11 +11,12 @@ import torch
 import typer
 
 import flatcli
+from flatcli import distributed
 from flatcli.cli.errors import handle_errors
-from flatcli.cli.output import console, progress_bar, render_table
+from flatcli.cli.output import Output
 from flatcli.errors import UsageError
 from flatcli.io.checkpoint import save_checkpoint
-from flatcli.io.report import build_report, environment_info, result_entry, write_report
+from flatcli.io.report import build_report, environment_info, result_entry
 from flatcli.io.spec import build_model, fill_data_kwargs, parse_model_option
 
 SUMMARY = [
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         ],
         dataset: Annotated[
             str | None,
-            typer.Option("--dataset", help="Dataset name (see CONTRACTS.md); default: the spec's."),
+            typer.Option("--dataset", help="Dataset name (mnist5k, fashion-mnist, cifar10, tensors:PATH, ...: the README's Datasets); default: the spec's."),
         ] = None,
         data_dir: Annotated[
             Path | None, typer.Option("--data-dir", help="Where dataset files live.")
@@ -165,18 +166,24 @@ def register(app: typer.Typer) -> None:
         ] = False,
         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     ) -> None:
-        from flatcli.cli.runner import resolve_device
         from flatcli.data import load_dataset
+        from flatcli.io.load import resolve_device
         from flatcli.train import TrainConfig, black_fill, fit, prepare_train_split
 
         with handle_errors(debug):
+            # Training is not data-parallel: under torchrun every process trains the same seeded
+            # model identically on its own device and only rank 0 prints and writes.
+            distributed.init(resolve_device(device))
+            main = distributed.is_main()
+            out = Output(json_out if main else None, quiet or not main)
             if output.suffix.lower() != ".safetensors":
                 raise UsageError(f"-o must name a .safetensors file; got {output}")
+            out.check()
             spec = parse_model_option(model)
             name = dataset or spec.dataset
             if name is None:
                 raise UsageError("no dataset: pass --dataset (e.g. --dataset mnist5k)")
-            dev = resolve_device(device)
+            dev = distributed.device_for(resolve_device(device))
             config = TrainConfig(
                 optimizer=optimizer,
                 lr=lr,
@@ -210,7 +217,7 @@ def register(app: typer.Typer) -> None:
             init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             train_split, info = prepare_train_split(data.train, data.num_classes, config, seed)
             start = time.perf_counter()
-            with progress_bar(not quiet) as bar:
+            with out.progress() as bar:
                 task = bar.add_task("training", total=config.epochs) if bar else None
 
                 def on_epoch(stats) -> None:
@@ -262,16 +269,12 @@ def register(app: typer.Typer) -> None:
                 "results": summary,
                 "history": [_epoch_dict(s) for s in result.history],
             }
+            if not main:
+                return
             save_checkpoint(output, net.state_dict(), spec_record, meta, init_state_dict=init_state)
-            if not quiet:
-                row = {"checkpoint": output.name, **summary}
-                render_table(
-                    "flatcli train",
-                    [("checkpoint", "checkpoint"), *SUMMARY],
-                    [row],
-                    stderr=json_out == "-",
-                )
-                console(stderr=True).print(f"wrote {output}")
+            row = {"checkpoint": output.name, **summary}
+            out.table("flatcli train", [("checkpoint", "checkpoint"), *SUMMARY], [row])
+            out.message(f"wrote {output}")
             if json_out:
                 num_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
                 entry = result_entry(
@@ -291,7 +294,7 @@ def register(app: typer.Typer) -> None:
                     environment_info(dev, dtype),
                     [entry],
                 )
-                write_report(report, json_out)
+                out.report(report)
 
 
 def _epoch_dict(stats) -> dict:

@@ -6,15 +6,24 @@ Every curvature measure in flatcli is composed from these pieces, each written o
 - lanczos / trace / density: eigenvalues, trace (Hutchinson, Hutch++) and spectral density
   of any :class:`LinearOperator`;
 - gram: per-example-gradient Gram matrices (ghost or materialised);
-- diagonal: Hessian / GGN diagonals.
+- diagonal: Hessian / GGN diagonals;
+- kfac: Kronecker factors E[M] and E[xx^T] of each layer's Hessian block (Wu et al. 2020).
 """
 
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.diagonal import curvature_diagonal, ggn_diagonal
 from flatcli.curvature.gram import gram_spectrum, per_example_gram, per_example_sq_norms
+from flatcli.curvature.kfac import LayerFactors, kfac_factors
 from flatcli.curvature.lanczos import EigenResult, lanczos
 from flatcli.curvature.linop import DenseOperator, LinearOperator, to_dense
-from flatcli.curvature.losses import cross_entropy, get_loss, normalized_cross_entropy
+from flatcli.curvature.losses import (
+    class_residuals,
+    cross_entropy,
+    get_loss,
+    normalized_cross_entropy,
+    output_hessian,
+    output_hessian_sqrt,
+)
 from flatcli.curvature.memory import auto_batch_size, estimate_memory
 from flatcli.curvature.operators import CurvatureOperator, eval_mode, make_operator
 from flatcli.curvature.params import select_parameters
@@ -33,6 +42,9 @@ __all__ = [
     "cross_entropy",
     "normalized_cross_entropy",
     "get_loss",
+    "class_residuals",
+    "output_hessian",
+    "output_hessian_sqrt",
     # spectra
     "lanczos",
     "EigenResult",
@@ -52,4 +64,7 @@ __all__ = [
     # memory
     "estimate_memory",
     "auto_batch_size",
+    # Kronecker factors
+    "kfac_factors",
+    "LayerFactors",
 ]

@@ -6,7 +6,9 @@ training mode cannot have its BatchNorm running statistics changed by a curvatur
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +21,15 @@ def is_oom(err: BaseException) -> bool:
     """True for out-of-memory errors, which must never trigger a silent fallback."""
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(err, oom) or "out of memory" in str(err).lower()
+
+
+@contextmanager
+def quiet_jit_warning() -> Iterator[None]:
+    """Silence torch's ``torch.jit.script`` FutureWarning, which the first forward-mode AD call
+    of a process emits while loading its decompositions (not the user's doing)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
 
 
 def first_line(err: BaseException) -> str:

@@ -25,9 +25,10 @@ PReLU, custom modules): per-example gradients of their own parameters by ``vmap`
 of the vjp of that module's forward, with the captured output gradient as cotangent (``"vmap"``;
 such layers are small).
 
-Capture: forward hooks record each parameterised module's inputs and output, one batched forward
-runs, the caller's head gives unit-norm per-example logit gradients, and one ``torch.autograd.grad``
-of the logits with respect to the recorded outputs gives every G. No parameter gradient is formed.
+Capture (the shared layer capture of :mod:`flatcli.curvature.capture`, which K-FAC uses too):
+forward hooks record each parameterised module's inputs and output, one batched forward runs,
+the caller's head gives unit-norm per-example logit gradients, and one ``torch.autograd.grad`` of
+the logits with respect to the recorded outputs gives every G. No parameter gradient is formed.
 A recorded tensor that a later in-place op changes (``ReLU(inplace=True)``, ``out += shortcut``) is
 detected by its version counter and the chunk is run again with the recorded tensors cloned.
 All products are formed in float64.
@@ -41,14 +42,24 @@ torch call of the recorded forward for that): :func:`plan` and the capture raise
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
+
+from flatcli.curvature.capture import (
+    CaptureUnsupported,
+    Recorder,
+    Target,
+    backward_to_outputs,
+    has_batch_statistics,
+    layer_tokens,
+    output_tokens,
+    plan,
+    record_forward,
+)
 
 __all__ = [
     "GhostUnsupported",
@@ -64,183 +75,11 @@ Head = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``head(logits (c, K), labels (c,)) -> (unit cotangent (c, K), scale (c,) float64)``."""
 
 
-class GhostUnsupported(Exception):
-    """The model has a feature the ghost path cannot handle; the message says which."""
-
-
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Target:
-    """A module that holds selected parameters directly.
-
-    Attributes:
-        name: module name in ``model.named_modules()`` (``""`` for the root).
-        module: the module.
-        kind: ``"linear"``, ``"conv"`` (Conv1d/Conv2d), ``"batchnorm"`` (running statistics)
-            or ``"generic"``.
-        params: ``{attribute name: parameter}`` of its selected direct parameters.
-        strategy: how the last call formed its Gram ("ghost", "materialise" or "vmap").
-    """
-
-    name: str
-    module: nn.Module
-    kind: str
-    params: dict[str, nn.Parameter]
-    strategy: str = ""
-    checked: bool = False  # its parameters' use was watched through one recorded forward
-    calls: list[tuple[tuple, dict, Tensor, list[int]]] = field(default_factory=list, repr=False)
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params.values())
-
-
-def _kind(module: nn.Module) -> str:
-    forward = type(module).forward
-    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and forward is nn.Conv2d.forward:
-        return "conv"
-    if isinstance(module, nn.Conv1d) and forward is nn.Conv1d.forward:
-        return "conv"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and forward in (
-        nn.BatchNorm1d.forward,
-        nn.BatchNorm2d.forward,
-        nn.BatchNorm3d.forward,
-    ):
-        return "batchnorm"  # plan() admits only running statistics: a fixed affine map
-    return "generic"
-
-
-def has_batch_statistics(model: nn.Module) -> bool:
-    """True when a BatchNorm normalises with the statistics of the batch (train mode, or no
-    running statistics): then an example's output depends on the other examples of the batch."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-        for m in model.modules()
-    )
-
-
-def plan(model: nn.Module, names: list[str]) -> list[Target]:
-    """The modules of ``model`` that hold the selected parameters ``names`` directly.
-
-    Raises:
-        GhostUnsupported: a BatchNorm with batch statistics, or a parameter held by two modules.
-    """
-    if has_batch_statistics(model):
-        raise GhostUnsupported(
-            "a BatchNorm uses batch statistics (train mode or track_running_stats=False), so "
-            "per-example gradients are coupled through the batch"
-        )
-    named = dict(model.named_parameters())
-    selected = {id(named[n]) for n in names}
-    owners: dict[int, str] = {}
-    targets: list[Target] = []
-    for mod_name, module in model.named_modules():
-        direct: dict[str, nn.Parameter] = {}
-        for attr, p in module._parameters.items():
-            if p is None:
-                continue
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            if id(p) in owners:
-                raise GhostUnsupported(f"parameter {full} is the same tensor as {owners[id(p)]}")
-            owners[id(p)] = full
-            if id(p) in selected:
-                direct[attr] = p
-        if direct:
-            targets.append(Target(mod_name, module, _kind(module), direct))
-    return targets
+GhostUnsupported = CaptureUnsupported
+"""The ghost path cannot handle the model (the capture's :class:`CaptureUnsupported`)."""
 
 
 # --------------------------------------------------------------------------- capture
-
-
-class Recorder:
-    """Forward hooks that record (args, kwargs, output, versions) of every target while active."""
-
-    def __init__(self, targets: list[Target]) -> None:
-        self.targets = targets
-        self.active = False
-        self.clone = False
-        self.stack: list[Target] = []  # targets whose forward is running, innermost last
-        self.owner = {id(p): t for t in targets for p in t.params.values()}
-        self.handles = []
-        for t in targets:
-            self.handles.append(t.module.register_forward_pre_hook(self._enter(t)))
-            self.handles.append(t.module.register_forward_hook(self._hook(t), with_kwargs=True))
-
-    def _enter(self, target: Target) -> Callable:
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            if self.active:
-                self.stack.append(target)
-
-        return pre_hook
-
-    def _hook(self, target: Target) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-            if not self.active:
-                return None
-            if self.stack and self.stack[-1] is target:
-                self.stack.pop()
-            if not isinstance(output, Tensor):
-                raise GhostUnsupported(
-                    f"module {target.name or '<root>'} returns a {type(output).__name__}, "
-                    "not a tensor"
-                )
-            if self.clone:  # keep the recorded tensors out of reach of later in-place ops
-                args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
-                target.calls.append((args, kwargs, output, _versions_of(args, output)))
-                return output.clone()
-            target.calls.append((args, kwargs, output, _versions_of(args, output)))
-            return None
-
-        return hook
-
-    def check(self, values: object) -> None:
-        """Raise if a recorded parameter is read outside its own module's forward."""
-        if isinstance(values, (list, tuple)):
-            for v in values:
-                self.check(v)
-        elif isinstance(values, dict):
-            for v in values.values():
-                self.check(v)
-        elif isinstance(values, Tensor) and id(values) in self.owner:
-            t = self.owner[id(values)]
-            if t not in self.stack or (t.kind != "generic" and self.stack[-1] is not t):
-                raise GhostUnsupported(
-                    f"parameter of {t.name or '<root>'} is used outside that module's own forward"
-                )
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-class _Guard(TorchFunctionMode):
-    """During the recorded forward: every torch call's tensor arguments go through ``check``."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__()
-        self.recorder = recorder
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        self.recorder.check(args)
-        self.recorder.check(kwargs)
-        return func(*args, **kwargs)
-
-
-def _versions_of(args: tuple, output: Tensor) -> list[int]:
-    return [a._version for a in args if isinstance(a, Tensor)] + [output._version]
-
-
-def _changed(targets: list[Target]) -> bool:
-    return any(
-        _versions_of(args, out) != versions for t in targets for args, _, out, versions in t.calls
-    )
 
 
 @dataclass
@@ -267,36 +106,12 @@ class _Capture:
 def _capture(model: nn.Module, recorder: Recorder, x: Tensor, y: Tensor, head: Head) -> _Capture:
     """One batched forward and one backward to the recorded outputs, for the examples x."""
     targets = recorder.targets
-    for clone in (False, True):
-        for t in targets:
-            t.calls = []
-        recorder.active, recorder.clone, recorder.stack = True, clone, []
-        try:
-            # watch parameter use on the first forward only: the code path of a forward does
-            # not change between chunks of the same model
-            guard = _Guard(recorder) if not all(t.checked for t in targets) else nullcontext()
-            with torch.enable_grad(), guard:
-                z = model(x)
-        finally:
-            recorder.active = False
-        if not _changed(targets):
-            break
-        if clone:
-            raise GhostUnsupported("a recorded layer input or output is modified in place")
-    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
-        raise GhostUnsupported("the model's output is not a (N, K) tensor of logits")
-    for t in targets:
-        t.checked = True
+    z = record_forward(model, recorder, x)
     cot, scale = head(z.detach(), y)
-    # (a parameter read outside its module's forward was refused by _Guard during the forward)
-    outputs = [out for t in targets for (_, _, out, _) in t.calls if out.requires_grad]
-    it = iter(torch.autograd.grad(z, outputs, cot, allow_unused=True) if outputs else [])
+    # (a parameter read outside its module's forward was refused during the forward)
+    grads = backward_to_outputs(z, targets, cot)
     cap = _Capture(scale=[scale])
-    for i, t in enumerate(targets):
-        gs = []
-        for _, _, out, _ in t.calls:
-            g = next(it) if out.requires_grad else None
-            gs.append(torch.zeros_like(out) if g is None else g.detach())
+    for i, (t, gs) in enumerate(zip(targets, grads, strict=True)):
         if t.kind == "generic":
             cap.dense[i] = _vmap_grads(t, gs) if t.calls else _zeros(t, x.shape[0])
         elif t.kind == "batchnorm":
@@ -390,10 +205,10 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _linear_tokens(inputs: list[Tensor], grads: list[Tensor]) -> _Tokens:
+def _linear_tokens(module: nn.Module, inputs: list[Tensor], grads: list[Tensor]) -> _Tokens:
     c = inputs[0].shape[0]
-    A = _cat([a.reshape(c, -1, a.shape[-1]) for a in inputs], 1).transpose(1, 2)  # (c, in, T)
-    G = _cat([g.reshape(c, -1, g.shape[-1]) for g in grads], 1).transpose(1, 2)  # (c, out, T)
+    A = layer_tokens(module, inputs)  # (c, in, T)
+    G = output_tokens(module, grads)  # (c, out, T)
     return _Tokens(
         c,
         A.shape[2],
@@ -403,26 +218,6 @@ def _linear_tokens(inputs: list[Tensor], grads: list[Tensor]) -> _Tokens:
         lambda sl: A[sl].unsqueeze(1),
         lambda sl: G[sl].unsqueeze(1),
     )
-
-
-def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Input patches ``(c, C_in·k, P)`` of a Conv1d/Conv2d, rows as ``weight.view(out, -1)``."""
-    zero_pad = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if zero_pad and all(k == 1 for k in module.kernel_size) and not any(module.padding):
-        # a 1x1 convolution: the patches are the (strided) input pixels themselves
-        sub = x[(..., *(slice(None, None, st) for st in module.stride))]
-        return sub.reshape(x.shape[0], x.shape[1], -1)
-    if not zero_pad:
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, stride = (1, *module.kernel_size), (1, *module.stride)
-        dilation, padding = (1, *module.dilation), (0, module.padding[0] if zero_pad else 0)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        padding = module.padding if zero_pad else (0, 0)
-    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
 def _conv_tokens(
@@ -435,11 +230,11 @@ def _conv_tokens(
     P = sum(g[0].numel() // module.out_channels for g in grads)
 
     def a(sl: slice) -> Tensor:
-        cols = _cat([_unfold(module, x[sl]) for x in inputs], 2)  # (c, C_in k, P)
+        cols = layer_tokens(module, [x[sl] for x in inputs])  # (c, C_in k, P)
         return cols.view(cols.shape[0], groups, din, P)
 
     def g(sl: slice) -> Tensor:
-        gs = _cat([gr[sl].flatten(2) for gr in grads], 2)  # (c, out, P)
+        gs = output_tokens(module, [gr[sl] for gr in grads])  # (c, out, P)
         return gs.view(gs.shape[0], groups, dout, P)
 
     def weight_grads(sl: slice, o0: int, o1: int) -> Tensor:
@@ -597,7 +392,7 @@ def ghost_grams(
             t.strategy = "unused"
             continue
         if t.kind == "linear":
-            tok = _linear_tokens(inputs, grads)
+            tok = _linear_tokens(t.module, inputs, grads)
         else:
             tok = _conv_tokens(t.module, inputs, grads)
         if "bias" in t.params:

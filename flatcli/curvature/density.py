@@ -31,6 +31,7 @@ from torch import Tensor
 
 from flatcli.curvature.lanczos import lanczos_quadrature
 from flatcli.curvature.linop import LinearOperator, random_vectors, work_device
+from flatcli.distributed import broadcast_for
 
 __all__ = ["Density", "spectral_density"]
 
@@ -120,7 +121,7 @@ def spectral_density(
     nodes = torch.zeros(runs, m, dtype=torch.float64)
     weights = torch.zeros(runs, m, dtype=torch.float64)
     for r in range(runs):
-        v = random_vectors(op.dim, 1, generator, probe, work_device(op))[:, 0]
+        v = broadcast_for(op, random_vectors(op.dim, 1, generator, probe, work_device(op))[:, 0])
         theta, w = lanczos_quadrature(op, v, m)
         j = len(theta)
         nodes[r, :j], weights[r, :j] = theta, w

@@ -5,7 +5,7 @@ Three methods, all for the mean loss ``L = 1/N Σ_n loss(f(x_n), y_n)`` over the
 - ``"hutchinson"``: ``E[z ⊙ H z]`` over Rademacher probes z with exact Hessian-vector products
   (``flatcli.curvature.operators.make_operator`` + ``trace.hutchinson_diagonal``). The probes are
   split into ``groups`` independently seeded groups so that a nonlinear function of the diagonal
-  (normalized sharpness) can get a jackknife standard error. normalized-flat-minima.md Algorithm 1
+  (normalized sharpness) can get a jackknife standard error. Tsuzuku et al. 2020, Algorithm 1,
   uses Gaussian probes and finite differences of gradients; Rademacher probes have lower variance
   (a probe's entry i has variance ``Σ_{j≠i} H_ij²`` against ``H_ii² + Σ_j H_ij²``) and exact
   products have no step-size bias.
@@ -16,7 +16,17 @@ Three methods, all for the mean loss ``L = 1/N Σ_n loss(f(x_n), y_n)`` over the
   over chunks of examples, no loop over parameters. Cost: K backward passes per example, memory
   ``chunk · K · P``.
 - ``"exact"``: the exact Hessian diagonal from ``P`` Hessian-vector products with the unit
-  vectors (in blocks): for small models and tests only.
+  vectors (in blocks): for small models and tests. One product is timed first; the estimated
+  cost (P products, and P times that product's time) is reported through ``progress`` before the
+  rest runs, progress is reported after every block, and an estimate above
+  :data:`EXACT_MAX_SECONDS` is refused unless ``force=True``.
+
+Under ``torchrun`` every method is data-parallel like the operators (:mod:`flatcli.distributed`):
+each process sums its contiguous shard of the examples and one all-reduce completes the sum.
+
+Every method walks over the examples with :func:`flatcli.curvature.data.iter_chunks`; the
+Hessian methods can reuse an operator built once (``operator=``, a
+:class:`~flatcli.curvature.operators.CurvatureOperator` or a block of one).
 
 Values are float64 tensors of each parameter's shape, unclipped (consumers clip).
 """
@@ -35,24 +45,31 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
-from flatcli.curvature._functional import FunctionalModel, head_loss
+from flatcli import distributed
+from flatcli.curvature._functional import FunctionalModel, head_loss, quiet_jit_warning
+from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.losses import get_loss
-from flatcli.curvature.operators import make_operator
+from flatcli.curvature.operators import CurvatureOperator, OperatorBlock, make_operator
 from flatcli.curvature.params import select_parameters, unflatten
 from flatcli.curvature.trace import hutchinson_diagonal
 from flatcli.errors import UsageError
+from flatcli.progress import ProgressFn, no_progress
 
 __all__ = [
     "DiagMethod",
     "CurvatureDiagonal",
     "curvature_diagonal",
     "exact_diagonal",
+    "format_seconds",
     "ggn_diagonal",
     "group_seed",
 ]
 
-MAX_EXACT_DIM = 50_000
-"""Largest parameter count for which ``method="exact"`` (one HVP per parameter) is accepted."""
+EXACT_MAX_SECONDS = 3600.0
+"""``method="exact"`` (one HVP per parameter) refuses an estimated time above this unless forced."""
+
+EXACT_BLOCK = 64
+"""Unit vectors per product block of ``method="exact"`` (progress is reported per block)."""
 
 GGN_WORKSPACE_BYTES = 256 * 2**20
 """Memory for one chunk of per-example Jacobians (chunk · K · P numbers) in ``ggn_diagonal``."""
@@ -80,6 +97,7 @@ class CurvatureDiagonal:
         products: curvature-vector products spent (0 for "ggn").
         probes: Hutchinson probes (0 otherwise).
         seconds: wall time.
+        estimated_seconds: "exact" only: the time estimated up front from one timed product.
     """
 
     values: dict[str, Tensor]
@@ -90,10 +108,11 @@ class CurvatureDiagonal:
     products: int
     probes: int
     seconds: float
+    estimated_seconds: float | None = None
 
     def describe(self) -> dict[str, Any]:
         """Settings for a report (JSON-ready)."""
-        return {
+        out = {
             "method": self.method,
             "matrix": self.matrix,
             "products": self.products,
@@ -101,6 +120,9 @@ class CurvatureDiagonal:
             "groups": 0 if self.group_values is None else int(self.group_values.shape[0]),
             "seconds": self.seconds,
         }
+        if self.estimated_seconds is not None:
+            out["estimated_seconds"] = self.estimated_seconds
+        return out
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -108,17 +130,79 @@ def group_seed(seed: int, group: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(group)]).generate_state(1)[0])
 
 
-def exact_diagonal(op: Any, block: int = 64) -> Tensor:
-    """``diag(A)`` of an operator from products with unit vectors, ``block`` columns at a time."""
-    out = torch.empty(op.dim, dtype=torch.float64)
-    for a in range(0, op.dim, block):
-        b = min(op.dim, a + block)
-        eye = torch.zeros((op.dim, b - a), dtype=op.dtype, device=op.device)
+def exact_diagonal(
+    op: Any,
+    block: int = EXACT_BLOCK,
+    *,
+    progress: ProgressFn | None = None,
+    max_seconds: float | None = None,
+) -> Tensor:
+    """``diag(A)`` of an operator from products with unit vectors, ``block`` columns at a time.
+
+    The first product (with ``e_0``, and a second with ``e_1``: the first may build a cached
+    graph) is timed alone, and ``dim`` times that time is the estimated cost. It is reported as
+    ``progress("exact diagonal: P products ..., about T", done, P)`` before the rest runs, and
+    after every block.
+
+    Args:
+        op: any ``LinearOperator`` (``dim``, ``dtype``, ``device``, ``matmat``).
+        block: unit vectors per product block.
+        progress: optional ``(description, done, total)`` callback, counted in products.
+        max_seconds: refuse (UsageError) when the estimated time exceeds this (None: never).
+
+    Returns:
+        The float64 diagonal, shape ``(dim,)``, on the CPU.
+    """
+    return _exact_diagonal(op, block, progress or no_progress, max_seconds)[0]
+
+
+def _exact_diagonal(
+    op: Any, block: int, progress: ProgressFn, max_seconds: float | None
+) -> tuple[Tensor, float]:
+    """:func:`exact_diagonal` and its estimated seconds."""
+    dim = int(op.dim)
+    out = torch.empty(dim, dtype=torch.float64)
+
+    def run(a: int, b: int) -> float:
+        start = time.perf_counter()
+        eye = torch.zeros((dim, b - a), dtype=op.dtype, device=op.device)
         idx = torch.arange(a, b, device=op.device)
         eye[idx, idx - a] = 1
         cols = op.matmat(eye)
         out[a:b] = cols[idx, idx - a].double().cpu()
-    return out
+        return time.perf_counter() - start
+
+    timed = min(dim, 2)
+    per_product = min(run(i, i + 1) for i in range(timed))
+    if getattr(op, "data_parallel", False):  # every process must take the same decision
+        per_product = distributed.all_reduce_max(per_product)
+    estimate = per_product * dim
+    if max_seconds is not None and estimate > max_seconds:
+        raise UsageError(
+            f"The exact Hessian diagonal needs one Hessian-vector product per parameter: "
+            f"{dim:,} products at {per_product:.3g} s each (one timed), about "
+            f"{format_seconds(estimate)}. Pass --force (force=True in Python) to run it "
+            "anyway, or use diag method 'ggn' (exact for piecewise-linear networks) or "
+            "'hutchinson'."
+        )
+    description = (
+        f"exact diagonal: {dim:,} products (one per parameter), about {format_seconds(estimate)}"
+    )
+    progress(description, timed, dim)
+    for a in range(timed, dim, max(1, int(block))):
+        b = min(dim, a + max(1, int(block)))
+        run(a, b)
+        progress(description, b, dim)
+    return out, estimate
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: ``"40 s"``, ``"3.2 min"``, ``"2.5 h"``."""
+    if seconds < 90:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def ggn_diagonal(
@@ -162,28 +246,25 @@ def ggn_diagonal(
     head_hess = vmap(hessian(head_one), in_dims=(0, 0))
     dim = sum(p.numel() for p in fm.params.values())
     with torch.no_grad():
-        k = int(fm(fm.params, _chunk(x, 0, 1, fm)).shape[1])
+        first = next(iter_chunks(x, None, 1, fm.device, fm.dtype))
+        k = int(fm(fm.params, first.x).shape[1])
     if batch_size is None:
         per = k * dim * torch.empty((), dtype=fm.dtype).element_size()
         batch_size = max(1, min(n, GGN_WORKSPACE_BYTES // max(per, 1)))
     out = {name: torch.zeros(p.shape, dtype=hd, device=fm.device) for name, p in fm.params.items()}
-    for a in range(0, n, batch_size):
-        xb = _chunk(x, a, a + batch_size, fm)
-        yb = y[a : a + batch_size].to(fm.device)
+    a, b = distributed.shard_bounds(n)  # (0, n) in one process; this rank's share under torchrun
+    for chunk in iter_chunks(x, y, batch_size, fm.device, fm.dtype, start=a, stop=b):
         with torch.no_grad():
-            z = fm(fm.params, xb).to(hd)
-        lam, u = torch.linalg.eigh(head_hess(z, yb))  # (B, K), (B, K, K): columns u[:, :, k]
-        jacs = jac(fm.params, xb)  # {name: (B, K, *shape)}
+            z = fm(fm.params, chunk.x).to(hd)
+        with quiet_jit_warning():  # the head Hessian's first forward-mode AD call
+            lam, u = torch.linalg.eigh(head_hess(z, chunk.y))  # (B, K), (B, K, K): u[:, :, k]
+        jacs = jac(fm.params, chunk.x)  # {name: (B, K, *shape)}
         for name, jn in jacs.items():
             jn = jn.to(hd).reshape(jn.shape[0], k, -1)  # (B, K, P_name)
             proj = torch.einsum("bck,bcp->bkp", u, jn)  # u_kᵀ J_n
             out[name] += torch.einsum("bk,bkp->p", lam, proj**2).view(out[name].shape)
+    out = distributed.all_reduce_sum(out)  # one collective; the identity in one process
     return {name: (v / n).double().cpu() for name, v in out.items()}
-
-
-def _chunk(x: Tensor, a: int, b: int, fm: FunctionalModel) -> Tensor:
-    xb = x[a:b].to(fm.device)
-    return xb.to(fm.dtype) if xb.is_floating_point() else xb
 
 
 def curvature_diagonal(
@@ -199,22 +280,33 @@ def curvature_diagonal(
     batch_size: int | None = None,
     head_dtype: torch.dtype | None = None,
     seed: int = 0,
+    operator: CurvatureOperator | OperatorBlock | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
 ) -> CurvatureDiagonal:
     """The Hessian diagonal (``"hutchinson"``, ``"exact"``) or the GGN diagonal (``"ggn"``).
 
     Args:
         model, x, y: network (eval mode) and examples of the mean loss.
         method: see the module docstring.
-        loss_fn: per-example loss head or its name (default the NSCE surrogate, Eq. 20).
+        loss_fn: per-example loss head or its name (default the NSCE surrogate, Tsuzuku et al.
+            2020, Eq. 20).
         params: parameter names/patterns (default all with requires_grad).
         probes: Hutchinson probes in total (rounded up to a multiple of ``groups``).
         groups: independently seeded probe groups (Hutchinson), for jackknife errors.
         batch_size: examples per chunk (None: chosen to fit memory).
         head_dtype: dtype of the loss head.
         seed: seeds the probes.
+        operator: for "hutchinson" and "exact", an operator already built on ``(x, y)`` (its
+            loss, chunking and head dtype are used; restricted to ``params`` when given) instead
+            of building one. ``products`` counts only the products spent here.
+        force: run "exact" even when its estimated time exceeds :data:`EXACT_MAX_SECONDS`.
+        progress: optional ``(description, done, total)`` callback ("exact": per product block,
+            the first call saying the estimated cost).
 
     Raises:
-        UsageError: unknown method, or "exact" on more than ``MAX_EXACT_DIM`` parameters.
+        UsageError: unknown method, or "exact" estimated above :data:`EXACT_MAX_SECONDS`
+            without ``force``.
     """
     try:
         method = DiagMethod(method)
@@ -238,31 +330,43 @@ def curvature_diagonal(
         return CurvatureDiagonal(
             values, None, None, method.value, "ggn", 0, 0, time.perf_counter() - start
         )
-    op = make_operator(
-        "hessian",
-        model,
-        x,
-        y,
-        loss_fn=loss_fn,
-        params=params,
-        batch_size=batch_size,
-        head_dtype=head_dtype,
-        seed=seed,
-    )
+    if method == DiagMethod.HUTCHINSON and (probes < 2 or groups < 1):
+        raise UsageError(f"Hutchinson needs probes >= 2 and groups >= 1. Got {probes}, {groups}.")
+    if operator is None:
+        op: CurvatureOperator | OperatorBlock = make_operator(
+            "hessian",
+            model,
+            x,
+            y,
+            loss_fn=loss_fn,
+            params=params,
+            batch_size=batch_size,
+            head_dtype=head_dtype,
+            seed=seed,
+        )
+    else:
+        op = operator.restrict(params)
+    before = op.matvecs
     shapes = op.param_shapes
     if method == DiagMethod.EXACT:
-        if op.dim > MAX_EXACT_DIM:
-            raise UsageError(
-                f"diag method 'exact' needs one Hessian-vector product per parameter; this model "
-                f"has {op.dim} (> {MAX_EXACT_DIM}). Use 'hutchinson' or 'ggn'."
-            )
-        flat = exact_diagonal(op)
+        flat, estimate = _exact_diagonal(
+            op,
+            EXACT_BLOCK,
+            progress or no_progress,
+            None if force else EXACT_MAX_SECONDS,
+        )
         values = {k: v.clone() for k, v in unflatten(flat, shapes).items()}
         return CurvatureDiagonal(
-            values, None, None, method.value, "hessian", op.matvecs, 0, time.perf_counter() - start
+            values,
+            None,
+            None,
+            method.value,
+            op.kind,
+            op.matvecs - before,
+            0,
+            time.perf_counter() - start,
+            estimate,
         )
-    if probes < 2 or groups < 1:
-        raise UsageError(f"Hutchinson needs probes >= 2 and groups >= 1. Got {probes}, {groups}.")
     groups = max(1, min(groups, probes // 2))
     per = math.ceil(probes / groups)
     means, variances = [], []
@@ -280,8 +384,8 @@ def curvature_diagonal(
         stderr,
         stacked,
         method.value,
-        "hessian",
-        op.matvecs,
+        op.kind,
+        op.matvecs - before,
         per * groups,
         time.perf_counter() - start,
     )

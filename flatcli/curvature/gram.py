@@ -11,7 +11,9 @@ Two exact engines (``method``):
   per layer :math:`\xi` is formed from the layer's inputs and output gradients
   (:math:`(AA^\top)\circ(GG^\top)` for a Linear) or from that layer's per-example weight
   gradients, whichever is cheaper. J is never materialised: peak memory is the chunk's
-  activations plus a bounded workspace, not N·W.
+  activations and output gradients (linear in the examples per chunk times the activations per
+  example, about 3x what autograd saves for one backward) plus a bounded workspace; it does not
+  follow W.
 - ``"materialize"``: ``torch.func.vmap`` of the per-example vjp, J rows kept in the network's dtype
   and their Gram accumulated in float64 over column blocks (no N × W float64 copy).
 - ``"auto"`` (default): ghost, unless the model needs the materialised path — a BatchNorm that
@@ -20,14 +22,16 @@ Two exact engines (``method``):
   materialised path computes: one backward per example, each through the whole batch), a parameter
   shared by two modules, a parameter read outside its own module, a module returning a tuple.
   In flops the ghost path never does more than the materialised one (per layer it takes the
-  cheaper form), and its memory does not grow with N·W; measured on CPU it is 7-28x faster on
-  networks with wide Linear layers, about as fast on ResNets, and ~2.7x slower on DenseNet-BC
-  (docs/_parts/gamma-benchmarks.md), where ``method="materialize"`` is the faster choice if N·W
-  fits in memory.
+  cheaper form), and its memory grows with N' times the activations per example rather than with
+  N'·W; measured on CPU it is 7-28x faster on networks with wide Linear layers, about as fast on
+  ResNets, and ~2.7x slower on DenseNet-BC (``benchmarks/bench_gamma.py``,
+  ``benchmarks/bench_gram_memory.py``), where ``method="materialize"`` is the faster choice if
+  N'·W fits in memory.
 
 Precision. The loss head (logits → loss) runs in ``head_dtype`` (float64 by default): confident
 examples have :math:`1 - p(y|x)` below float32's resolution, and only a float64 head keeps their
-gradients' relative accuracy (shared/NOTES.md). The head gradient of each example is then scaled to
+gradients' relative accuracy (and the head itself is the exact form of
+:func:`flatcli.curvature.losses.cross_entropy`). The head gradient of each example is then scaled to
 unit norm before it enters the network's backward, and the scale :math:`s_n = \|\partial\ell_n /
 \partial z_n\|` is re-applied in float64: a tiny gradient neither underflows nor loses digits in a
 float32 backward. Every Gram product is formed in float64.

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
+from flatcli.distributed import broadcast_for
 
 __all__ = ["Which", "EigenResult", "lanczos", "lanczos_quadrature"]
 
@@ -154,6 +155,7 @@ class _Lanczos:
         if self.m >= self.op.dim:
             return False
         r = random_vectors(self.op.dim, 1, generator, "gaussian", self.device)[:, 0]
+        r = broadcast_for(self.op, r)
         w, _ = self._orthogonalise(r, self.m)
         norm = float(w.norm())
         if norm <= 1e-8 * float(r.norm()):
@@ -243,7 +245,7 @@ def lanczos(
     start_matvecs = op.matvecs
     generator = torch.Generator().manual_seed(seed)
     proc = _Lanczos(op, capacity)
-    proc.start(random_vectors(n, 1, generator, "gaussian", proc.device)[:, 0])
+    proc.start(broadcast_for(op, random_vectors(n, 1, generator, "gaussian", proc.device)[:, 0]))
     used = 0
     ok = False
     explored = False  # the basis once spanned an invariant subspace (to tolerance)

@@ -35,6 +35,7 @@ __all__ = [
     "cross_entropy",
     "normalized_cross_entropy",
     "normalized_logits",
+    "NSCE_MIN_RELATIVE_STD",
     "get_loss",
     "softplus",
     "others_logsumexp",
@@ -57,9 +58,10 @@ class LossName(str, Enum):
 def softplus(t: Tensor) -> Tensor:
     """``ln(1 + e^t)`` with no threshold, accurate (with its derivatives) for every ``t``.
 
-    ``torch.nn.functional.softplus`` returns ``t`` itself above ``t = 20``, so its derivative there is
-    exactly 1 instead of ``sigmoid(t) = 1 - e^{-t}``. Both branches here are evaluated on clamped
-    inputs so that neither overflows and the unselected branch passes a zero, not a NaN, gradient.
+    ``torch.nn.functional.softplus`` returns ``t`` itself above ``t = 20``, so its derivative
+    there is exactly 1 instead of ``sigmoid(t) = 1 - e^{-t}``. Both branches here are evaluated on
+    clamped inputs so that neither overflows and the unselected branch passes a zero, not a NaN,
+    gradient.
     """
     pos = t.clamp(min=0)
     neg = t.clamp(max=0)
@@ -111,7 +113,7 @@ def others_logsumexp(logits: Tensor) -> Tensor:
 
 
 def _probs_and_rest(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """``p_c`` and ``s_c = sum_{j != c} p_j = 1 - p_c``, both (N, K) and accurate relative to themselves."""
+    """``p_c`` and ``s_c = sum_{j != c} p_j = 1 - p_c``, (N, K) each, accurate relative to each."""
     t = others_logsumexp(logits)
     return torch.sigmoid(-t), torch.sigmoid(t)
 
@@ -124,8 +126,8 @@ def softmax_probs(logits: Tensor) -> Tensor:
 def class_residuals(logits: Tensor) -> Tensor:
     """``R[n, c] = d l(z_n, c) / dz`` for every class c, (N, K, K), with exact label entries.
 
-    Row c is ``p - e_c`` with its c-th entry ``-sum_{j != c} p_j``. ``sum_c p_c R[n, c] R[n, c]^T`` is
-    the exact Fisher of the head, ``diag(p) - p p^T``.
+    Row c is ``p - e_c`` with its c-th entry ``-sum_{j != c} p_j``.
+    ``sum_c p_c R[n, c] R[n, c]^T`` is the exact Fisher of the head, ``diag(p) - p p^T``.
     """
     p, rest = _probs_and_rest(logits)
     k = logits.shape[-1]
@@ -135,7 +137,7 @@ def class_residuals(logits: Tensor) -> Tensor:
 
 
 def cross_entropy_residual(logits: Tensor, labels: Tensor) -> Tensor:
-    """``d l(z_n, y_n) / dz_n``, (N, K): ``p`` with the label entry ``-sum_{j != y} p_j`` (exact)."""
+    """``d l(z_n, y_n) / dz_n``, (N, K): ``p`` with the label entry ``-sum_{j != y} p_j``, exact."""
     mask = _label_mask(labels, logits.shape[-1])
     zy = logits.gather(-1, labels.unsqueeze(-1))
     d = (logits - zy).masked_fill(mask, float("-inf"))
@@ -168,19 +170,39 @@ def output_hessian_sqrt(logits: Tensor) -> Tensor:
 
 
 def output_hessian_matvec(logits: Tensor, u: Tensor) -> Tensor:
-    """``Lambda_n u_n`` for ``u`` of shape (..., N, K) (leading batch dims broadcast), exact entries."""
+    """``Lambda_n u_n`` for ``u`` of shape (..., N, K) (leading dims broadcast), exact entries."""
     return torch.einsum("nck,...nk->...nc", output_hessian(logits), u.to(logits.dtype))
+
+
+NSCE_MIN_RELATIVE_STD = 1e-6
+"""Floor of the per-example logit standard deviation in :func:`normalized_logits`, relative to the
+logits' scale max_i |z_i|: a spread below a millionth of the scale is within a few float32
+rounding units of the logits (which a float32 network produces), so it carries no class
+information; dividing by it would make the loss and its gradient arbitrarily large."""
 
 
 def normalized_logits(logits: Tensor, eps: float = 0.0) -> Tensor:
     """Logits divided by their per-example standard deviation over classes.
 
-    Tsuzuku et al. 2020, Eqs. 21-22: f'(z) = f(z) / sqrt(mean_i (f(z)[i] - mu)^2).
+    Tsuzuku et al. 2020, Eqs. 21-22: f'(z) = f(z) / sqrt(mean_i (f(z)[i] - mu)^2 + eps).
     (Subtracting mu as well would change nothing after the softmax.)
+
+    The divisor is floored at ``NSCE_MIN_RELATIVE_STD * max_i |z_i|`` (1e-6 of the logits'
+    scale). Above the floor (every ordinary network) the result is Eq. 22 exactly, and stays
+    invariant to scaling and shifting the logits; below it (logits equal to ~16 float32 ulps)
+    the spread is treated as rounding noise: the normalized logits are at most ~1e-6 apart
+    relative to each other's spread, the softmax is close to uniform, the loss close to ln K and
+    its gradient bounded by about sqrt(2) / (1e-6 * max_i |z_i|), never NaN or unbounded.
+    Logits that are all exactly 0 give normalized logits 0 (loss ln K) and a zero gradient.
     """
     mu = logits.mean(dim=-1, keepdim=True)
-    std = ((logits - mu) ** 2).mean(dim=-1, keepdim=True).add(eps).sqrt()
-    return logits / std
+    var = ((logits - mu) ** 2).mean(dim=-1, keepdim=True).add(eps)
+    scale = logits.abs().amax(dim=-1, keepdim=True)
+    # floor inside the square root (no infinite sqrt derivative at zero spread), and a positive
+    # argument even for all-zero logits, whose branch torch.where then discards
+    floor = (NSCE_MIN_RELATIVE_STD * scale) ** 2
+    std = torch.maximum(var, floor).clamp_min(torch.finfo(logits.dtype).tiny).sqrt()
+    return torch.where(var + floor > 0, logits / std, torch.zeros_like(logits))
 
 
 def normalized_cross_entropy(

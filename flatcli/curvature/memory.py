@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatcli.curvature.data import iter_chunks
+
 __all__ = ["estimate_memory", "activation_bytes_per_example", "available_memory", "auto_batch_size"]
 
 ACTIVATION_FACTOR = 3.0
@@ -131,7 +133,7 @@ def auto_batch_size(
         with torch.no_grad():
             state = {k: v.detach() for k, v in model.named_parameters()}
             state.update({k: b.detach().clone() for k, b in model.named_buffers()})
-            xb = x[:2].to(device=device)
+            xb = next(iter_chunks(x, None, 2, device, None)).x
             num_outputs = int(functional_call(model, state, (xb,)).reshape(len(xb), -1).shape[1])
     fixed = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 0)
     per_example = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 1) - fixed

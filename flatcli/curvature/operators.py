@@ -4,22 +4,23 @@ Every operator is EXACT for the mean loss over the N examples it was built on,
 
     L(theta) = 1/N sum_n loss(f(x_n; theta), y_n),
 
-over the flat concatenation of the selected parameters (model order). Products are computed
-chunk by chunk (``batch_size`` examples at a time) and summed with weight n_b/N, so the chunking
-changes nothing but rounding. With z_n = f(x_n; theta) the logits and J_n = dz_n/dtheta:
+over the flat concatenation of the selected parameters (model order). With z_n = f(x_n; theta)
+the logits and J_n = dz_n/dtheta:
 
-- ``"hessian"``: H = d^2 L / dtheta^2, by double backward (``torch.autograd.grad`` with
-  ``create_graph=True``) or forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``);
-  see ``hvp_method`` below.
-- ``"ggn"``: G = 1/N sum_n J_n^T H_n J_n, with H_n = d^2 loss / dz^2 at z_n, the Hessian of the loss
-  head with respect to the logits (for softmax cross-entropy diag(p) - p p^T; for the NSCE head
-  of normalized-flat-minima.md Eq. 20 something else). Computed as J^T (H_n (J v)): J v by a
-  jvp of the logits, H_n (J v) by an HVP of the loss head alone, J^T by a vjp. The Hessian is G
-  plus the term sum_n sum_k (dloss/dz_k) d^2 z_k / dtheta^2 (dissecting-hessian-kfac.md
-  Eqs. 3, 10-11).
-- ``"fisher"``: the Fisher of the model's predictive distribution p(c|x) = exp(-loss(z, c)),
+- ``"hessian"`` (:class:`~flatcli.curvature.hessian.HessianOperator`): H = d^2 L / dtheta^2, by
+  double backward (``torch.autograd.grad`` with ``create_graph=True``) or forward-over-reverse
+  (``torch.func.jvp`` of ``torch.func.grad``); see ``hvp_method`` below.
+- ``"ggn"`` (:class:`~flatcli.curvature.gauss_newton.GGNOperator`): G = 1/N sum_n J_n^T H_n J_n,
+  with H_n = d^2 loss / dz^2 at z_n, the Hessian of the loss head with respect to the logits (for
+  softmax cross-entropy diag(p) - p p^T, Wu et al. 2020, Eq. 18; for the NSCE head of Tsuzuku et
+  al. 2020, Eq. 20, something else). Computed as J^T (H_n (J v)): J v by a jvp of the logits,
+  H_n (J v) by an HVP of the loss head alone, J^T by a vjp. The Hessian is G plus the residual
+  term 1/N sum_n sum_k (dloss/dz_k) d^2 z_k / dtheta^2 (the Hessian chain rule, Wu et al. 2020,
+  Eq. 12 for one layer and Eq. 29 for all parameters).
+- ``"fisher"`` (:class:`~flatcli.curvature.gauss_newton.FisherOperator`): the Fisher of the
+  model's predictive distribution p(c|x) = exp(-loss(z, c)),
   F = 1/N sum_n E_{c ~ p(.|x_n)} g_{n,c} g_{n,c}^T with g_{n,c} = d loss(z_n, c) / dtheta
-  (fisher-gamma-local-minima.md Eq. 1 relates it to the Hessian at a minimum).
+  (Jia & Su 2020, Eq. 1 relates it to the Hessian at a minimum).
 
   * ``fisher_type="mc"`` (the default): "labels sampled from the model". ``mc_samples`` labels
     per example are drawn ONCE, at construction, from p(.|x_n) with ``seed``, so the operator is
@@ -30,6 +31,21 @@ changes nothing but rounding. With z_n = f(x_n; theta) the logits and J_n = dz_n
     F = 1/N sum_n J_n^T (sum_c p_c r_c r_c^T) J_n, r_c = dloss(z_n, c)/dz. For softmax
     cross-entropy the head matrix is diag(p) - p p^T, so the exact Fisher EQUALS the GGN there
     (it differs for NSCE and other heads).
+
+One data loop. Every kind shares :class:`CurvatureOperator`, which owns the only loop over the
+examples: chunks of ``batch_size`` examples from :func:`flatcli.curvature.data.iter_chunks`
+(moved to the model's device and dtype), each chunk's contribution computed by the kind as a SUM
+over its examples, the chunk sums added, reduced by :meth:`CurvatureOperator.reduce` (the
+identity in one process: the single place a data-parallel all-reduce goes) and divided by the
+true example count N. Chunking therefore changes nothing but rounding. Under ``torchrun``
+(:mod:`flatcli.distributed`) the loop runs over this process's contiguous shard of the examples
+and :meth:`~CurvatureOperator.reduce` all-reduces the product's sums once (one buffer), so the
+result equals the one-process result up to the order of the floating-point additions. The
+base class also counts products (``matvecs``) and keeps the double-backward graph cache.
+
+Blocks. :meth:`CurvatureOperator.restrict` gives the diagonal block of the matrix for a subset of
+its parameters (the layer-wise Hessian of Wu et al. 2020, §3) as an operator of its own that
+shares the data loop and the cached graph: one operator per model and loss serves every measure.
 
 ``hvp_method`` says how products are formed:
 
@@ -61,12 +77,16 @@ loss depend on the chunking, and Dropout makes every product random. A warning s
 >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
 >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
 >>> H = make_operator("hessian", model, x, y)
->>> H.dim, H.hvp_method
-(26, 'double-backward')
+>>> H.dim, H.hvp_method, type(H).__name__
+(26, 'double-backward', 'HessianOperator')
 >>> v = torch.randn(H.dim, dtype=torch.float64)
 >>> Hv = H.matvec(v)
 >>> bool(torch.allclose(H.matvec(v), H.matmat(v[:, None])[:, 0]))
 True
+>>> B = H.restrict(["2.weight"])  # the block of the last layer's weights
+>>> s = H.slices["2.weight"]
+>>> B.dim, bool(torch.allclose(B.to_dense(), H.to_dense()[s, s]))
+(8, True)
 """
 
 from __future__ import annotations
@@ -75,13 +95,21 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
 
-from flatcli.curvature._functional import FunctionalModel, first_line, head_loss, is_oom
+from flatcli import distributed
+from flatcli.curvature._autodiff import FALLBACK_ERRORS, num_columns
+from flatcli.curvature._functional import (
+    FunctionalModel,
+    first_line,
+    head_loss,
+    is_oom,
+    quiet_jit_warning,
+)
+from flatcli.curvature.data import Chunk, iter_chunks
 from flatcli.curvature.losses import cross_entropy, get_loss
 from flatcli.curvature.memory import auto_batch_size
 from flatcli.curvature.params import (
@@ -97,9 +125,17 @@ __all__ = [
     "HvpMethod",
     "FisherType",
     "CurvatureOperator",
+    "OperatorBlock",
+    "OperatorCache",
     "make_operator",
     "eval_mode",
 ]
+
+# HessianOperator, GGNOperator and FisherOperator are importable from here too (module
+# __getattr__ below); they live in flatcli.curvature.hessian and flatcli.curvature.gauss_newton.
+
+Params = dict[str, Tensor]
+"""``{parameter name: tensor}``; as columns, each tensor is ``(k, *shape)``."""
 
 
 class Kind(str, Enum):
@@ -125,7 +161,6 @@ class FisherType(str, Enum):
     EXACT = "exact"
 
 
-_FALLBACK_ERRORS = (NotImplementedError, RuntimeError)
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
@@ -141,69 +176,71 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _stack(cols: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    if len(cols) == 1:
-        return {n: t.unsqueeze(0) for n, t in cols[0].items()}
-    return {n: torch.stack([c[n] for c in cols]) for n in cols[0]}
+class _Products:
+    """The ``LinearOperator`` protocol (matvec, matmat, ``@``, to_dense) over flat vectors.
 
-
-def _column(cols: dict[str, Tensor], i: int) -> dict[str, Tensor]:
-    return {n: c[i] for n, c in cols.items()}
-
-
-def _backward_products(
-    outputs: Sequence[Tensor | None],
-    inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor],
-    batched: bool,
-) -> list[Tensor]:
-    """``[(k, *input.shape)]``: k vector-Jacobian products of ``outputs`` wrt ``inputs``.
-
-    ``grad_outputs[i]`` has shape ``(k, *outputs[i].shape)``. Outputs that do not depend on the
-    inputs (None or no graph) contribute zero. ``batched`` uses ``is_grads_batched`` (vmap).
+    Subclasses set ``dim``, ``dtype``, ``device``, ``param_shapes`` and ``matvecs`` and implement
+    :meth:`_columns_product` on ``{name: (k, *shape)}`` columns.
     """
-    k = grad_outputs[0].shape[0]
-    keep = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-    zeros = [torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) for t in inputs]
-    if not keep:
-        return zeros
-    outs = [outputs[i] for i in keep]
-    gos = [grad_outputs[i].to(outputs[i].dtype) for i in keep]
-    if batched:
-        res = list(
-            torch.autograd.grad(
-                outs,
-                inputs,
-                grad_outputs=gos,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    matvecs: int
+    param_shapes: dict[str, torch.Size]
+
+    def _columns_product(self, cols: Params) -> Params:
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a flat vector ``v`` of shape ``(dim,)``."""
+        if v.dim() != 1 or v.shape[0] != self.dim:
+            raise ValueError(
+                f"Expected a vector of shape ({self.dim},). Got shape {tuple(v.shape)}."
             )
-        )
-    else:
-        per = [
-            torch.autograd.grad(
-                outs,
-                inputs,
-                grad_outputs=[g[j] for g in gos],
-                retain_graph=True,
-                allow_unused=True,
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for ``V`` of shape ``(dim, k)``; adds k to ``matvecs``."""
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(
+                f"Expected a matrix of shape ({self.dim}, k). Got shape {tuple(V.shape)}."
             )
-            for j in range(k)
-        ]
-        res = [
-            None if per[0][i] is None else torch.stack([p[i] for p in per])
-            for i in range(len(inputs))
-        ]
-    return [z if r is None else r for r, z in zip(res, zeros, strict=True)]
+        k = int(V.shape[1])
+        if k == 0:
+            return V.new_zeros((self.dim, 0), dtype=self.dtype, device=self.device)
+        V = V.to(dtype=self.dtype, device=self.device)
+        out = self._columns_product(unflatten_columns(V, self.param_shapes))
+        self.matvecs += k
+        return flatten_columns(out)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    def to_dense(self, block: int = 64) -> Tensor:
+        """The full ``(dim, dim)`` matrix in the operator's dtype (for small models and tests)."""
+        from flatcli.curvature.linop import to_dense
+
+        return to_dense(self, block).to(self.dtype)
 
 
-class CurvatureOperator:
+class CurvatureOperator(_Products):
     """A symmetric ``dim x dim`` curvature matrix of the mean loss, applied without forming it.
 
-    Build it with :func:`make_operator`. Satisfies the ``LinearOperator`` protocol of
+    Build it with :func:`make_operator` (or ``CurvatureOperator(kind, model, x, y, ...)``, which
+    returns the subclass of that kind: :class:`HessianOperator`, :class:`GGNOperator`,
+    :class:`FisherOperator`). Satisfies the ``LinearOperator`` protocol of
     ``flatcli.curvature.linop``: ``dim``, ``dtype``, ``device``, ``matvecs``, ``matvec``,
     ``matmat``.
+
+    This class owns the loop over the examples (:meth:`chunks`, :meth:`reduce`), the
+    normalisation by N, the product count and the double-backward graph cache; a subclass says
+    what one chunk contributes, as a sum over its examples, by each AD method
+    (``_chunk_forward``, ``_build_graph`` + ``_chunk_double_backward``).
 
     Attributes:
         kind: "hessian", "ggn" or "fisher".
@@ -215,9 +252,33 @@ class CurvatureOperator:
             backward loops over the columns through one retained graph per chunk).
         fallback_reason: why a fallback was taken (``None`` when none was).
         num_examples, num_outputs, batch_size: N, K (logits per example), examples per chunk.
-        fisher_type, mc_samples, mc_labels: for kind "fisher" (``mc_labels`` is (N, S) int64).
-        matvecs: products so far (a matmat of k columns counts k).
+        fisher_type, mc_samples, mc_labels: for kind "fisher" (``mc_labels`` is (N, S) int64,
+            every example's labels on every process).
+        data_parallel, world_size, shard, examples_per_rank: whether the examples are split
+            over ``torchrun`` processes, how many, this process's ``(start, stop)`` and every
+            rank's share (``(0, N)`` and ``[N]`` in one process).
+        matvecs: products so far (a matmat of k columns counts k; products of blocks from
+            :meth:`restrict` are counted by the block).
     """
+
+    kind: ClassVar[str] = ""  # "hessian", "ggn" or "fisher": set by each subclass
+    preferred_methods: ClassVar[tuple[str, str]] = (
+        HvpMethod.FORWARD_OVER_REVERSE.value,
+        HvpMethod.DOUBLE_BACKWARD.value,
+    )
+    """The order ``hvp_method="auto"`` tries the two methods in."""
+
+    _classes: ClassVar[dict[str, type[CurvatureOperator]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            CurvatureOperator._classes[cls.kind] = cls
+
+    def __new__(cls, kind: Kind | str, *args: Any, **kwargs: Any) -> CurvatureOperator:
+        if cls is CurvatureOperator:
+            cls = _kind_class(_choice(Kind, kind, "kind"))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -235,10 +296,14 @@ class CurvatureOperator:
         fisher_type: FisherType | str = FisherType.MC,
         mc_samples: int = 1,
         cache: bool = True,
+        data_parallel: bool | None = None,
     ) -> None:
-        self.kind = _choice(Kind, kind, "kind").value
+        if _choice(Kind, kind, "kind") != type(self).kind:
+            raise UsageError(
+                f"{type(self).__name__} is the {type(self).kind!r} operator; got kind {kind!r}."
+            )
         requested = _choice(HvpMethod, hvp_method, "hvp_method")
-        self.fisher_type: str | None = _choice(FisherType, fisher_type, "fisher_type").value
+        ftype = _choice(FisherType, fisher_type, "fisher_type")
         if isinstance(loss_fn, str):
             loss_fn = get_loss(loss_fn)
         n = int(x.shape[0])
@@ -264,10 +329,22 @@ class CurvatureOperator:
         self._loss = head_loss(loss_fn, head_dtype)
         self._cache_enabled = bool(cache)
         self._graphs: dict[tuple[int, int], tuple[tuple[int, ...], tuple[Any, ...]]] = {}
+        self._index = {name: i for i, name in enumerate(names)}
+        self.data_parallel: bool = (
+            distributed.active()
+            if data_parallel is None
+            else bool(data_parallel and distributed.active())
+        )
+        self.world_size: int = distributed.world_size() if self.data_parallel else 1
+        self.shard: tuple[int, int] = distributed.shard_bounds(n) if self.data_parallel else (0, n)
+        self.examples_per_rank: list[int] = (
+            distributed.examples_per_rank(n) if self.data_parallel else [n]
+        )
 
-        xb, _ = self._batch(0, min(n, 2))
+        # the probe's examples are the same on every process (the first two of the set)
+        first = next(iter_chunks(x, y, min(n, 2), self.device, self.dtype))
         with torch.no_grad():
-            z = self._fm(self._fm.params, xb)
+            z = self._fm(self._fm.params, first.x)
         if z.dim() != 2:
             raise UsageError(f"The model must return logits of shape (N, K); got {tuple(z.shape)}.")
         self.num_outputs: int = int(z.shape[1])
@@ -279,64 +356,21 @@ class CurvatureOperator:
             raise UsageError(f"batch_size must be a positive integer. Got {batch_size}.")
         self.batch_size: int = min(int(batch_size), n)
 
+        self.fisher_type: str | None = None
         self.mc_samples: int | None = None
         self.mc_labels: Tensor | None = None
-        if self.kind != Kind.FISHER:
-            self.fisher_type = None
-        elif self.fisher_type == FisherType.MC:
-            if int(mc_samples) < 1:
-                raise UsageError(f"mc_samples must be a positive integer. Got {mc_samples}.")
-            self.mc_samples = int(mc_samples)
-            self.mc_labels = self._sample_labels()
-        else:
-            self._check_likelihood(self._probabilities(z))
+        self._init_kind(z, ftype, mc_samples)
 
         self.fallback_reason: str | None = None
-        self.hvp_method: str = requested.value
+        self.hvp_method: str = requested
         self.matmat_method: str = "vmap"
-        with warnings.catch_warnings():  # torch's first jvp loads decompositions via jit.script
-            warnings.filterwarnings(
-                "ignore", message=".*torch.jit.script.*", category=FutureWarning
-            )
-            self._probe(requested)
+        with quiet_jit_warning():  # torch's first jvp loads decompositions via jit.script
+            self._probe(requested, first)
+
+    def _init_kind(self, z: Tensor, fisher_type: str, mc_samples: int) -> None:
+        """Kind-specific setup after the shapes and chunk size are known (``z``: first logits)."""
 
     # ------------------------------------------------------------------ public protocol
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """``A v`` for a flat vector ``v`` of shape ``(dim,)``."""
-        if v.dim() != 1 or v.shape[0] != self.dim:
-            raise ValueError(
-                f"Expected a vector of shape ({self.dim},). Got shape {tuple(v.shape)}."
-            )
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """``A V`` for ``V`` of shape ``(dim, k)``; adds k to ``matvecs``."""
-        if V.dim() != 2 or V.shape[0] != self.dim:
-            raise ValueError(
-                f"Expected a matrix of shape ({self.dim}, k). Got shape {tuple(V.shape)}."
-            )
-        k = int(V.shape[1])
-        if k == 0:
-            return V.new_zeros((self.dim, 0), dtype=self.dtype, device=self.device)
-        V = V.to(dtype=self.dtype, device=self.device)
-        cols = unflatten_columns(V, self.param_shapes)
-        out = self._product(cols, batched=k > 1 and self.matmat_method == "vmap")
-        self.matvecs += k
-        return flatten_columns(out)
-
-    def __matmul__(self, other: Tensor) -> Tensor:
-        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    def to_dense(self, block: int = 64) -> Tensor:
-        """The full ``(dim, dim)`` matrix in the operator's dtype (for small models and tests)."""
-        from flatcli.curvature.linop import to_dense
-
-        return to_dense(self, block).to(self.dtype)
 
     def describe(self) -> dict[str, Any]:
         """What a report should say about how the products were formed (JSON-ready)."""
@@ -361,18 +395,77 @@ class CurvatureOperator:
 
     def __repr__(self) -> str:
         return (
-            f"CurvatureOperator(kind={self.kind!r}, dim={self.dim}, N={self.num_examples}, "
+            f"{type(self).__name__}(kind={self.kind!r}, dim={self.dim}, N={self.num_examples}, "
             f"batch_size={self.batch_size}, hvp_method={self.hvp_method!r}, "
             f"matmat_method={self.matmat_method!r})"
         )
 
-    # ------------------------------------------------------------------ chunking
+    def restrict(self, params: Sequence[str] | str | None) -> OperatorBlock:
+        """The diagonal block of this matrix for a subset of its parameters, as an operator.
 
-    def _batch(self, a: int, b: int) -> tuple[Tensor, Tensor]:
-        xb = self._x[a:b].to(self.device, non_blocking=True)
-        if xb.is_floating_point() and xb.dtype != self.dtype:
-            xb = xb.to(self.dtype)
-        return xb, self._y[a:b].to(self.device, non_blocking=True)
+        The block shares this operator's examples, method, chunking and cached graph (a
+        product costs about one product of the full operator, or less with double backward,
+        which differentiates the selected parameters only), and counts its own ``matvecs``.
+
+        Args:
+            params: parameter names, module names or globs
+                (:func:`flatcli.curvature.params.select_parameters`); None: all of this
+                operator's parameters.
+
+        Raises:
+            UsageError: a pattern matches nothing, or names a parameter this operator lacks.
+        """
+        if params is None:
+            names = list(self.param_names)
+        else:
+            names = select_parameters(self._fm.model, params)
+            missing = [name for name in names if name not in self._index]
+            if missing:
+                raise UsageError(
+                    f"Parameters {missing} are not among this operator's {self.param_names}."
+                )
+        return OperatorBlock(self, names)
+
+    def release(self) -> None:
+        """Free the cached autograd graph (it is rebuilt on the next product if needed)."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ the data loop
+
+    def chunks(self, batch_size: int | None = None) -> Iterator[Chunk]:
+        """This process's examples in chunks of ``batch_size`` (default the operator's), on its
+        device and in its dtype: :func:`flatcli.curvature.data.iter_chunks` over :attr:`shard`
+        (all N examples in one process; a contiguous share of them when data-parallel).
+        Chunk ``start``/``stop`` are indices into the global example set."""
+        a, b = self.shard
+        return iter_chunks(
+            self._x,
+            self._y,
+            batch_size or self.batch_size,
+            self.device,
+            self.dtype,
+            start=a,
+            stop=b,
+        )
+
+    def reduce(self, sums: Params) -> Params:
+        """Combine one product's sums over this process's chunks into the sum over all examples.
+
+        The identity in one process. Data-parallel (under ``torchrun``), one all-reduce (sum)
+        of every tensor of the product, flattened into one buffer
+        (:func:`flatcli.distributed.all_reduce_sum`): about ``k * dim`` floats for a product
+        with ``k`` columns. The caller divides by the GLOBAL example count ``num_examples``.
+        """
+        if not self.data_parallel:
+            return sums
+        return distributed.all_reduce_sum(sums)
+
+    def _zeros(self, k: int, names: list[str]) -> Params:
+        """Zero sums ``{name: (k, *shape)}`` (the contribution of an empty shard)."""
+        return {
+            name: torch.zeros((k, *self.param_shapes[name]), dtype=self.dtype, device=self.device)
+            for name in names
+        }
 
     def _chunk_size(self, k: int) -> int:
         if not self._auto_batch or k <= 1 or self.matmat_method != "vmap":
@@ -380,227 +473,98 @@ class CurvatureOperator:
         # the auto size is for one product (~3x the activations); k tangents add ~2x each
         return max(1, min(self.batch_size, self.batch_size * 3 // (1 + 2 * k)))
 
-    def _product(self, cols: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
-        k = next(iter(cols.values())).shape[0]
-        out: dict[str, Tensor] = {}
-        step = self._chunk_size(k)
-        for a in range(0, self.num_examples, step):
-            b = min(self.num_examples, a + step)
-            part = self._chunk(a, b, cols, self.hvp_method, batched)
-            if not out:  # a copy, never a view of an input, since later chunks add into it
-                out = part if b == self.num_examples else {n: t.clone() for n, t in part.items()}
+    def _columns_product(self, cols: Params) -> Params:
+        return self._product(cols, self.param_names)
+
+    def _product(self, cols: Params, names: list[str]) -> Params:
+        """``A V`` (block ``names``) for columns ``{name: (k, *shape)}``: the only example loop.
+
+        Each chunk's contribution is a sum over its examples; the sums are added, reduced
+        (:meth:`reduce`) and divided by the true example count N.
+        """
+        k = num_columns(cols)
+        batched = k > 1 and self.matmat_method == "vmap"
+        total: Params = {}
+        for chunk in self.chunks(self._chunk_size(k)):
+            part = self._chunk(chunk, cols, names, self.hvp_method, batched)
+            if not total:  # a copy, never a view of an input, when later chunks add into it
+                last = chunk.stop == self.shard[1]
+                total = part if last else {name: t.clone() for name, t in part.items()}
             else:
-                for n in out:
-                    out[n] += part[n]
-        return out
+                for name in total:
+                    total[name] += part[name]
+        if not total:  # an empty shard (fewer examples than processes)
+            total = self._zeros(k, names)
+        total = self.reduce({name: total[name] for name in names})
+        return {name: t / self.num_examples for name, t in total.items()}
 
     def _chunk(
-        self, a: int, b: int, cols: dict[str, Tensor], method: str, batched: bool
-    ) -> dict[str, Tensor]:
-        """Contribution of examples ``a:b`` (already weighted by 1/N) to ``A V``."""
+        self, chunk: Chunk, cols: Params, names: list[str], method: str, batched: bool
+    ) -> Params:
+        """Sum over the examples of ``chunk`` of their contributions to block ``names`` of A V."""
         if method == HvpMethod.DOUBLE_BACKWARD:
-            graph = self._graph(a, b)
-            if self.kind == Kind.HESSIAN:
-                return self._hessian_db(graph, cols, batched)
-            return self._ggn_db(graph, slice(a, b), cols, batched)
-        xb, yb = self._batch(a, b)
-        fn = self._hessian_for if self.kind == Kind.HESSIAN else self._ggn_for
-        return fn(xb, yb, slice(a, b), cols, batched)
+            return self._chunk_double_backward(self._graph(chunk), chunk, cols, names, batched)
+        return self._chunk_forward(chunk, cols, names, batched)
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in (*self._fm.params.values(), *self._fm.fixed.values()))
 
-    def _graph(self, a: int, b: int) -> tuple[Any, ...]:
-        """The autograd graph of examples ``a:b`` for double backward.
+    def _graph(self, chunk: Chunk) -> tuple[Any, ...]:
+        """The autograd graph of ``chunk`` for double backward.
 
         When all N examples form one chunk the graph is kept and reused by later products (each
         then costs one backward pass through it); it is rebuilt if a parameter changes in place.
         """
+        key = (chunk.start, chunk.stop)
         versions = self._versions()
-        hit = self._graphs.get((a, b))
+        hit = self._graphs.get(key)
         if hit is not None and hit[0] == versions:
             return hit[1]
         self._graphs.clear()
-        xb, yb = self._batch(a, b)
-        leaves = self._fm.leaves()
-        inputs = list(leaves.values())
         with torch.enable_grad():
-            if self.kind == Kind.HESSIAN:
-                loss = self._loss(self._fm(leaves, xb), yb).sum() / self.num_examples
-                grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-                graph: tuple[Any, ...] = (inputs, grads)
-            else:
-                z = self._fm(leaves, xb)
-                u = torch.zeros_like(z, requires_grad=True)
-                jtu = torch.autograd.grad(
-                    z, inputs, grad_outputs=u, create_graph=True, allow_unused=True
-                )
-                graph = (inputs, z, u, jtu, yb)
-        if self._cache_enabled and b - a == self.num_examples:
-            self._graphs[(a, b)] = (versions, graph)
+            graph = self._build_graph(chunk)
+        if self._cache_enabled and chunk.size == self.shard[1] - self.shard[0]:
+            self._graphs[key] = (versions, graph)
         return graph
 
-    # ------------------------------------------------------------------ Hessian
+    def _subset(self, names: list[str]) -> Params:
+        """The current values of parameters ``names`` (the primal point of a block)."""
+        return {name: self._fm.params[name] for name in names}
 
-    def _hessian_for(
-        self, xb: Tensor, yb: Tensor, sl: slice, cols: dict[str, Tensor], batched: bool
-    ) -> dict[str, Tensor]:
-        fm, n = self._fm, self.num_examples
+    def _call(self, p: Params, x: Tensor) -> Tensor:
+        """Logits with the parameters in ``p`` and the operator's other parameters as they are."""
+        if len(p) != len(self._fm.params):
+            p = {**self._fm.params, **p}
+        return self._fm(p, x)
 
-        def total(p: dict[str, Tensor]) -> Tensor:
-            return self._loss(fm(p, xb), yb).sum() / n
+    # ------------------------------------------------------------------ per kind
 
-        g = grad(total)
+    def _chunk_forward(self, chunk: Chunk, cols: Params, names: list[str], batched: bool) -> Params:
+        """Forward-over-reverse: the chunk's summed contribution to block ``names`` of A V."""
+        raise NotImplementedError
 
-        def one(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            return jvp(g, (fm.params,), (v,))[1]
+    def _build_graph(self, chunk: Chunk) -> tuple[Any, ...]:
+        """Double backward: the retained graph of ``chunk`` (built under enable_grad)."""
+        raise NotImplementedError
 
-        if batched:
-            return vmap(one)(cols)
-        k = next(iter(cols.values())).shape[0]
-        return _stack([one(_column(cols, i)) for i in range(k)])
-
-    def _hessian_db(
-        self, graph: tuple[Any, ...], cols: dict[str, Tensor], batched: bool
-    ) -> dict[str, Tensor]:
-        inputs, grads = graph
-        res = _backward_products(grads, inputs, [cols[k] for k in self.param_names], batched)
-        return dict(zip(self.param_names, res, strict=True))
-
-    # ------------------------------------------------------------------ GGN and Fisher
-
-    def _ggn_for(
-        self, xb: Tensor, yb: Tensor, sl: slice, cols: dict[str, Tensor], batched: bool
-    ) -> dict[str, Tensor]:
-        fm = self._fm
-
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return fm(p, xb)
-
-        z, vjp_fn = vjp(f, fm.params)
-
-        def jv(v: dict[str, Tensor]) -> Tensor:
-            return jvp(f, (fm.params,), (v,))[1]
-
-        k = next(iter(cols.values())).shape[0]
-        if batched:
-            JV = vmap(jv)(cols)  # (k, B, K)
-        else:
-            JV = torch.stack([jv(_column(cols, i)) for i in range(k)])
-        U = self._head_apply(z.detach(), yb, sl, JV)  # (k, B, K), weighted by 1/N
-        if batched:
-            return vmap(vjp_fn)(U)[0]
-        return _stack([vjp_fn(U[i])[0] for i in range(k)])
-
-    def _ggn_db(
-        self, graph: tuple[Any, ...], sl: slice, cols: dict[str, Tensor], batched: bool
-    ) -> dict[str, Tensor]:
-        inputs, z, u, jtu, yb = graph
-        # J v = d/du <J^T u, v>  (double-vjp trick: reverse mode only)
-        (JV,) = _backward_products(jtu, [u], [cols[k] for k in self.param_names], batched)
-        U = self._head_apply(z.detach(), yb, sl, JV)
-        res = _backward_products([z], inputs, [U], batched)
-        return dict(zip(self.param_names, res, strict=True))
-
-    def _head_apply(self, z: Tensor, yb: Tensor, sl: slice, U: Tensor) -> Tensor:
-        """``M_n u`` for each column u (k, B, K) with the head matrix of this kind, divided by N."""
-        hd = self.head_dtype or z.dtype
-        zh, Uh = z.to(hd), U.to(hd)
-        if self.kind == Kind.GGN:
-            out = self._head_hvp(zh, yb, Uh)
-        elif self.fisher_type == FisherType.EXACT:
-            G, p = self._class_gradients(zh)  # (B, K, K): G[b, c] = dloss(z_b, c)/dz; p (B, K)
-            s = torch.einsum("bck,nbk->nbc", G, Uh) * p
-            out = torch.einsum("bck,nbc->nbk", G, s)
-        else:
-            assert self.mc_labels is not None and self.mc_samples is not None
-            R = self._label_gradients(zh, self.mc_labels[sl])  # (B, S, K)
-            s = torch.einsum("bsk,nbk->nbs", R, Uh)
-            out = torch.einsum("bsk,nbs->nbk", R, s) / self.mc_samples
-        return (out / self.num_examples).to(z.dtype)
-
-    def _head_hvp(self, zh: Tensor, yb: Tensor, Uh: Tensor) -> Tensor:
-        """``H_n u``: the Hessian of the loss wrt the logits times each column (k, B, K)."""
-
-        def total(zz: Tensor) -> Tensor:
-            return self._loss(zz, yb).sum()
-
-        gz = grad(total)
-        try:
-            return vmap(lambda u: jvp(gz, (zh,), (u,))[1])(Uh)
-        except _FALLBACK_ERRORS as err:  # a loss head without forward AD or batching rules
-            if is_oom(err):
-                raise
-        with torch.enable_grad():
-            zz = zh.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(total(zz), zz, create_graph=True)
-            return torch.stack(
-                [torch.autograd.grad(g, zz, grad_outputs=u, retain_graph=True)[0] for u in Uh]
-            )
-
-    def _class_gradients(self, zh: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradients wrt z of loss(z_b, c) for every class c (B, K, K), and p(c|x_b) (B, K)."""
-        B, K = zh.shape
-        with torch.enable_grad():
-            zr = zh.detach().repeat_interleave(K, dim=0).requires_grad_(True)
-            labels = torch.arange(K, device=zh.device).repeat(B)
-            losses = self._loss(zr, labels)
-            (g,) = torch.autograd.grad(losses.sum(), zr)
-        return g.view(B, K, K), torch.exp(-losses.detach()).view(B, K)
-
-    def _label_gradients(self, zh: Tensor, labels: Tensor) -> Tensor:
-        """Gradients wrt z of loss(z_b, c_bs) for the sampled labels (B, S) -> (B, S, K)."""
-        B, S = labels.shape
-        with torch.enable_grad():
-            zr = zh.detach().repeat_interleave(S, dim=0).requires_grad_(True)
-            losses = self._loss(zr, labels.reshape(-1).to(zh.device))
-            (g,) = torch.autograd.grad(losses.sum(), zr)
-        return g.view(B, S, -1)
-
-    def _probabilities(self, z: Tensor) -> Tensor:
-        """p(c|x) = exp(-loss(z, c)) for every class, (B, K), in the head dtype."""
-        B, K = z.shape
-        hd = self.head_dtype or z.dtype
-        zr = z.detach().to(hd).repeat_interleave(K, dim=0)
-        labels = torch.arange(K, device=z.device).repeat(B)
-        return torch.exp(-self._loss(zr, labels)).view(B, K)
-
-    @staticmethod
-    def _check_likelihood(p: Tensor) -> None:
-        err = float((p.sum(dim=1) - 1).abs().max())
-        if not err < 1e-3:
-            raise UsageError(
-                "kind='fisher' needs a loss that is a negative log-likelihood over the classes "
-                f"(exp(-loss(z, c)) summed over c is off 1 by {err:.3g}); use kind='ggn'."
-            )
-
-    def _sample_labels(self) -> Tensor:
-        """Draw ``mc_samples`` labels per example from the model, once, with ``seed``: (N, S)."""
-        probs = []
-        with torch.no_grad():
-            for a in range(0, self.num_examples, self.batch_size):
-                xb, _ = self._batch(a, min(self.num_examples, a + self.batch_size))
-                probs.append(self._probabilities(self._fm(self._fm.params, xb)).cpu().double())
-        p = torch.cat(probs)
-        self._check_likelihood(p)
-        gen = torch.Generator().manual_seed(self.seed)
-        labels = torch.multinomial(
-            p / p.sum(dim=1, keepdim=True), self.mc_samples, replacement=True, generator=gen
-        )
-        return labels.to(self.device)
+    def _chunk_double_backward(
+        self, graph: tuple[Any, ...], chunk: Chunk, cols: Params, names: list[str], batched: bool
+    ) -> Params:
+        """Double backward: the chunk's summed contribution to block ``names`` of A V."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ method detection
 
-    def _probe(self, requested: HvpMethod) -> None:
+    def _probe(self, requested: str, first: Chunk) -> None:
         """Try the preferred method once on a couple of examples; fall back if it fails.
 
-        ``auto`` prefers double backward for the Hessian and forward mode for the GGN/Fisher
-        (the faster of the two in bench_hvp.py); a method that raises is replaced by the other.
+        ``auto`` tries :attr:`preferred_methods` in order (double backward first for the
+        Hessian, forward mode for the GGN/Fisher: the faster in bench_hvp.py); a method that
+        raises is replaced by the other.
         """
-        b = min(self.num_examples, 2)
         gen = torch.Generator().manual_seed(self.seed)
 
-        def random_cols(k: int) -> dict[str, Tensor]:
+        def random_cols(k: int) -> Params:
             return {
                 n: torch.randn((k, *s), generator=gen, dtype=torch.float64)
                 .to(self.dtype)
@@ -608,15 +572,12 @@ class CurvatureOperator:
                 for n, s in self.param_shapes.items()
             }
 
-        fwd, dbl = HvpMethod.FORWARD_OVER_REVERSE.value, HvpMethod.DOUBLE_BACKWARD.value
-        if requested == HvpMethod.AUTO:
-            order = [dbl, fwd] if self.kind == Kind.HESSIAN else [fwd, dbl]
-        else:
-            order = [requested.value]
+        dbl = HvpMethod.DOUBLE_BACKWARD.value
+        order = list(self.preferred_methods) if requested == HvpMethod.AUTO else [requested]
         for i, method in enumerate(order):
             try:
-                self._chunk(0, b, random_cols(1), method, False)
-            except _FALLBACK_ERRORS as err:
+                self._chunk(first, random_cols(1), self.param_names, method, False)
+            except FALLBACK_ERRORS as err:
                 if is_oom(err) or i == len(order) - 1:
                     raise
                 self.fallback_reason = f"{method} failed ({first_line(err)})"
@@ -628,8 +589,8 @@ class CurvatureOperator:
             self.matmat_method = "loop"  # one graph per chunk, reused by every column
             return
         try:
-            self._chunk(0, b, random_cols(2), self.hvp_method, True)
-        except _FALLBACK_ERRORS as err:
+            self._chunk(first, random_cols(2), self.param_names, self.hvp_method, True)
+        except FALLBACK_ERRORS as err:
             if is_oom(err):
                 raise
             self.matmat_method = "loop"
@@ -638,14 +599,61 @@ class CurvatureOperator:
                 reason if self.fallback_reason is None else f"{self.fallback_reason}; {reason}"
             )
 
-    def release(self) -> None:
-        """Free the cached autograd graph (it is rebuilt on the next product if needed)."""
-        self._graphs.clear()
+
+class OperatorBlock(_Products):
+    """The diagonal block of a :class:`CurvatureOperator` for a subset of its parameters.
+
+    Made by :meth:`CurvatureOperator.restrict`. A ``LinearOperator`` of its own (``dim``,
+    ``matvec``, ``matmat``, ``param_names``, ``slices`` into ITS flat vector, its own
+    ``matvecs``) whose products run through the parent's data loop and cached graph.
+    """
+
+    def __init__(self, parent: CurvatureOperator, names: list[str]) -> None:
+        if not names:
+            raise UsageError("No parameters selected: the block would be empty.")
+        self.parent = parent
+        self.kind = parent.kind
+        self.param_names = list(names)
+        self.param_shapes = {name: parent.param_shapes[name] for name in names}
+        self.slices = param_slices(self.param_shapes)
+        self.dim = sum(s.numel() for s in self.param_shapes.values())
+        self.dtype = parent.dtype
+        self.device = parent.device
+        self.matvecs = 0
+
+    def __getattr__(self, name: str) -> Any:
+        # everything else (hvp_method, num_examples, batch_size, seed, ...) is the parent's
+        if name == "parent":
+            raise AttributeError(name)
+        return getattr(self.parent, name)
+
+    def _columns_product(self, cols: Params) -> Params:
+        return self.parent._product(cols, self.param_names)
+
+    def restrict(self, params: Sequence[str] | str | None) -> OperatorBlock:
+        """A block of this block (see :meth:`CurvatureOperator.restrict`)."""
+        block = self.parent.restrict(self.param_names if params is None else params)
+        outside = [name for name in block.param_names if name not in self.param_shapes]
+        if outside:
+            raise UsageError(f"Parameters {outside} are not in this block {self.param_names}.")
+        return block
+
+    def describe(self) -> dict[str, Any]:
+        """The parent's description with this block's size and parameters."""
+        return {
+            **self.parent.describe(),
+            "dim": self.dim,
+            "params": list(self.param_names),
+            "block_of": self.parent.dim,
+        }
+
+    def __repr__(self) -> str:
+        return f"OperatorBlock(dim={self.dim} of {self.parent!r}, params={self.param_names})"
 
 
 def _choice(enum: type[Enum], value: Any, what: str) -> Any:
     try:
-        return enum(value)
+        return enum(value).value
     except ValueError:
         valid = ", ".join(repr(e.value) for e in enum)
         raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
@@ -679,6 +687,7 @@ def make_operator(
     fisher_type: FisherType | str = FisherType.MC,
     mc_samples: int = 1,
     cache: bool = True,
+    data_parallel: bool | None = None,
 ) -> CurvatureOperator:
     """A matrix-free curvature operator of the mean loss over the examples ``(x, y)``.
 
@@ -694,6 +703,8 @@ def make_operator(
         params: parameter names (or module names / globs, resolved by
             :func:`flatcli.curvature.params.select_parameters`); None = every parameter with
             ``requires_grad``. The flat vector follows ``model.named_parameters()`` order.
+            (For several blocks of one matrix, build it once and use
+            :meth:`CurvatureOperator.restrict`.)
         batch_size: examples per chunk; None picks one that fits memory
             (:func:`flatcli.curvature.memory.auto_batch_size`). The result does not depend on it
             (up to rounding) unless BatchNorm is in training mode.
@@ -707,10 +718,17 @@ def make_operator(
         mc_samples: sampled labels per example for the MC Fisher.
         cache: keep the double-backward graph between products when all N examples form one
             chunk (memory: one chunk's activations and backward graph; :meth:`release` frees it).
+        data_parallel: split the examples over the ``torchrun`` processes (each sums its
+            contiguous shard, one all-reduce per product completes the sum; every process must
+            then make the same products in the same order). None (default): whenever a process
+            group of more than one process is initialised (:mod:`flatcli.distributed`);
+            False: this process alone holds every example. Pass the SAME ``x, y`` (every
+            example, same order) on every process.
 
     Returns:
-        A :class:`CurvatureOperator` (``dim``, ``dtype``, ``device``, ``matvecs``, ``matvec``,
-        ``matmat``, ``param_names``, ``param_shapes``, ``slices``, ``hvp_method``, ...).
+        A :class:`CurvatureOperator` of the kind's subclass (``dim``, ``dtype``, ``device``,
+        ``matvecs``, ``matvec``, ``matmat``, ``restrict``, ``param_names``, ``param_shapes``,
+        ``slices``, ``hvp_method``, ...).
 
     Raises:
         UsageError: unknown kind/method, a parameter pattern that matches nothing, mismatched
@@ -730,4 +748,121 @@ def make_operator(
         fisher_type=fisher_type,
         mc_samples=mc_samples,
         cache=cache,
+        data_parallel=data_parallel,
     )
+
+
+class OperatorCache:
+    """Curvature operators of one model on one example set, each built once and shared.
+
+    :meth:`get` returns the operator of a kind, loss head and head dtype, over every trainable
+    parameter, building it on first use; a measure that needs a block takes
+    :meth:`CurvatureOperator.restrict` of it. Several measures of one checkpoint therefore pay
+    for one probe, one set of sampled labels and (when all examples fit in one chunk) one
+    cached graph per matrix. Fetching an operator releases the cached graphs of the others, so
+    only one graph is held at a time.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    >>> ops = OperatorCache(model, x, y)
+    >>> ops.get("hessian", loss_fn="ce") is ops.get("hessian", loss_fn="ce"), len(ops)
+    (True, 1)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.batch_size, self.seed = batch_size, seed
+        self._ops: dict[tuple[Any, ...], CurvatureOperator] = {}
+
+    def get(
+        self,
+        kind: Kind | str,
+        *,
+        loss_fn: Callable[..., Tensor] | str = "ce",
+        head_dtype: torch.dtype | None = None,
+        hvp_method: HvpMethod | str = HvpMethod.AUTO,
+        fisher_type: FisherType | str = FisherType.MC,
+        mc_samples: int = 1,
+        params: Sequence[str] | None = None,
+    ) -> CurvatureOperator:
+        """The operator for these settings (built with :func:`make_operator` on first use).
+
+        ``params`` (parameter names) is for the rare operator that must include parameters
+        without ``requires_grad``; by default it is every trainable parameter, and a block is
+        :meth:`CurvatureOperator.restrict` of that.
+        """
+        kind = _choice(Kind, kind, "kind")
+        key = (
+            None if params is None else tuple(params),
+            kind,
+            loss_fn if isinstance(loss_fn, str) else id(loss_fn),
+            head_dtype,
+            _choice(HvpMethod, hvp_method, "hvp_method"),
+            _choice(FisherType, fisher_type, "fisher_type") if kind == Kind.FISHER else None,
+            int(mc_samples) if kind == Kind.FISHER else None,
+        )
+        for other_key, other in self._ops.items():
+            if other_key != key:
+                other.release()
+        op = self._ops.get(key)
+        if op is None:
+            op = make_operator(
+                kind,
+                self.model,
+                self.x,
+                self.y,
+                loss_fn=loss_fn,
+                params=None if params is None else list(params),
+                batch_size=self.batch_size,
+                head_dtype=head_dtype,
+                seed=self.seed,
+                hvp_method=hvp_method,
+                fisher_type=fisher_type,
+                mc_samples=mc_samples,
+            )
+            self._ops[key] = op
+        return op
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def release(self) -> None:
+        """Free every cached graph (the operators stay usable)."""
+        for op in self._ops.values():
+            op.release()
+
+
+_KIND_MODULES = {
+    "HessianOperator": "flatcli.curvature.hessian",
+    "GGNOperator": "flatcli.curvature.gauss_newton",
+    "FisherOperator": "flatcli.curvature.gauss_newton",
+}
+
+
+def _kind_class(kind: str) -> type[CurvatureOperator]:
+    """The subclass of ``kind``; its module registers it on import."""
+    if kind not in CurvatureOperator._classes:
+        import importlib
+
+        for module in dict.fromkeys(_KIND_MODULES.values()):
+            importlib.import_module(module)
+    return CurvatureOperator._classes[kind]
+
+
+def __getattr__(name: str) -> Any:
+    # the subclasses live in their own modules, which import this one: load them lazily
+    if name in _KIND_MODULES:
+        import importlib
+
+        return getattr(importlib.import_module(_KIND_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Datasets as whole in-memory tensors (CONTRACTS.md "Datasets").
+"""Datasets as whole in-memory tensors (README "Datasets").
 
 >>> from flatcli.data import load_dataset, subset, iter_batches
 >>> ds = load_dataset("mnist5k")                     # doctest: +SKIP

@@ -19,7 +19,15 @@ from flatcli.errors import DataError, UsageError
 __all__ = ["default_data_dir", "list_datasets", "load_dataset"]
 
 _BUNDLED = ("mnist5k", "mnist5k-2")
-_TORCHVISION = ("mnist", "mnist-2", "fashion-mnist", "cifar10", "cifar100", "svhn")
+_TORCHVISION = (
+    "mnist",
+    "mnist-2",
+    "fashion-mnist",
+    "fashion-mnist-2",
+    "cifar10",
+    "cifar100",
+    "svhn",
+)
 _PATTERNS = ("imagefolder:PATH", "tensors:PATH")
 
 
@@ -72,9 +80,12 @@ def load_dataset(
 
     Args:
         name: ``mnist5k``, ``mnist5k-2``, ``mnist``, ``mnist-2``, ``fashion-mnist``,
-            ``cifar10``, ``cifar100``, ``svhn``, ``imagefolder:PATH`` or ``tensors:PATH``.
+            ``fashion-mnist-2``, ``cifar10``, ``cifar100``, ``svhn``, ``imagefolder:PATH`` or
+            ``tensors:PATH``.
         data_dir: where torchvision sets live (torchvision's ``root``); default
-            :func:`default_data_dir`. Unused by the other names.
+            :func:`default_data_dir`. Unused by the other names. Fashion-MNIST is read from
+            the system's copy (Debian's ``dataset-fashion-mnist``, see :mod:`flatcli.data.idx`)
+            when this directory holds none.
         download: let torchvision fetch a missing set into ``data_dir``. Never otherwise.
         normalization: ``"default"`` (the set's usual per-channel mean/std; for
             ``imagefolder:`` the train images' own; for ``tensors:`` none), None (pixels in

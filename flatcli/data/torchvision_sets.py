@@ -6,7 +6,9 @@ converted to tensors once, from the class's ``data`` array, never item by item. 
 is the ``root`` one would pass to torchvision, so it holds:
 
 - ``mnist``, ``mnist-2``: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
-- ``fashion-mnist``: ``FashionMNIST/raw/`` (the same four files)
+- ``fashion-mnist``, ``fashion-mnist-2``: ``FashionMNIST/raw/`` (the same four files); when the
+  directory has no ``FashionMNIST/``, the system's copy (Debian's ``dataset-fashion-mnist`` in
+  ``/usr/share/datasets/fashion-mnist/``, see :mod:`flatcli.data.idx`) is read instead
 - ``cifar10``: ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``, ``batches.meta``)
 - ``cifar100``: ``cifar-100-python/`` (``train``, ``test``, ``meta``)
 - ``svhn``: ``train_32x32.mat`` and ``test_32x32.mat`` directly in the directory
@@ -42,6 +44,7 @@ class TorchvisionSet:
     layout: str  # the files expected under the data directory, for error messages
     markers: tuple[str, ...]  # paths whose presence means "the user has this set"
     binary: bool = False  # labels 0-4 -> 0, 5-9 -> 1
+    system_copy: bool = False  # may be read from the system's IDX files (flatcli.data.idx)
 
 
 _MNIST_FILES = (
@@ -69,6 +72,17 @@ TORCHVISION_SETS: dict[str, TorchvisionSet] = {
         (1, 28, 28),
         f"FashionMNIST/raw/{{{_MNIST_FILES}}}",
         ("FashionMNIST",),
+        system_copy=True,
+    ),
+    "fashion-mnist-2": TorchvisionSet(
+        "FashionMNIST",
+        "fashion-mnist",
+        2,
+        (1, 28, 28),
+        f"FashionMNIST/raw/{{{_MNIST_FILES}}}",
+        ("FashionMNIST",),
+        binary=True,
+        system_copy=True,
     ),
     "cifar10": TorchvisionSet(
         "CIFAR10",
@@ -115,8 +129,17 @@ def load_torchvision_split(
 
     Raises DataError naming ``--download`` when the files are missing (and ``download`` is
     off), or when torchvision's integrity check fails or the download itself fails.
+    Fashion-MNIST comes from the system's IDX files (:func:`flatcli.data.idx.load_idx_split`)
+    when ``root`` holds no ``FashionMNIST/`` folder and the system has all four files.
     """
     spec = TORCHVISION_SETS[name]
+    if spec.system_copy and not any((root / m).exists() for m in spec.markers):
+        from flatcli.data.idx import fashion_mnist_system_dir, find_idx_files, load_idx_split
+
+        system = fashion_mnist_system_dir()
+        if find_idx_files(system) is not None:
+            x, y = load_idx_split(system, train)
+            return x, ((y >= 5).to(torch.int64) if spec.binary else y)
     if download:
         try:
             os.makedirs(root, exist_ok=True)
@@ -134,9 +157,14 @@ def load_torchvision_split(
                 f"check failed: {exc}; expected {spec.layout}); pass --download to fetch it "
                 "again, or --data-dir to point at a good copy"
             ) from exc
+        hint = ""
+        if spec.system_copy:
+            from flatcli.data.idx import INSTALL_HINT
+
+            hint = f", {INSTALL_HINT}"
         raise DataError(
             f"dataset '{name}' not found under {root} (expected torchvision's layout: "
-            f"{spec.layout}); pass --download to fetch it, or --data-dir to point at it"
+            f"{spec.layout}); pass --download to fetch it, or --data-dir to point at it{hint}"
         ) from exc
     except OSError as exc:  # network errors from a download, unreadable files
         what = "download" if download else "read"

@@ -1,16 +1,24 @@
 """Reading and writing checkpoints: safetensors with flatcli metadata, PyTorch pickles read safely.
 
-CONTRACTS.md "Checkpoint files": ``.safetensors`` (spec under ``flatcli.spec``, record under
-``flatcli.meta``), ``.pt/.pth/.bin/.ckpt`` through ``torch.load(weights_only=True)``, state dicts
-wrapped under ``state_dict``/``model``/``model_state_dict``/``net``, ``module.``/``model.`` prefixes
-stripped when that makes the keys match.
+Formats read (README "Checkpoints and model specs"): ``.safetensors`` (spec under
+``flatcli.spec``, record under ``flatcli.meta``), ``.pt/.pth/.bin/.ckpt`` through
+``torch.load(weights_only=True)``, state dicts wrapped under ``state_dict``/``model``/
+``model_state_dict``/``net``, ``module.``/``model.`` prefixes stripped when that makes the keys
+match.
+
+A dataset the record names by path (``tensors:PATH``, ``imagefolder:PATH``) is written relative
+to the checkpoint's folder, with its absolute path and fingerprint under ``dataset_source``, and
+read back as an absolute path that exists from the working directory (see
+:mod:`flatcli.data.paths`), so that a folder of checkpoints can be moved or opened from anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,8 @@ SPEC_KEY = "flatcli.spec"
 META_KEY = "flatcli.meta"
 INIT_PREFIX = "flatcli.init."
 """Initial weights are stored in the same safetensors file under this key prefix."""
+DATASET_SOURCE_KEY = "dataset_source"
+"""Record key: where a dataset named by path was when the checkpoint was written."""
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -32,7 +42,11 @@ _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 @dataclass
 class Checkpoint:
-    """A checkpoint file's contents: weights, and flatcli's spec and record when present."""
+    """A checkpoint file's contents: weights, and flatcli's spec and record when present.
+
+    A ``dataset`` of ``spec`` or ``meta`` that names a path is absolute, resolved against the
+    checkpoint's folder first (see :func:`flatcli.data.paths.resolve_dataset`).
+    """
 
     path: Path
     state_dict: dict[str, Tensor]
@@ -97,7 +111,26 @@ def load_checkpoint(path: str | Path, *, unsafe: bool = False) -> Checkpoint:
     else:
         ckpt = _load_pickle(path, unsafe=unsafe)
     ckpt.sha256 = file_sha256(path)
+    _resolve_datasets(ckpt)
     return ckpt
+
+
+def _resolve_datasets(ckpt: Checkpoint) -> None:
+    """Rewrite path-named datasets of the spec and record to paths that exist from here."""
+    from flatcli.data.paths import resolve_dataset
+
+    folders = [ckpt.path.parent]
+    what = ckpt.path.name
+    meta = ckpt.meta if isinstance(ckpt.meta, dict) else None
+    recorded = meta.get("dataset") if meta else None
+    source = meta.get(DATASET_SOURCE_KEY) if meta else None
+    if meta and recorded is not None:
+        meta["dataset"] = resolve_dataset(recorded, folders, source, what=what)
+    if isinstance(ckpt.spec, dict) and ckpt.spec.get("dataset") is not None:
+        same = ckpt.spec["dataset"] == recorded
+        ckpt.spec["dataset"] = resolve_dataset(
+            ckpt.spec["dataset"], folders, source if same else None, what=what
+        )
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
@@ -133,13 +166,17 @@ def _load_pickle(path: Path, *, unsafe: bool) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as e:
-        if unsafe:
-            raise CheckpointError(f"cannot unpickle {path}: {_first_line(e)}") from e
+        if unsafe or not _is_valid_pickle(path):
+            raise CheckpointError(
+                f"cannot read {path}: it is not a valid PyTorch pickle; the file is truncated "
+                "or corrupt"
+            ) from e
+        refused = _refused_global(e)
         raise CheckpointError(
-            f"{path} holds Python objects that safe loading (weights_only=True) refuses; "
-            "if you trust the file, pass --unsafe-load (it runs code from the file)"
+            f"{path} holds Python objects{refused} that safe loading (weights_only=True) "
+            "refuses; if you trust the file, pass --unsafe-load (it runs code from the file)"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken file raises anything from deep inside
         raise CheckpointError(
             f"cannot read {path} ({_first_line(e)}); the file is truncated or corrupt"
         ) from e
@@ -165,6 +202,38 @@ def _load_pickle(path: Path, *, unsafe: bool) -> Checkpoint:
     spec = extra.get(SPEC_KEY) if isinstance(extra.get(SPEC_KEY), dict) else None
     meta = extra.get(META_KEY) if isinstance(extra.get(META_KEY), dict) else None
     return Checkpoint(path, weights, spec, meta, extra={k: v for k, v in extra.items()})
+
+
+def _is_valid_pickle(path: Path) -> bool:
+    """Whether ``path`` holds a well-formed pickle (read as opcodes only: nothing is executed).
+
+    A zip archive (``torch.save``'s format) must hold a ``data.pkl`` member whose opcodes parse
+    up to STOP; a legacy (pre-zip) file must start with one such pickle.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+                members = members or [n for n in archive.namelist() if n == "data.pkl"]
+                if len(members) != 1:
+                    return False
+                stream = io.BytesIO(archive.read(members[0]))
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        ops = [op.name for op, _, _ in pickletools.genops(stream)]
+    except Exception:  # noqa: BLE001 - any failure to parse means "not a pickle"
+        return False
+    return bool(ops) and ops[-1] == "STOP"
+
+
+def _refused_global(error: BaseException) -> str:
+    """`` (e.g. mod.Name)`` for the class torch's weights-only unpickler refused, if it says."""
+    for line in str(error).splitlines():
+        marker = "Unsupported global: GLOBAL "
+        if marker in line:
+            name = line.split(marker, 1)[1].split()[0].strip(" .,;:")
+            return f" (e.g. {name})"
+    return ""
 
 
 def _is_state_dict(d: dict) -> bool:
@@ -249,15 +318,26 @@ def save_checkpoint(
     """Write a ``.safetensors`` checkpoint with flatcli's spec and record in its metadata.
 
     Initial weights (for a PAC-Bayes prior centred on them) go into the same file under the
-    key prefix ``flatcli.init.``; the record says so under ``init_weights``.
+    key prefix ``flatcli.init.``; the record says so under ``init_weights``. A ``dataset``
+    named by path (in ``spec`` or ``meta``, relative to the working directory or absolute) is
+    recorded relative to the checkpoint's folder, and ``meta`` gains ``dataset_source``
+    (relative and absolute path, fingerprint; :func:`flatcli.data.paths.record_dataset`).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise UsageError(f"flatcli writes .safetensors checkpoints; got output path {path}")
+    from flatcli.data.paths import record_dataset
+
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     meta = dict(meta or {})
+    if meta.get("dataset") is not None:
+        meta["dataset"], source = record_dataset(meta["dataset"], path.parent)
+        if source is not None:
+            meta[DATASET_SOURCE_KEY] = source
+    if spec is not None and spec.get("dataset") is not None:
+        spec = {**spec, "dataset": record_dataset(spec["dataset"], path.parent)[0]}
     if init_state_dict is not None:
         for k, v in init_state_dict.items():
             tensors[INIT_PREFIX + k] = v.detach().to("cpu").contiguous().clone()

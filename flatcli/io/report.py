@@ -1,10 +1,12 @@
-"""JSON reports in the CONTRACTS.md shape (schema ``flatcli/report-v1``)."""
+"""JSON reports in the documented shape (schema ``flatcli/report-v1``)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,20 @@ def result_entry(
 
 
 def build_report(
-    command: str, config: dict[str, Any], environment: dict[str, Any], results: list[dict[str, Any]]
+    command: str,
+    config: dict[str, Any],
+    environment: dict[str, Any],
+    results: list[dict[str, Any]],
+    *,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
-    """The whole report object, keys in the documented order."""
-    return {
+    """The whole report object, keys in the documented order.
+
+    ``interrupted``: the run did not finish (still running, stopped by Ctrl-C, or crashed);
+    ``results`` then hold the checkpoints finished so far and the report ends with
+    ``"interrupted": true``. A finished run's report has no ``interrupted`` key.
+    """
+    report = {
         "schema": SCHEMA,
         "command": command,
         "flatcli_version": flatcli.__version__,
@@ -80,28 +92,51 @@ def build_report(
         "environment": _jsonable(environment),
         "results": _jsonable(results),
     }
+    if interrupted:
+        report["interrupted"] = True
+    return report
 
 
-def environment_info(device: torch.device | str, dtype: torch.dtype | str) -> dict[str, str]:
-    """The ``environment`` block: torch version, device and dtype."""
+def environment_info(
+    device: torch.device | str, dtype: torch.dtype | str, world_size: int = 1
+) -> dict[str, Any]:
+    """The ``environment`` block: torch and Python versions, device, dtype and world size."""
     return {
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "world_size": world_size,
     }
 
 
 def write_report(report: dict[str, Any], target: str | Path) -> None:
-    """Write ``report`` as JSON to a path, or to stdout when ``target`` is ``-``."""
+    """Write ``report`` as JSON to a path (atomically), or to stdout when ``target`` is ``-``."""
     text = json.dumps(report, indent=2, allow_nan=False)
     if str(target) == "-":
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     else:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        write_text_atomic(Path(target), text + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _jsonable(obj: Any) -> Any:

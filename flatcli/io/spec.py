@@ -1,6 +1,6 @@
 """Model specs: how to build the ``nn.Module`` whose weights a checkpoint holds.
 
-CONTRACTS.md "Model specs".
+The README's "Checkpoints and model specs" section documents the forms.
 
 A spec is a zoo name, a YAML file, ``package.module:callable``, ``path/to/file.py:callable`` or
 ``torchvision:NAME``. Importing a factory runs user code, so :func:`build_model` imports one only
@@ -22,6 +22,8 @@ from torch import nn
 from flatcli.errors import CheckpointError, SpecError, UsageError
 
 _SPEC_KEYS = {"arch", "factory", "kwargs", "input_shape", "dataset"}
+_FILE_MODULES: dict[tuple[str, int], object] = {}
+"""``file.py`` factories imported so far, by (resolved path, modification time): each runs once."""
 
 
 @dataclass
@@ -97,32 +99,70 @@ def spec_from_dict(data: dict, *, source: str, base_dir: Path | None, trusted: b
 def parse_model_option(value: str) -> ModelSpec:
     """Interpret ``--model``: YAML, ``torchvision:NAME``, ``file.py:fn``, ``pkg.mod:fn``, zoo name.
 
+    The spec is checked before any work: the zoo or torchvision name must exist, and a factory
+    is imported (the user named it) so that a missing file, module or callable is reported now.
+
     Raises:
-        SpecError: an unreadable or invalid YAML spec (exit 2).
-        UsageError: an unknown zoo name (exit 2).
+        SpecError: an unreadable or invalid YAML spec, or a factory that cannot be imported
+            (exit 2).
+        UsageError: an unknown zoo or torchvision name (exit 2).
     """
     if value.endswith((".yaml", ".yml")):
         return read_spec_file(Path(value), source=value)
     if value.startswith("torchvision:"):
-        return ModelSpec(arch=value, source="--model")
-    if ":" in value:
-        return ModelSpec(factory=value, base_dir=Path.cwd(), source="--model")
-    check_zoo_name(value)
-    return ModelSpec(arch=value, source="--model")
+        spec = ModelSpec(arch=value, source="--model")
+    elif ":" in value:
+        spec = ModelSpec(factory=value, base_dir=Path.cwd(), source="--model")
+    else:
+        spec = ModelSpec(arch=value, source="--model")
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Check, without building anything, that a trusted spec names something that exists.
+
+    A zoo name must be in the zoo, a ``torchvision:NAME`` among torchvision's models, and a
+    factory must import and be callable (importing runs the user's module, so only for a
+    trusted spec; an untrusted one is left for :func:`build_model` to refuse).
+
+    Raises:
+        UsageError: an unknown zoo or torchvision name (exit 2).
+        SpecError: a factory file, module or callable that cannot be found (exit 2).
+    """
+    if spec.arch is not None:
+        if spec.arch.startswith("torchvision:"):
+            check_torchvision_name(spec.arch.split(":", 1)[1])
+        else:
+            check_zoo_name(spec.arch)
+    elif spec.factory is not None and spec.trusted:
+        _import_factory(spec.factory, spec.base_dir)
 
 
 def read_spec_file(path: Path, *, source: str | None = None) -> ModelSpec:
-    """Read a YAML spec file; a relative factory path is resolved against the file's folder."""
+    """Read and check a YAML spec file (see :func:`check_spec`).
+
+    A relative factory path is resolved against the file's folder, and so is a ``dataset``
+    named by path (``tensors:PATH``, ``imagefolder:PATH``); a dataset path that exists only
+    relative to the working directory is still found there.
+
+    Raises:
+        SpecError: the file is missing, not YAML, or not a valid spec (exit 2).
+        UsageError: an unknown zoo or torchvision name (exit 2).
+    """
+    from flatcli.data.paths import resolve_dataset
+
     source = source or str(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
         raise SpecError(f"spec file not found: {path}") from e
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"cannot read spec {path}: {str(e).splitlines()[0]}") from e
     spec = spec_from_dict(data, source=source, base_dir=path.parent, trusted=True)
-    if spec.arch is not None and not spec.arch.startswith("torchvision:"):
-        check_zoo_name(spec.arch)
+    if spec.dataset is not None:
+        spec.dataset = resolve_dataset(spec.dataset, [path.parent], what=str(path))
+    check_spec(spec)
     return spec
 
 
@@ -141,7 +181,7 @@ def check_zoo_name(name: str) -> None:
 def resolve_spec(
     checkpoint_path: Path, model_option: ModelSpec | None, stored: dict | None
 ) -> ModelSpec:
-    """The spec for one checkpoint, in CONTRACTS.md order.
+    """The spec for one checkpoint, in the documented order of preference.
 
     ``--model`` if given, else the spec stored in the checkpoint, else ``<stem>.yaml`` or
     ``model.yaml`` beside the checkpoint.
@@ -218,14 +258,21 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return _call(fn, spec, spec.factory, ())
 
 
-def _build_torchvision(spec: ModelSpec) -> nn.Module:
+def check_torchvision_name(name: str) -> None:
+    """Raise :class:`UsageError` (exit 2) for a name not in ``torchvision.models.list_models()``."""
     import torchvision
 
-    name = spec.arch.split(":", 1)[1]
     if name not in torchvision.models.list_models():
         raise UsageError(
             f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
         )
+
+
+def _build_torchvision(spec: ModelSpec) -> nn.Module:
+    import torchvision
+
+    name = spec.arch.split(":", 1)[1]
+    check_torchvision_name(name)
     kwargs = dict(spec.kwargs)
     kwargs.pop("weights", None)  # no downloads: weights always come from the checkpoint
     try:
@@ -244,21 +291,25 @@ def _import_factory(factory: str, base_dir: Path | None):
         path = Path(target)
         if not path.is_absolute():
             path = (base_dir or Path.cwd()) / path
-        if not path.exists():
+        if not path.is_file():
             raise SpecError(f"factory file not found: {path} (from '{factory}')")
-        mod_name = f"flatcli_user_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[mod_name]
-            raise SpecError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        module = _FILE_MODULES.get(key)
+        if module is None:
+            mod_name = f"flatcli_user_{abs(hash(key[0]))}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[mod_name]
+                raise SpecError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+            _FILE_MODULES[key] = module
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
+        except Exception as e:  # noqa: BLE001 - ImportError, or any error the module raises
             raise SpecError(f"cannot import module '{target}' (from '{factory}'): {e}") from e
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):

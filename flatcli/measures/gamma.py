@@ -1,22 +1,31 @@
-r"""γ̂: the Fisher log-determinant of a local minimum (fisher-gamma-local-minima.md §5.3, Eq. 5),
-with the baselines of §7.1 computed from the same Gram matrices.
+r"""γ̂: the Fisher log-determinant of a local minimum (Jia & Su 2020, §5.3, Eq. 5), with the
+baselines of their §7.1 computed from the same Gram matrices.
 
 For t = 1..T a sample :math:`\mathcal S^t` of N' examples is drawn without replacement, J_t is the
-N' × W matrix of per-example gradients of :math:`\ell(f_w(x), \tilde y)` (ỹ the example's label),
-and :math:`\xi_t = J_t J_t^\top` (a principal N' × N' sub-matrix of W·I'(w₀), Eq. 4). Then
+N' × W matrix of per-example gradients g_n of :math:`\ell(f_w(x), \tilde y)` (ỹ the example's
+label), and :math:`\xi_t = J_t J_t^\top` (a principal N' × N' sub-matrix of W·I'(w₀), Eq. 4). Then
 
 .. math::
     \hat\gamma = \frac1T\sum_t \ln|\xi_t|, \qquad
     \gamma \approx \frac{W}{N'}\hat\gamma - W\ln W \quad\text{(Eq. 5; ``gamma_scaled``)}.
 
 Lower is better (a flatter, better generalising minimum). Baselines (§7.1, Appendix D) from the
-same ξ_t: ``fisher_trace`` = mean_t tr(ξ_t)/N' (the §6 surrogate tr I), ``spectral_radius`` =
-mean_t λ_max(ξ_t) = mean_t ‖J_t‖₂² (Appendix D, scaling constants dropped),
-``fisher_frobenius_sq`` = mean_t ‖ξ_t‖_F²/N'² (the Frobenius norm of the sample Fisher
-(1/N') J_tᵀJ_t, whose squared norm equals ‖ξ_t‖_F²/N'², computed exactly rather than by the
-paper's 100,000 sampled entries), and with ``baselines=True`` ``robustness`` =
-(1/N) Σ_x ‖∂softmax(f_w(x))/∂x‖₂² over all N examples (Sokolić et al.), by power iteration
-on products with the input Jacobian (:func:`input_jacobian_sq_norms`).
+same ξ_t:
+
+- ``fisher_trace`` = mean_t tr(ξ_t)/N' (the §6 surrogate tr I);
+- ``spectral_radius`` = mean_t λ_max(ξ_t) = mean_t ‖J_t‖₂² (Appendix D, scaling constants
+  dropped);
+- ``fisher_frobenius_sq`` = mean_t ‖ξ_t‖_F²/N'² = mean_t ‖(1/N') J_tᵀJ_t‖_F², the exact squared
+  Frobenius norm of the sampled Fisher (1/N') Σ_n g_n g_nᵀ: every term (g_n·g_m)² of the double
+  sum over n, m. This is NOT the number Appendix D computes;
+- ``fisher_frobenius_sq_diag`` = mean_t (1/N') Σ_{n∈S^t} ‖g_n g_nᵀ‖_F² = mean_t (1/N') Σ_n ‖g_n‖⁴,
+  Appendix D's estimate (after Wu et al. 2017): it writes ‖I‖_F² as (1/N) Σ_x ‖g_x g_xᵀ‖_F², which
+  keeps only the diagonal terms n = m of the double sum (and divides by N, not N²). It is
+  computed exactly from the diagonal of ξ_t rather than from the paper's 100,000 sampled
+  entries of g gᵀ; use it to reproduce the paper's table;
+- with ``baselines=True``, ``robustness`` = (1/N) Σ_x ‖∂softmax(f_w(x))/∂x‖₂² over all N examples
+  (Sokolić et al. 2017), by power iteration on products with the input Jacobian, with the
+  softmax Jacobian's exact entries (:func:`input_jacobian_sq_norms`).
 
 Log-determinants are exact in float64 (Cholesky of the diagonally scaled ξ_t, see
 :func:`flatcli.curvature.gram.gram_spectrum`). When N' > W, or a sample is (numerically)
@@ -33,7 +42,7 @@ and ξ_t is not a sub-matrix of one fixed matrix (it depends on which examples s
 Only the materialised engine computes that exactly (one backward per example, each through the
 whole sample: N' times the cost of a batch backward). Running statistics are never updated.
 
-Authors' variants (shared/NOTES.md): their code reports Σ log singular values of J, i.e.
+Authors' variants (their released code): it reports Σ log singular values of J, i.e.
 ½ ln|ξ|, and normalises the logits to a fixed norm 1/0.04 before the softmax
 (``logit_scale=25``). Both keep the ranking of minima; ``gamma_hat`` is the paper's Eq. 5.
 """
@@ -53,8 +62,9 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatcli import distributed
 from flatcli.curvature.gram import GramEngine, GramMethod, GramSpectrum, gram_spectrum
-from flatcli.curvature.losses import cross_entropy
+from flatcli.curvature.losses import cross_entropy, output_hessian
 from flatcli.curvature.operators import eval_mode
 from flatcli.errors import UsageError
 from flatcli.measures._config import choice as _choice
@@ -168,6 +178,8 @@ class GammaResult:
     robustness: float | None
     robustness_info: dict[str, Any] | None
     engine: dict[str, Any]
+    diag_sq: Tensor | None = None
+    """(T,) float64: Σ_n ξ_t[n, n]² = Σ_n ‖g_n‖⁴ per trial (``fisher_frobenius_sq_diag``)."""
 
     @property
     def singular_trials(self) -> int:
@@ -207,6 +219,9 @@ class GammaResult:
             "fisher_trace": float(s.trace.mean()) / n,
             "spectral_radius": float(s.lam_max.mean()),
             "fisher_frobenius_sq": float(s.frobenius_sq.mean()) / n**2,
+            "fisher_frobenius_sq_diag": (
+                None if self.diag_sq is None else float(self.diag_sq.mean()) / n
+            ),
         }
         if self.config.baselines:
             out["robustness"] = self.robustness
@@ -317,12 +332,26 @@ def compute_gamma(
     index = draw_samples(N, n, T, config.seed)  # (T, N')
     with _measuring_mode(model, config.bn_mode == "train"):
         engine = GramEngine(model, loss_fn, head_dtype, config.method, config.batch_size)
-        flat = index.reshape(-1)
-        xi = engine.grams(
-            x[flat], y[flat], n, progress=lambda _, done, total: progress("gamma", done, total)
-        )
+        # under torchrun each process computes a contiguous share of the T trials and the
+        # Gram matrices are gathered (flatcli.distributed; one process: all of them here)
+        a, b = distributed.shard_bounds(T)
+
+        def share() -> Tensor:
+            if a == b:  # more processes than trials
+                return torch.zeros((0, n, n), dtype=torch.float64)
+            flat = index[a:b].reshape(-1)
+            return engine.grams(
+                x[flat], y[flat], n, progress=lambda _, done, total: progress("gamma", done, total)
+            )
+
+        if distributed.active():
+            parts = distributed.gather_work(lambda: share().cpu(), "computing gamma's trials")
+            xi = torch.cat([p for p in parts if p.shape[0]])
+        else:
+            xi = share()
     net_eps = torch.finfo(engine.functional.dtype).eps
     spectrum = gram_spectrum(xi, row_eps=net_eps)
+    diag_sq = xi.diagonal(dim1=1, dim2=2).pow(2).sum(dim=1).cpu()  # Σ_n ‖g_n‖⁴ per trial
     del xi
     robustness = info = None
     if config.baselines:
@@ -345,6 +374,7 @@ def compute_gamma(
         spectrum=spectrum,
         robustness=robustness,
         robustness_info=info,
+        diag_sq=diag_sq,
         engine={
             "method": engine.method.value,
             "fallback_reason": engine.fallback_reason,
@@ -379,12 +409,16 @@ def input_jacobian_sq_norms(
 ) -> tuple[Tensor, dict[str, Any]]:
     """‖∂softmax(f_w(x))/∂x‖₂² per example, (N,) float64, by batched power iteration.
 
-    Sokolić et al.'s robustness measure (fisher-gamma-local-minima.md §7.1). For each example the
-    power iteration runs on the K × K matrix J Jᵀ (J = ∂softmax/∂x, K classes): u ← JJᵀu / ‖·‖,
-    with Jᵀu a vjp (reused across iterations) and J(Jᵀu) a jvp, batched over the examples of a
-    chunk; the dense Jacobian is never formed. An example stops when ‖JJᵀu − θu‖ ≤ tol·θ
-    (θ = uᵀJJᵀu); the chunk stops when all have, or after ``max_iter`` iterations. The softmax
-    runs in float64.
+    The robustness measure of Sokolić et al. 2017 used as a baseline by Jia & Su 2020, §7.1.
+    J = ∂softmax(z)/∂x = Λ J_z with J_z = ∂z/∂x (z the logits, rescaled when ``logit_scale``
+    is set) and Λ = diag(p) − p pᵀ from :func:`flatcli.curvature.losses.output_hessian`, whose
+    entries are exact (diagonal p_c Σ_{j≠c} p_j). Autograd through ``torch.softmax`` would form
+    Λ's label entry as p_y − p_y² and lose it once 1 − p_y < 1e-16, which confident examples of a
+    trained net are. For each example the power iteration runs on the K × K matrix J Jᵀ
+    (K classes): u ← JJᵀu / ‖·‖, with Jᵀu = J_zᵀ(Λu) a vjp of the logits (reused across
+    iterations) and J(Jᵀu) = Λ(J_z Jᵀu) a jvp, batched over the examples of a chunk; no dense
+    Jacobian is formed. An example stops when ‖JJᵀu − θu‖ ≤ tol·θ (θ = uᵀJJᵀu); the chunk
+    stops when all have, or after ``max_iter`` iterations. The head runs in float64.
 
     Returns:
         The values and ``{"tol", "max_iter", "iterations" (max over chunks), "unconverged",
@@ -415,21 +449,23 @@ def _power_iteration(
     out = torch.empty(N, dtype=F64)
     iters, unconverged, worst = 0, 0, 0.0
 
-    def f(inp: Tensor) -> Tensor:
-        return torch.softmax(scaled_logits(model(inp).to(F64), logit_scale), dim=-1)
+    def f(inp: Tensor) -> Tensor:  # the (rescaled) logits in float64
+        return scaled_logits(model(inp).to(F64), logit_scale)
 
     for b0 in range(0, N, c):
         xb = x[b0 : b0 + c].to(device=device, dtype=dtype)
-        probs, pullback = vjp(f, xb)
-        u = torch.randn(probs.shape, generator=gen, dtype=F64).to(device)
+        z, pullback = vjp(f, xb)
+        lam = output_hessian(z)  # (c, K, K): ∂softmax/∂z = Λ, symmetric, exact entries
+        u = torch.randn(z.shape, generator=gen, dtype=F64).to(device)
         u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
         theta = torch.zeros(len(xb), dtype=F64, device=device)
         rel = torch.full_like(theta, math.inf)
         it = 0
         while it < max_iter:
             it += 1
-            (v,) = pullback(u)  # Jᵀu, shaped like xb
-            _, w = jvp(f, (xb,), (v,))  # J Jᵀ u, (c, K) float64
+            (v,) = pullback(torch.einsum("nck,nk->nc", lam, u))  # Jᵀu = J_zᵀ Λ u, like xb
+            _, jv = jvp(f, (xb,), (v,))
+            w = torch.einsum("nck,nk->nc", lam, jv)  # J Jᵀ u = Λ J_z Jᵀu, (c, K) float64
             theta = (u * w).sum(dim=1)
             res = torch.linalg.vector_norm(w - theta.unsqueeze(1) * u, dim=1)
             rel = torch.where(
@@ -452,3 +488,73 @@ def _power_iteration(
         "max_relative_residual": worst,
         "examples": N,
     }
+
+
+# --- registration (flatcli.measures.registry) -------------------------------------------------
+from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
+
+_JS = "Jia & Su 2020"
+
+
+def _gamma_on_run(run: Any, config: GammaConfig, progress: ProgressFn) -> GammaResult:
+    """:func:`compute_gamma` on a loaded checkpoint (:func:`flatcli.load`)."""
+    return compute_gamma(run.model, run.x, run.y, config, progress=progress)
+
+
+def _gamma_reports(config: GammaConfig) -> list[str]:
+    keys = [m.key for m in _GAMMA_METRICS]
+    return keys if config.baselines else [k for k in keys if k != "robustness"]
+
+
+_S, _N = _registry.Direction.SHARPER, _registry.Direction.NEUTRAL
+_GAMMA_METRICS = (
+    _registry.Metric("gamma_hat", _S, f"{_JS}, Eq. 5", "mean over T samples of ln|J Jᵀ|"),
+    _registry.Metric(
+        "gamma_hat_std", _N, f"{_JS}, Eq. 5", "standard deviation of ln|J Jᵀ| over the T samples"
+    ),
+    _registry.Metric(
+        "gamma_scaled", _S, f"{_JS}, Eq. 5", "γ ≈ (W/N')·γ̂ − W ln W, the full log-determinant"
+    ),
+    _registry.Metric(
+        "fisher_trace", _S, f"{_JS}, §6 (tr I surrogate)", "mean over samples of tr(J Jᵀ)/N'"
+    ),
+    _registry.Metric(
+        "spectral_radius",
+        _S,
+        f"{_JS}, §7.1 and App. D (after Keskar et al. 2017)",
+        "mean over samples of λ_max(J Jᵀ) = ‖J‖₂²",
+    ),
+    _registry.Metric(
+        "fisher_frobenius_sq",
+        _S,
+        f"{_JS}, §7.1 (App. D's measure, after Wu et al. 2017, in its exact form)",
+        "mean over samples of ‖J Jᵀ‖_F²/N'², the sampled Fisher's exact squared Frobenius norm",
+    ),
+    _registry.Metric(
+        "fisher_frobenius_sq_diag",
+        _S,
+        f"{_JS}, App. D (after Wu et al. 2017)",
+        "mean over samples of (1/N') Σ_n ‖g_n‖⁴, the diagonal terms of ‖J Jᵀ‖_F² (the paper's)",
+    ),
+    _registry.Metric(
+        "robustness",
+        _S,
+        f"{_JS}, §7.1 (after Sokolić et al. 2017)",
+        "mean over all examples of ‖∂softmax/∂x‖₂² (with --baselines)",
+    ),
+    _registry.Metric("samples", _N, f"{_JS}, Eq. 5", "N', examples per sample"),
+    _registry.Metric("trials", _N, f"{_JS}, Eq. 5", "T, samples drawn"),
+    _registry.NUM_PARAMS,
+)
+_registry.register(
+    _registry.Measure(
+        name="gamma",
+        command="gamma",
+        config_type=GammaConfig,
+        compute=_gamma_on_run,
+        metrics=_GAMMA_METRICS,
+        cost="T·N' per-example gradients (ghost: T·⌈N'/B⌉ forward+backward passes) and T "
+        "N'×N' Cholesky factorisations; --baselines: power iteration on every example",
+        reports=_gamma_reports,
+    )
+)

@@ -1,4 +1,4 @@
-"""Normalized sharpness (normalized-flat-minima.md Eq. 17) and its convex per-layer solver.
+"""Normalized sharpness (Tsuzuku et al. 2020, Eq. 17) and its convex per-layer solver.
 
 For one weight matrix ``W`` (m rows = output units, n columns = input units) with Hessian
 diagonal ``h`` (negative entries clipped to 0, Algorithm 1), normalized sharpness is

@@ -2,7 +2,7 @@
 
 ``compute_sharpness(model, x, y, config) -> SharpnessResult`` computes any of
 
-- ``normalized_sharpness`` (normalized-flat-minima.md Eq. 17, Algorithm 1): per weight matrix the
+- ``normalized_sharpness`` (Tsuzuku et al. 2020, Eq. 17, Algorithm 1): per weight matrix the
   minimum over row/column scales σ, σ' of ``Σ h_ij (σ_iσ'_j)² + W_ij² / (2λ(σ_iσ'_j)²)``, summed
   over layers; h the curvature diagonal of the NSCE surrogate (Eq. 20) clipped at 0. Solver and
   certified gap: :mod:`flatcli.measures.normalized_sharpness`. Reported with
@@ -15,9 +15,10 @@
   1's stochastic estimate (``"hutchinson"``) is biased upward by the clipping: noise that pushes
   an entry below 0 is cut, noise above 0 is kept. On LeNet-5 / 1,000 mnist5k digits, 100
   probes gave 360 ± 4 (jackknife stderr) against the exact 208.5, ten times slower than the
-  exact GGN diagonal (docs/_parts/sharpness-benchmarks.md). The jackknife measures the spread
-  over probes, not this bias. Use ``"exact"`` (one HVP per weight) for the Hessian of a small
-  smooth network.
+  exact GGN diagonal (see the project's benchmarks). The jackknife measures the spread over
+  probes, not this bias. Use ``"exact"`` (one HVP per weight) for the Hessian of a small smooth
+  network: its estimated cost is reported before it runs, and above an hour it needs
+  ``force=True``.
 - ``matrix_normalized_sharpness`` (Eq. 13): ``Σ_i sqrt(‖W_i‖_F² · H_i)``, H_i the trace of W_i's
   Hessian block (clipped at 0): exact block sums of the diagonal for ``diag_method`` "exact"/"ggn",
   Hutchinson on the operator restricted to the layer for "hutchinson" (stderr by the delta method).
@@ -40,6 +41,12 @@ weight matrix transforms as ``h / d²`` when the weights transform as ``d ⊙ W`
 (layer, neuron and BN scaling), whatever happens to the biases. ``details()["excluded_params"]``
 lists what was left out. The classic measures use all parameters.
 
+One operator per loss. The Hessian-based measures share one operator per loss head over all
+trainable parameters (an :class:`~flatcli.curvature.operators.OperatorCache`; pass your own to
+share it with other measures of the same checkpoint): the diagonal and the per-layer traces
+use blocks of it (:meth:`~flatcli.curvature.operators.CurvatureOperator.restrict`), so with
+``loss == classic_loss`` one operator serves every measure.
+
 Every measure differentiates the model in eval mode (restored afterwards).
 """
 
@@ -57,7 +64,7 @@ from torch import Tensor, nn
 
 from flatcli.curvature.diagonal import CurvatureDiagonal, DiagMethod, curvature_diagonal, group_seed
 from flatcli.curvature.losses import LossName, get_loss
-from flatcli.curvature.operators import eval_mode, make_operator
+from flatcli.curvature.operators import OperatorCache, eval_mode
 from flatcli.curvature.params import param_slices
 from flatcli.curvature.trace import hutchinson
 from flatcli.errors import MeasureError, UsageError
@@ -112,7 +119,7 @@ class SharpnessConfig:
             one HVP per weight: small models).
         probes: Hutchinson probes for the diagonal (Algorithm 1's expectation).
         probe_groups: independently seeded groups the probes are split into (jackknife stderr).
-        lam: λ of Eq. 17 (§5.3 sets 1/2; the value scales with sqrt(λ'/λ) otherwise).
+        lam: λ of Eq. 17 (§5.3 sets 1/2; changing λ to λ' scales the value by sqrt(λ/λ')).
         solver_rtol: stop the per-layer solver when its certified gap is below this fraction.
         solver_max_iter: most alternating sweeps per layer.
         trace_probes: Hutchinson probes for ``hessian_trace`` and the per-layer traces.
@@ -124,8 +131,10 @@ class SharpnessConfig:
         adaptive_steps: ascent steps of ``adaptive_sharpness``.
         step_size: ascent step as a fraction of the radius (both worst-case measures).
         batch_size: examples per chunk (None: chosen to fit memory, or all for the ascent).
-        head_dtype: ``"float64"`` (default: NOTES.md) or ``"float32"`` or None (model dtype).
+        head_dtype: ``"float64"`` (default: the curvature of confident examples, whose
+            ``1 − p(y|x)`` rounds away in float32) or ``"float32"`` or None (model dtype).
         seed: seeds every probe.
+        force: run ``diag_method="exact"`` even when its estimated time exceeds an hour.
     """
 
     measures: tuple[str, ...] = ALL_MEASURES
@@ -148,6 +157,7 @@ class SharpnessConfig:
     batch_size: int | None = None
     head_dtype: str | None = "float64"
     seed: int = 0
+    force: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -314,6 +324,7 @@ def compute_sharpness(
     config: SharpnessConfig | None = None,
     *,
     progress: ProgressFn | None = None,
+    operators: OperatorCache | None = None,
 ) -> SharpnessResult:
     """Compute the configured sharpness measures of ``model`` on the examples ``(x, y)``.
 
@@ -322,6 +333,9 @@ def compute_sharpness(
         x: inputs (N, ...); y: int64 labels (N,).
         config: a :class:`SharpnessConfig` (default: every measure with default settings).
         progress: optional ``(description, done, total)`` callback.
+        operators: an :class:`~flatcli.curvature.operators.OperatorCache` of ``(model, x, y)``
+            (built in eval mode, with this config's batch size and seed) to take the Hessian
+            operators from; default a new one, so that each matrix is built once per call.
 
     Returns:
         A :class:`SharpnessResult`; ``metrics()`` is keyed by the measure names, with
@@ -333,11 +347,21 @@ def compute_sharpness(
     config = config or SharpnessConfig()
     progress = progress or no_progress
     with eval_mode(model):
-        return _compute(model, x, y, config, progress)
+        ops = (
+            operators
+            if operators is not None
+            else OperatorCache(model, x, y, batch_size=config.batch_size, seed=config.seed)
+        )
+        return _compute(model, x, y, config, progress, ops)
 
 
 def _compute(
-    model: nn.Module, x: Tensor, y: Tensor, config: SharpnessConfig, progress: ProgressFn
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: SharpnessConfig,
+    progress: ProgressFn,
+    ops: OperatorCache,
 ) -> SharpnessResult:
     wanted = set(config.measures)
     values: dict[str, float] = {}
@@ -351,6 +375,9 @@ def _compute(
     total_steps = len(config.measures)
     done = 0
     norm_loss, classic_loss = get_loss(config.loss), get_loss(config.classic_loss)
+
+    def hessian(loss: str) -> Any:
+        return ops.get("hessian", loss_fn=loss, head_dtype=config.head)
 
     names, excluded = weight_matrices(model)
     normalized = {
@@ -381,6 +408,9 @@ def _compute(
             batch_size=config.batch_size,
             head_dtype=config.head,
             seed=config.seed,
+            operator=None if config.diag_method == "ggn" else hessian(config.loss),
+            force=config.force,
+            progress=progress,
         )
         seconds["diagonal"] = diag.seconds
         products["diagonal"] = diag.products
@@ -439,7 +469,7 @@ def _compute(
         start = time.perf_counter()
         exact = diag if diag is not None and diag.method != DiagMethod.HUTCHINSON.value else None
         value, se, terms, setting, used = _matrix_normalized(
-            model, x, y, names, exact, config, norm_loss
+            model, names, exact, config, None if exact is not None else hessian(config.loss)
         )
         values[name] = value
         if se is not None:
@@ -471,6 +501,9 @@ def _compute(
                     loss_fn=classic_loss,
                     batch_size=config.batch_size,
                     head_dtype=config.head,
+                    operator=hessian(config.classic_loss),
+                    force=config.force,
+                    progress=progress,
                 )
             values[name] = float(sum(float(v.sum()) for v in full.values.values()))
             products[name] = full.products if full is not diag else 0
@@ -479,16 +512,7 @@ def _compute(
                 "estimator": "exact (sum of the exact diagonal)",
             }
         else:
-            op = make_operator(
-                "hessian",
-                model,
-                x,
-                y,
-                loss_fn=classic_loss,
-                batch_size=config.batch_size,
-                head_dtype=config.head,
-                seed=config.seed,
-            )
+            op = hessian(config.classic_loss).restrict(None)  # a block: its own product count
             est = hutchinson(op, config.trace_probes, config.seed, config.trace_rel_stderr)
             values[name], stderrs[name] = est.value, est.stderr
             products[name] = est.matvecs
@@ -564,14 +588,16 @@ def _jackknife(
 
 def _matrix_normalized(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
     names: list[str],
     diag: CurvatureDiagonal | None,
     config: SharpnessConfig,
-    loss_fn: Any,
+    hessian: Any,
 ) -> tuple[float, float | None, dict[str, float], dict[str, Any], int]:
-    """Eq. 13 with per-layer Hessian-block traces: (value, stderr, terms, settings, products)."""
+    """Eq. 13 with per-layer Hessian-block traces: (value, stderr, terms, settings, products).
+
+    The traces are exact block sums of ``diag`` when given, else Hutchinson estimates on the
+    blocks ``hessian.restrict([layer])`` of the shared operator of the normalized loss.
+    """
     params = dict(model.named_parameters())
     fro2 = {k: float(params[k].detach().double().pow(2).sum()) for k in names}
     traces: dict[str, float] = {}
@@ -582,17 +608,7 @@ def _matrix_normalized(
         how = f"block sums of the {diag.method} diagonal"
     else:
         for i, k in enumerate(names):
-            op = make_operator(
-                "hessian",
-                model,
-                x,
-                y,
-                loss_fn=loss_fn,
-                params=[k],
-                batch_size=config.batch_size,
-                head_dtype=config.head,
-                seed=config.seed,
-            )
+            op = hessian.restrict([k])
             est = hutchinson(
                 op, config.trace_probes, group_seed(config.seed, 1000 + i), config.trace_rel_stderr
             )
@@ -616,3 +632,128 @@ def _matrix_normalized(
         setting["trace_stderrs"] = ses
         setting["stderr"] = "delta method from the per-layer trace stderrs"
     return value, se, terms, setting, used
+
+
+# --- registration (flatcli.measures.registry) -------------------------------------------------
+from dataclasses import replace as _replace  # noqa: E402
+
+from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
+
+_TSA = "Tsuzuku et al. 2020"
+_S, _N = _registry.Direction.SHARPER, _registry.Direction.NEUTRAL
+
+
+def _one(name: str) -> Any:
+    def on_run(run: Any, config: SharpnessConfig, progress: ProgressFn) -> SharpnessResult:
+        # compute_sharpness of this one measure on a loaded checkpoint (flatcli.load)
+        cfg = config if config.measures == (name,) else _replace(config, measures=(name,))
+        return compute_sharpness(run.model, run.x, run.y, cfg, progress=progress)
+
+    return on_run
+
+
+def _reports(name: str) -> Any:
+    def reports(config: SharpnessConfig) -> list[str]:
+        return [k for k in sharpness_metric_keys(config) if k.startswith(name)]
+
+    return reports
+
+
+def sharpness_metric_keys(config: SharpnessConfig) -> list[str]:
+    """The metric keys :func:`compute_sharpness` reports for ``config`` (stderrs where possible)."""
+    hutch = config.diag_method == DiagMethod.HUTCHINSON.value
+    keys: list[str] = []
+    for m in config.measures:
+        keys.append(m)
+        if m == SharpnessMeasure.NORMALIZED.value:
+            keys += [f"{m}_stderr"] if hutch else []
+            keys.append("normalized_sharpness_gap")
+        elif m == SharpnessMeasure.MATRIX_NORMALIZED.value and hutch:
+            keys.append(f"{m}_stderr")
+        elif m == SharpnessMeasure.HESSIAN_TRACE.value and config.diag_method != "exact":
+            keys.append(f"{m}_stderr")
+    return keys
+
+
+def _stderr(name: str, source: str) -> Any:
+    return _registry.Metric(f"{name}_stderr", _N, source, f"standard error of {name}")
+
+
+_SHARPNESS = {
+    SharpnessMeasure.NORMALIZED.value: (
+        (
+            _registry.Metric(
+                "normalized_sharpness",
+                _S,
+                f"{_TSA}, Eq. 17",
+                "Σ over weight matrices of min over row/column scales σ, σ' of "
+                "Σ h_ij(σ_iσ'_j)² + W_ij²/(2λ(σ_iσ'_j)²)",
+            ),
+            _stderr("normalized_sharpness", f"{_TSA}, Eq. 17"),
+            _registry.Metric(
+                "normalized_sharpness_gap",
+                _N,
+                f"{_TSA}, Eq. 17",
+                "certified optimality gap of the per-layer solves (summed)",
+            ),
+        ),
+        "one curvature diagonal (ggn: K backward passes per example; hutchinson: --probes "
+        "Hessian-vector products; exact: one per weight) and a convex solve per layer",
+    ),
+    SharpnessMeasure.MATRIX_NORMALIZED.value: (
+        (
+            _registry.Metric(
+                "matrix_normalized_sharpness",
+                _S,
+                f"{_TSA}, Eq. 13",
+                "Σ_i sqrt(‖W_i‖_F² · tr H_i) over weight matrices",
+            ),
+            _stderr("matrix_normalized_sharpness", f"{_TSA}, Eq. 13"),
+        ),
+        "block sums of the curvature diagonal; hutchinson: --trace-probes Hessian-vector "
+        "products per weight matrix",
+    ),
+    SharpnessMeasure.HESSIAN_TRACE.value: (
+        (
+            _registry.Metric(
+                "hessian_trace", _S, f"{_TSA}, Eq. 5", "trace of the Hessian of the mean loss"
+            ),
+            _stderr("hessian_trace", f"{_TSA}, Eq. 5"),
+        ),
+        "--trace-probes Hessian-vector products (exact diagonal: one per weight)",
+    ),
+    SharpnessMeasure.EPS.value: (
+        (
+            _registry.Metric(
+                "eps_sharpness",
+                _S,
+                "Keskar et al. 2017, Metric 2.1",
+                "100·(max L(w+δ) − L(w))/(1 + L(w)) over the box |δ| ≤ ε(|w|+1)",
+            ),
+        ),
+        "--eps-steps + 1 gradient passes over the examples",
+    ),
+    SharpnessMeasure.ADAPTIVE.value: (
+        (
+            _registry.Metric(
+                "adaptive_sharpness",
+                _S,
+                "Kwon et al. 2021; Andriushchenko et al. 2023",
+                "max over ‖δ/|w|‖_p ≤ ρ of L(w+δ) − L(w)",
+            ),
+        ),
+        "--adaptive-steps + 1 gradient passes over the examples",
+    ),
+}
+for _name, (_metrics, _cost) in _SHARPNESS.items():
+    _registry.register(
+        _registry.Measure(
+            name=_name,
+            command="sharpness",
+            config_type=SharpnessConfig,
+            compute=_one(_name),
+            metrics=_metrics,
+            cost=_cost,
+            reports=_reports(_name),
+        )
+    )

@@ -6,12 +6,14 @@ Fisher of the mean loss over the examples), :func:`~flatcli.curvature.lanczos.la
 or :func:`~flatcli.curvature.trace.hutchinson` (the trace with a standard error) and
 :func:`~flatcli.curvature.density.spectral_density` (stochastic Lanczos quadrature, Ghorbani et
 al. 2019). The largest Hessian eigenvalue and the trace are the classic sharpness measures
-(Keskar et al. 2017; dissecting-hessian-kfac.md §1); the density shows the bulk and the ~c
-outliers that dissecting-hessian-kfac.md §4.4 describes.
+(Keskar et al. 2017; Wu et al. 2020, §1); the density shows the bulk and the ~c outliers
+that Wu et al. 2020, §4.4, describe.
 
 Per-layer mode repeats eigenvalue and trace for one block per parameterised module: the
 operator restricted to that module's parameters, i.e. the diagonal block of the full matrix
-(the layer-wise Hessian of dissecting-hessian-kfac.md §3).
+(the layer-wise Hessian of Wu et al. 2020, §3). The blocks are
+:meth:`~flatcli.curvature.operators.CurvatureOperator.restrict` of the one operator, so the
+matrix is built (probed, its labels sampled, its graph cached) once.
 
 The model is differentiated in the mode it is in (``details()["mode"]``): put it in eval mode
 unless BatchNorm batch statistics are what you mean to measure.
@@ -28,7 +30,13 @@ from torch import Tensor, nn
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.lanczos import DEFAULT_TOL, EigenResult, Which, lanczos
 from flatcli.curvature.losses import LossName
-from flatcli.curvature.operators import CurvatureOperator, HvpMethod, Kind, make_operator
+from flatcli.curvature.operators import (
+    CurvatureOperator,
+    HvpMethod,
+    Kind,
+    OperatorBlock,
+    OperatorCache,
+)
 from flatcli.curvature.params import select_parameters
 from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
 from flatcli.errors import UsageError
@@ -77,7 +85,7 @@ class SpectrumConfig:
         seed: seeds the Lanczos start vector, the probes, the density and an MC Fisher's labels.
         batch_size: examples per chunk of a product (None: chosen to fit memory).
         head_dtype: dtype of the loss head: ``"float64"`` (default) keeps the curvature of
-            confident examples, whose ``1 − p(y|x)`` rounds away in float32 (NOTES.md); None
+            confident examples, whose ``1 − p(y|x)`` rounds away in float32; None
             evaluates it in the model's dtype.
         loss: loss head, ``"ce"`` or ``"nsce"``.
         hvp_method: ``"auto"``, ``"forward-over-reverse"`` or ``"double-backward"``.
@@ -271,7 +279,7 @@ def _layer_blocks(model: nn.Module, selected: list[str]) -> list[tuple[str, list
     return blocks
 
 
-def _trace(op: CurvatureOperator, config: SpectrumConfig) -> TraceEstimate:
+def _trace(op: CurvatureOperator | OperatorBlock, config: SpectrumConfig) -> TraceEstimate:
     estimator = hutchpp if config.trace_method == TraceMethod.HUTCHPP else hutchinson
     return estimator(op, config.probes, config.seed, config.trace_rel_stderr)
 
@@ -283,6 +291,7 @@ def compute_spectrum(
     config: SpectrumConfig | None = None,
     *,
     progress: ProgressFn | None = None,
+    operators: OperatorCache | None = None,
 ) -> SpectrumResult:
     """Top eigenvalues, trace and density of the curvature of the mean loss over ``(x, y)``.
 
@@ -293,6 +302,9 @@ def compute_spectrum(
         config: what to compute (default :class:`SpectrumConfig()`: the top 10 Hessian
             eigenvalues).
         progress: called as ``progress(description, done, total)`` after each stage.
+        operators: an :class:`~flatcli.curvature.operators.OperatorCache` of ``(model, x, y)``
+            (with this config's batch size and seed) to take the operator from, shared with
+            other measures of the same checkpoint; default a new one.
 
     Returns:
         A :class:`SpectrumResult`.
@@ -318,21 +330,22 @@ def compute_spectrum(
         if progress is not None:
             progress(f"spectrum: {what}", done, total)
 
-    def operator(params: list[str]) -> CurvatureOperator:
-        return make_operator(
-            config.matrix,
-            model,
-            x,
-            y,
-            loss_fn=config.loss,
-            params=params,
-            batch_size=config.batch_size,
-            head_dtype=head_dtype,
-            seed=config.seed,
-            hvp_method=config.hvp_method,
-        )
-
-    op = operator(selected)
+    ops = (
+        operators
+        if operators is not None
+        else OperatorCache(model, x, y, batch_size=config.batch_size, seed=config.seed)
+    )
+    trainable = set(select_parameters(model, None))
+    full = ops.get(
+        config.matrix,
+        loss_fn=config.loss,
+        head_dtype=head_dtype,
+        hvp_method=config.hvp_method,
+        # --layers may name frozen parameters: then an operator of its own over exactly those
+        params=None if set(selected) <= trainable else selected,
+    )
+    # a block of the shared operator: its own product count, even when it is all of it
+    op = full.restrict(selected)
     eigen = trace = density = None
     if config.top_k > 0:
         k = min(config.top_k, op.dim)
@@ -360,7 +373,7 @@ def compute_spectrum(
     if config.per_layer:
         per_layer = []
         for name, params in blocks:
-            block = operator(params)
+            block = full.restrict(params)
             top = None
             if config.top_k > 0:
                 top = float(
@@ -393,3 +406,52 @@ def compute_spectrum(
         slices=dict(op.slices),
         eigenvectors=None if eigen is None else eigen.eigenvectors,
     )
+
+
+# --- registration (flatcli.measures.registry) -------------------------------------------------
+from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
+
+
+def _spectrum_on_run(run: Any, config: SpectrumConfig, progress: ProgressFn) -> SpectrumResult:
+    """:func:`compute_spectrum` on a loaded checkpoint (:func:`flatcli.load`)."""
+    return compute_spectrum(run.model, run.x, run.y, config, progress=progress)
+
+
+def _spectrum_reports(config: SpectrumConfig) -> list[str]:
+    keys = ["top_eigenvalue"] if config.top_k > 0 else []
+    keys += ["trace", "trace_stderr"] if config.trace else []
+    return [*keys, "num_params", "matvecs"]
+
+
+_S, _N = _registry.Direction.SHARPER, _registry.Direction.NEUTRAL
+_registry.register(
+    _registry.Measure(
+        name="spectrum",
+        command="spectrum",
+        config_type=SpectrumConfig,
+        compute=_spectrum_on_run,
+        metrics=(
+            _registry.Metric(
+                "top_eigenvalue",
+                _S,
+                "Keskar et al. 2017; Wu et al. 2020, §1",
+                "largest eigenvalue of the Hessian (or --matrix ggn/fisher; --which picks the "
+                "end of the spectrum), by Lanczos",
+            ),
+            _registry.Metric(
+                "trace",
+                _S,
+                "Tsuzuku et al. 2020, Eq. 5",
+                "trace of the curvature matrix (Hutch++ or Hutchinson)",
+            ),
+            _registry.Metric("trace_stderr", _N, "-", "standard error of the trace estimate"),
+            _registry.NUM_PARAMS,
+            _registry.Metric(
+                "matvecs", _N, "-", "curvature-vector products spent (each a pass over the data)"
+            ),
+        ),
+        cost="top-k: up to max(20k, 100) products; --trace: --probes products; --density: "
+        "runs × 90 products (a product = one forward+backward pass over the examples)",
+        reports=_spectrum_reports,
+    )
+)

@@ -3,7 +3,7 @@
 Two neighbourhoods, both maximised by projected sign-/normalised-gradient ascent on the mean loss
 over all the examples given (chunked; deterministic: the ascent starts at δ = 0):
 
-- ε-sharpness (Keskar et al., ICLR 2017, Metric 2.1; normalized-flat-minima.md §1 "the maximum
+- ε-sharpness (Keskar et al., ICLR 2017, Metric 2.1; Tsuzuku et al. 2020, §1, "the maximum
   loss around the minima"): the box ``|δ_k| <= ε (|w_k| + 1)`` and the value
   ``100 · (max L(w + δ) − L(w)) / (1 + L(w))``. Keskar et al. maximise with L-BFGS-B; here every
   step is ``δ <- clip(δ + η · C ⊙ sign(∇L(w + δ)), −C, C)`` with ``C = ε(|w| + 1)`` (the maximum
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from flatcli.curvature._functional import FunctionalModel, head_loss
+from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
 
@@ -70,11 +71,8 @@ def mean_loss(
     n = int(x.shape[0])
     total = 0.0
     grads = {k: torch.zeros_like(v) for k, v in params.items()} if with_grad else None
-    for a in range(0, n, batch_size):
-        xb = x[a : a + batch_size].to(fm.device)
-        if xb.is_floating_point():
-            xb = xb.to(fm.dtype)
-        yb = y[a : a + batch_size].to(fm.device)
+    for chunk in iter_chunks(x, y, batch_size, fm.device, fm.dtype):
+        xb, yb = chunk.x, chunk.y
         if with_grad:
             leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             with torch.enable_grad():

@@ -150,9 +150,9 @@ def fit(
 
     Each step: slice a batch from a seeded permutation, augment it, minimise the cross-entropy
     with ``label_smoothing`` (plus ``reg_beta`` times the Fisher-trace regulariser of
-    fisher-gamma-local-minima.md Eq. 6 when ``fisher_reg``), clip the gradient to global norm
-    ``clip``, step the optimiser. The learning rate follows ``config.schedule`` per epoch.
-    Every ``log_every`` epochs and after the last, the model is evaluated (eval mode, no
+    Jia & Su 2020, Eq. 6, in its first-order form, when ``fisher_reg``), clip the gradient to
+    global norm ``clip``, step the optimiser. The learning rate follows ``config.schedule`` per
+    epoch. Every ``log_every`` epochs and after the last, the model is evaluated (eval mode, no
     augmentation) on the training split, with the labels it was trained on, and on ``test``;
     ``on_epoch`` gets the :class:`EpochStats`, and training stops once ``train_acc`` reaches
     ``target_train_acc``.

@@ -58,6 +58,7 @@ def test_gamma_of_all_examples_is_the_dense_log_determinant(setup):
         "fisher_trace",
         "spectral_radius",
         "fisher_frobenius_sq",
+        "fisher_frobenius_sq_diag",
         "robustness",
         "samples",
         "trials",

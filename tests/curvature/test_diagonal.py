@@ -4,54 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev
 
 from flatcli.curvature.diagonal import curvature_diagonal, ggn_diagonal, group_seed
 from flatcli.curvature.losses import get_loss
 from flatcli.curvature.params import flatten_params
 from flatcli.errors import UsageError
 from tests.cases import make_case
+from tests.references import dense_ggn, dense_hessian
 
 CASES = ("mlp_tanh", "cnn_bn")
-
-
-def _flat_fn(model, x):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-
-    def logits(theta):
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = s.numel()
-            params[n] = theta[i : i + k].view(s)
-            i += k
-        return functional_call(model, {**params, **buffers}, (x,))
-
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return logits, theta0
-
-
-def dense_hessian(model, x, y, loss):
-    logits, theta0 = _flat_fn(model, x)
-    return hessian(lambda t: loss(logits(t), y).mean())(theta0)
-
-
-def dense_ggn(model, x, y, loss):
-    logits, theta0 = _flat_fn(model, x)
-    J = jacrev(logits)(theta0)  # (N, K, P)
-    z = logits(theta0).detach()
-    Hz = torch.stack(
-        [hessian(lambda zz, i=i: loss(zz[None], y[i : i + 1])[0])(z[i]) for i in range(len(y))]
-    )
-    return torch.einsum("nkp,nkl,nlq->pq", J, Hz, J) / len(y)
 
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("loss", ["ce", "nsce"])
 def test_exact_diagonal_matches_dense_hessian(name: str, loss: str) -> None:
     model, x, y = make_case(name)
-    H = dense_hessian(model, x, y, get_loss(loss))
+    H = dense_hessian(model, x, y, loss_fn=get_loss(loss))
     est = curvature_diagonal(model, x, y, method="exact", loss_fn=loss, batch_size=len(x))
     torch.testing.assert_close(flatten_params(est.values), H.diagonal(), rtol=0, atol=1e-10)
     assert est.stderr is None and est.matrix == "hessian" and est.products == H.shape[0]
@@ -61,7 +29,7 @@ def test_exact_diagonal_matches_dense_hessian(name: str, loss: str) -> None:
 @pytest.mark.parametrize("loss", ["ce", "nsce"])
 def test_ggn_diagonal_matches_dense_ggn(name: str, loss: str) -> None:
     model, x, y = make_case(name)
-    G = dense_ggn(model, x, y, get_loss(loss))
+    G = dense_ggn(model, x, y, loss_fn=get_loss(loss))
     diag = ggn_diagonal(model, x, y, loss_fn=loss, batch_size=5)  # several chunks
     torch.testing.assert_close(flatten_params(diag), G.diagonal(), rtol=0, atol=1e-10)
 
@@ -69,13 +37,13 @@ def test_ggn_diagonal_matches_dense_ggn(name: str, loss: str) -> None:
 def test_ggn_differs_from_hessian_for_smooth_nets() -> None:
     model, x, y = make_case("mlp_tanh")
     g = flatten_params(ggn_diagonal(model, x, y, loss_fn="ce"))
-    h = dense_hessian(model, x, y, get_loss("ce")).diagonal()
+    h = dense_hessian(model, x, y, loss_fn=get_loss("ce")).diagonal()
     assert (g - h).abs().max() > 1e-6
 
 
 def test_selected_parameters_only() -> None:
     model, x, y = make_case("mlp_tanh")
-    H = dense_hessian(model, x, y, get_loss("ce"))
+    H = dense_hessian(model, x, y, loss_fn=get_loss("ce"))
     est = curvature_diagonal(
         model, x, y, method="exact", loss_fn="ce", params=["3.weight"], batch_size=len(x)
     )
@@ -89,7 +57,7 @@ def test_selected_parameters_only() -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_hutchinson_within_its_standard_error(name: str) -> None:
     model, x, y = make_case(name)
-    H = dense_hessian(model, x, y, get_loss("nsce"))
+    H = dense_hessian(model, x, y, loss_fn=get_loss("nsce"))
     est = curvature_diagonal(
         model,
         x,

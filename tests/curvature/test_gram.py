@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
 
 from flatcli.curvature.gram import (
     GramEngine,
@@ -20,6 +19,7 @@ from flatcli.curvature.gram import (
 from flatcli.curvature.losses import cross_entropy
 from flatcli.errors import UsageError
 from tests.cases import make_case
+from tests.references import dense_jacobian
 
 F64 = torch.float64
 METHODS = ("ghost", "materialize")
@@ -149,22 +149,6 @@ def _case(name: str, n: int = 12):
     if name in ("mlp_tanh", "mlp_relu", "cnn", "cnn_bn"):
         return make_case(name, n=n)
     return _extra_case(name, n=n)
-
-
-def dense_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=cross_entropy):
-    """(N, W) per-example gradients by jacrev of the vector of per-example losses (float64).
-
-    The buffers are an argument of the differentiated function, so a BatchNorm in train mode
-    may update (copies of) them.
-    """
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-
-    def losses(p, b):
-        return loss_fn(functional_call(model, {**p, **b}, (x,)), y)
-
-    J = jacrev(losses)(params, buffers)
-    return torch.cat([J[k].reshape(len(x), -1) for k in params], dim=1)
 
 
 # ---------------------------------------------------------------- the Gram itself

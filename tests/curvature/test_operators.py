@@ -7,75 +7,16 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacrev, vmap
 
-from flatcli.curvature.losses import cross_entropy, normalized_cross_entropy
+from flatcli.curvature.losses import normalized_cross_entropy
 from flatcli.curvature.operators import eval_mode, make_operator
-from flatcli.curvature.params import flatten_params, select_parameters, unflatten
+from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
 from tests.cases import CASE_NAMES, make_case
+from tests.references import dense_exact_fisher, dense_ggn, dense_hessian, dense_mc_fisher
 
 METHODS = ("forward-over-reverse", "double-backward")
 SUBSETS = {"mlp_tanh": "3", "mlp_relu": "5.*", "cnn": "0", "cnn_bn": "1"}  # a layer each
-
-
-# ---------------------------------------------------------------- dense references
-
-
-def _functions(model, x, y, names, loss_fn=cross_entropy):
-    """(flat0, logits(flat) -> (N, K), mean_loss(flat) -> scalar) over the parameters ``names``."""
-    named = dict(model.named_parameters())
-    shapes = {n: named[n].shape for n in names}
-    state = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()}
-    flat0 = flatten_params({n: named[n].detach() for n in names})
-
-    def logits(flat):
-        return functional_call(model, {**state, **unflatten(flat, shapes)}, (x,))
-
-    def mean_loss(flat):
-        return loss_fn(logits(flat), y).mean()
-
-    return flat0, logits, mean_loss
-
-
-def _head_hessians(z, y, loss_fn):
-    """(N, K, K): Hessian of the loss of each example wrt its logits."""
-    return vmap(hessian(lambda zi, yi: loss_fn(zi[None], yi[None]).sum()))(z, y)
-
-
-def dense_hessian(model, x, y, names, loss_fn=cross_entropy):
-    flat0, _, mean_loss = _functions(model, x, y, names, loss_fn)
-    return hessian(mean_loss)(flat0)
-
-
-def dense_ggn(model, x, y, names, loss_fn=cross_entropy):
-    flat0, logits, _ = _functions(model, x, y, names, loss_fn)
-    J = jacrev(logits)(flat0)  # (N, K, D)
-    z = logits(flat0)
-    M = _head_hessians(z, y, loss_fn)
-    return torch.einsum("nkd,nkl,nle->de", J, M, J) / len(x)
-
-
-def dense_exact_fisher(model, x, y, names, loss_fn):
-    """1/N sum_n sum_c p_c g_c g_c^T with g_c the gradient of loss(x_n, c)."""
-    flat0, logits, _ = _functions(model, x, y, names, loss_fn)
-    z = logits(flat0)
-    K = z.shape[1]
-    total = 0
-    for c in range(K):
-        labels = torch.full_like(y, c)
-        G = jacrev(lambda f, labels=labels: loss_fn(logits(f), labels))(flat0)  # (N, D)
-        p = torch.exp(-loss_fn(z, labels))
-        total = total + torch.einsum("n,nd,ne->de", p, G, G)
-    return total / len(x)
-
-
-def dense_mc_fisher(model, x, labels, names, loss_fn=cross_entropy):
-    """1/(N S) sum_{n,s} g g^T with g the gradient of loss(x_n, labels[n, s])."""
-    N, S = labels.shape
-    flat0, logits, _ = _functions(model, x, labels[:, 0], names, loss_fn)
-    G = jacrev(lambda f: loss_fn(logits(f).repeat_interleave(S, 0), labels.reshape(-1)))(flat0)
-    return G.T @ G / (N * S)
 
 
 def assert_close(A, B, rtol=1e-10):

@@ -22,6 +22,7 @@ def test_list_datasets():
         "mnist",
         "mnist-2",
         "fashion-mnist",
+        "fashion-mnist-2",
         "cifar10",
         "cifar100",
         "svhn",

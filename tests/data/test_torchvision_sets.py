@@ -119,7 +119,7 @@ def test_svhn_maps_ten_to_zero(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["mnist", "mnist-2", "fashion-mnist", "cifar10", "cifar100", "svhn"]
+    "name", ["mnist", "mnist-2", "fashion-mnist", "fashion-mnist-2", "cifar10", "cifar100", "svhn"]
 )
 def test_missing_dataset_names_download(tmp_path, name):
     with pytest.raises(DataError) as info:
@@ -129,6 +129,8 @@ def test_missing_dataset_names_download(tmp_path, name):
     assert "torchvision's layout" in msg and "--download" in msg and "--data-dir" in msg
     assert info.value.exit_code == 2
     assert not (tmp_path / "empty").exists()  # nothing created, nothing fetched
+    if name.startswith("fashion-mnist"):  # the system copy is named too
+        assert "apt-get install dataset-fashion-mnist" in msg
 
 
 def test_no_download_unless_asked(tmp_path, monkeypatch):

@@ -128,3 +128,89 @@ def test_directory_expansion_sorted_and_empty(tmp_path):
 def test_save_refuses_other_suffix(tmp_path):
     with pytest.raises(UsageError, match=".safetensors"):
         save_checkpoint(tmp_path / "x.pt", _model().state_dict())
+
+
+class _Custom:
+    """A class of the test module: a valid pickle that weights_only refuses."""
+
+
+def _pickled_object(tmp_path, legacy: bool = False):
+    path = tmp_path / ("legacy.pt" if legacy else "obj.pt")
+    torch.save(
+        {"state_dict": _model().state_dict(), "extra": _Custom()},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_valid_pickle_refused_names_unsafe_load_and_the_class(tmp_path, legacy):
+    path = _pickled_object(tmp_path, legacy)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "--unsafe-load" in message and str(path) in message
+    assert "_Custom" in message and "\n" not in message
+    assert load_checkpoint(path, unsafe=True).state_dict.keys() == _model().state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        os.urandom(4096),  # random bytes
+        b"\x80\x02}q\x00(X\x01",  # a pickle cut short
+        b"hello world\n" * 20,  # text
+        b"",  # empty
+    ],
+    ids=["random", "cut-pickle", "text", "empty"],
+)
+def test_corrupt_files_are_called_corrupt_not_unsafe(tmp_path, content):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    for unsafe in (False, True):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path, unsafe=unsafe)
+        message = str(info.value)
+        assert "corrupt" in message and str(path) in message and "\n" not in message
+        assert "--unsafe-load" not in message
+
+
+def test_corrupted_pickle_inside_the_zip_is_corrupt(tmp_path):
+    path = _pickled_object(tmp_path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"data.pkl") + 40  # inside the pickle stream of the archive
+    data[start : start + 30] = os.urandom(30)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        load_checkpoint(path)
+    assert "--unsafe-load" not in str(info.value)
+
+
+def test_dataset_path_recorded_relative_and_found_after_a_move(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    (project / "data.pt").write_bytes(b"tensors")
+    monkeypatch.chdir(project)
+    path = save_checkpoint(
+        "runs/a.safetensors",
+        _model().state_dict(),
+        spec={"arch": "mlp", "dataset": "tensors:data.pt"},
+        meta={"dataset": "tensors:data.pt"},
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata()
+    assert '"dataset": "tensors:../data.pt"' in stored["flatcli.meta"]
+    assert '"dataset": "tensors:../data.pt"' in stored["flatcli.spec"]
+    assert str(project / "data.pt") in stored["flatcli.meta"]  # the absolute path too
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    (project).rename(moved)
+    monkeypatch.chdir(tmp_path)
+    ck = load_checkpoint(moved / "runs" / "a.safetensors")
+    assert ck.meta["dataset"] == f"tensors:{moved / 'data.pt'}"
+    assert ck.spec["dataset"] == f"tensors:{moved / 'data.pt'}"
+    assert ck.meta["dataset_source"]["relative"] == "../data.pt"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from torch import nn
 
@@ -88,3 +90,69 @@ def test_factory_stored_in_checkpoint_is_not_imported(tmp_path):
     with pytest.raises(CheckpointError, match="pass --model"):
         build_model(spec)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        ("torchvision:nosuchnet", UsageError, "unknown torchvision model 'nosuchnet'"),
+        ("./absent.py:make", SpecError, "factory file not found"),
+        ("./nets.py:nosuchfn", SpecError, "'nosuchfn' is not a callable"),
+        ("no_such_module_xyz:make", SpecError, "cannot import module 'no_such_module_xyz'"),
+    ],
+)
+def test_model_option_is_checked_before_any_work(tmp_path, monkeypatch, value, error, match):
+    (tmp_path / "nets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match) as info:
+        parse_model_option(value)
+    assert info.value.exit_code == 2
+    # the same spec in a YAML file (e.g. beside a checkpoint) is a usage error too
+    key = "arch" if value.startswith("torchvision:") else "factory"
+    (tmp_path / "m.yaml").write_text(f"{key}: {value}\n")
+    with pytest.raises(error, match=match):
+        read_spec_file(tmp_path / "m.yaml")
+    with pytest.raises(error, match=match):
+        resolve_spec(tmp_path / "m.safetensors", None, None)
+
+
+def test_unparseable_yaml_beside_checkpoint_is_a_spec_error(tmp_path):
+    (tmp_path / "run.yaml").write_text("arch: [mlp\n")
+    with pytest.raises(SpecError, match="cannot read spec") as info:
+        resolve_spec(tmp_path / "run.pt", None, None)
+    assert info.value.exit_code == 2
+    (tmp_path / "run.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SpecError, match="cannot read spec"):
+        resolve_spec(tmp_path / "run.pt", None, None)
+
+
+def test_file_factory_runs_once(tmp_path, monkeypatch):
+    counter = tmp_path / "count"
+    (tmp_path / "nets.py").write_text(
+        f"with open({str(counter)!r}, 'a') as f:\n    f.write('x')\n" + FACTORY
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = parse_model_option("./nets.py:make")
+    build_model(spec)
+    build_model(spec)
+    assert counter.read_text() == "x"
+
+
+def test_yaml_dataset_path_is_relative_to_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / "data.pt").write_bytes(b"x")
+    (tmp_path / "spec" / "m.yaml").write_text("arch: mlp\ndataset: tensors:data.pt\n")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    spec = read_spec_file(Path("../spec/m.yaml"))
+    assert spec.dataset == f"tensors:{tmp_path / 'spec' / 'data.pt'}"
+    # a path that exists only from the working directory is still found there
+    (tmp_path / "spec" / "data.pt").unlink()
+    (tmp_path / "cwd" / "data.pt").write_bytes(b"x")
+    assert (
+        read_spec_file(Path("../spec/m.yaml")).dataset == f"tensors:{tmp_path / 'cwd' / 'data.pt'}"
+    )
+    assert (
+        resolve_spec(tmp_path / "c.pt", None, {"arch": "mlp", "dataset": "mnist5k"}).dataset
+        == "mnist5k"
+    )

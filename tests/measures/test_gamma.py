@@ -1,4 +1,4 @@
-"""γ̂ (fisher-gamma-local-minima.md Eq. 5) and its baselines against dense float64 definitions."""
+"""γ̂ (Jia & Su 2020, Eq. 5) and its baselines against dense float64 definitions."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ from flatcli.measures.gamma import (
     scaled_logits,
 )
 from tests.cases import make_case
-from tests.curvature.test_gram import dense_jacobian
+from tests.references import (
+    confident_mlp,
+    dense_jacobian,
+    exact_gradients,
+    exact_softmax_input_jacobian,
+    trained_confident_mlp,
+)
 
 F64 = torch.float64
 
@@ -45,6 +51,9 @@ def test_all_examples_one_trial_is_the_dense_log_determinant(name):
     assert math.isclose(m["fisher_trace"], xi.trace().item() / 12, rel_tol=1e-12)
     assert math.isclose(m["spectral_radius"], torch.linalg.eigvalsh(xi)[-1].item(), rel_tol=1e-12)
     assert math.isclose(m["fisher_frobenius_sq"], (xi**2).sum().item() / 144, rel_tol=1e-12)
+    J = dense_jacobian(model, x, y)  # the paper's diagonal-terms variant: (1/N') Σ ‖g_n‖⁴
+    want = torch.linalg.vector_norm(J, dim=1).pow(4).mean().item()
+    assert math.isclose(m["fisher_frobenius_sq_diag"], want, rel_tol=1e-12)
     # robustness: mean over examples of the squared spectral norm of d softmax / dx
     jac = vmap(jacrev(lambda xn: torch.softmax(model(xn.unsqueeze(0))[0], -1)))(x)
     jac = jac.reshape(12, jac.shape[1], -1)
@@ -203,3 +212,56 @@ def test_more_samples_than_examples():
     model, x, y = make_case("mlp_tanh", n=5)
     with pytest.raises(UsageError, match="exceeds the 5 examples"):
         compute_gamma(model, x, y, GammaConfig(samples=6, trials=1))
+
+
+def test_frobenius_variants_over_several_trials():
+    """Per trial t: exact ‖ξ_t‖_F²/N'² and the paper's (1/N') Σ_n ‖g_n g_nᵀ‖_F², averaged over t.
+
+    The two differ by the off-diagonal terms (g_n·g_m)², n ≠ m, and by a factor N'."""
+    model, x, y = make_case("mlp_tanh", n=12)
+    r = compute_gamma(model, x, y, GammaConfig(samples=5, trials=4, seed=3))
+    J = dense_jacobian(model, x, y)
+    index = draw_samples(12, 5, 4, 3)
+    exact, paper = [], []
+    for rows in index:
+        Jt = J[rows]
+        g = Jt.unsqueeze(2) * Jt.unsqueeze(1)  # (N', W, W): g_n g_nᵀ
+        exact.append(float(torch.linalg.matrix_norm(Jt.T @ Jt / 5) ** 2))
+        paper.append(float((g**2).sum(dim=(1, 2)).mean()))
+    m = r.metrics()
+    assert math.isclose(m["fisher_frobenius_sq"], sum(exact) / 4, rel_tol=1e-12)
+    assert math.isclose(m["fisher_frobenius_sq_diag"], sum(paper) / 4, rel_tol=1e-12)
+    assert not math.isclose(m["fisher_frobenius_sq"], m["fisher_frobenius_sq_diag"], rel_tol=0.1)
+
+
+@pytest.mark.parametrize("case", ["margin40", "margin45", "trained"])
+def test_robustness_is_exact_on_confident_nets(case):
+    """Per example, |v - v_ref| / v_ref <= 1e-10 with v_ref = ‖Λ_ref ∂z/∂x‖₂² from the mpmath head.
+
+    Autograd through torch.softmax (flatcli 0.1.0) loses Λ's label entry p_y(1 - p_y) there."""
+    model, x, _ = trained_confident_mlp() if case == "trained" else confident_mlp(float(case[6:]))
+    ref = torch.linalg.matrix_norm(exact_softmax_input_jacobian(model, x), ord=2).pow(2)
+    values, info = input_jacobian_sq_norms(model, x, tol=1e-9, max_iter=5000)
+    assert info["unconverged"] == 0
+    assert float(((values - ref).abs() / ref).max()) <= 1e-10
+    old = vmap(jacrev(lambda xn: torch.softmax(model(xn.unsqueeze(0))[0], -1)))(x)
+    old_values = torch.linalg.matrix_norm(old.detach(), ord=2).pow(2)
+    assert float(((old_values - ref).abs() / ref).max()) > 1e-10  # what 0.1.0 computed
+    r = compute_gamma(
+        model,
+        x,
+        _,
+        GammaConfig(
+            samples=4, trials=1, baselines=True, robustness_tol=1e-9, robustness_max_iter=5000
+        ),
+    )
+    assert math.isclose(r.metrics()["robustness"], float(ref.mean()), rel_tol=1e-10)
+
+
+def test_gamma_on_the_confident_trained_net_matches_the_exact_reference():
+    """γ̂ over a few trials equals the mean of ln|G_t G_tᵀ| with G from the mpmath head."""
+    model, x, y = trained_confident_mlp()
+    r = compute_gamma(model, x, y, GammaConfig(samples=6, trials=3, seed=1))
+    G = exact_gradients(model, x, y)
+    want = sum(float(torch.logdet(G[t] @ G[t].T)) for t in draw_samples(12, 6, 3, 1)) / 3
+    assert math.isclose(r.metrics()["gamma_hat"], want, rel_tol=1e-10)

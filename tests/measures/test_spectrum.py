@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from flatcli.curvature.linop import to_dense
 from flatcli.curvature.operators import make_operator
 from flatcli.errors import UsageError
 from flatcli.measures.spectrum import SpectrumConfig, compute_spectrum
 from tests.cases import make_case
+from tests.references import dense_ggn, dense_hessian
 
 
 def _eig(res) -> torch.Tensor:
@@ -20,7 +20,8 @@ def _eig(res) -> torch.Tensor:
 
 
 def _dense(kind: str, model, x, y, params=None) -> torch.Tensor:
-    return to_dense(make_operator(kind, model, x, y, params=params))
+    """The dense float64 matrix from torch.func (independent of the operators under test)."""
+    return {"hessian": dense_hessian, "ggn": dense_ggn}[kind](model, x, y, params)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
-"""Function-preserving reparametrisations, and an audit of which sharpness measures they change.
+"""Function-preserving reparametrisations of a chain of layers.
 
 Each transform returns a NEW model (a deep copy) that computes the same function as the input:
 
-- :func:`layer_scale`: Dinh et al.'s ``T_α`` (sharp-minima-can-generalize-supplement.md App. B, E):
+- :func:`layer_scale`: Dinh et al. 2017's ``T_α`` (supplementary material, App. B and E):
   weight layer k is multiplied by α_k and its bias by ``Π_{j<=k} α_j`` (the scale its output
   carries), across positively homogeneous operations (ReLU, LeakyReLU, PReLU, max/avg pooling,
   Flatten, Dropout, Identity). The running product must be 1 at every other operation (BatchNorm,
   tanh, softmax, ...) and at the output, so ``Π α_k = 1`` over each homogeneous stretch.
-- :func:`neuron_scale`: normalized-flat-minima.md Eqs. 15-16: row i of one layer (its output unit
+- :func:`neuron_scale`: Tsuzuku et al. 2020, Eqs. 15-16: row i of one layer (its output unit
   or conv output channel, and its bias) is divided by α, column i of the next weight layer (its
   input unit or conv input channel; after a Flatten, the block of columns that channel became) is
   multiplied by α. If a BatchNorm sits between the two layers, the row side is the BatchNorm's
@@ -16,48 +16,35 @@ Each transform returns a NEW model (a deep copy) that computes the same function
   the BatchNorm's running mean by α and its running variance set to ``α²(var + eps) − eps``
   (``eps`` kept, so a checkpoint stores the result), so its eval-mode output is unchanged.
 
-Supported models: a chain. The model is traced with ``torch.fx.symbolic_trace``; every operation
-must take its tensor input from the one before (shape queries such as ``x.size(0)`` aside). An
-``nn.Sequential`` (or subclass) that fx cannot trace (say, its forward checks the input shape) is
-read as its children in order, nested Sequentials flattened. A
-residual connection, a concatenation or any other branching is refused with a
-:class:`~flatcli.errors.UsageError`, as is an operation the transform cannot pass (a tanh between
-two layers that are scaled, a BatchNorm inside a layer-scaled stretch, grouped convolutions for
-neuron scaling, a module used twice).
-
-:func:`max_logit_difference` checks a transform; :func:`audit_invariance` measures a model and its
-transform with :func:`flatcli.measures.sharpness.compute_sharpness` and tells which measures moved.
+The model must be a chain (:func:`flatcli.reparam.chain.trace_chain`); an operation the
+transform cannot pass is refused with a :class:`~flatcli.errors.UsageError` (a tanh between two
+layers that are scaled, a BatchNorm inside a layer-scaled stretch, grouped convolutions for
+neuron scaling, a module used twice). :func:`max_logit_difference` checks a transform.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
-from torch.nn import functional as F
+from torch import Tensor, nn
 
+from flatcli.curvature.data import iter_chunks, move_inputs
 from flatcli.errors import UsageError
+from flatcli.reparam.chain import ChainOp, trace_chain
 
 __all__ = [
     "Transform",
-    "ChainOp",
-    "trace_chain",
-    "weight_layers",
     "layer_scale",
     "neuron_scale",
     "bn_scale",
+    "default_layer_alphas",
     "apply_transform",
     "max_logit_difference",
-    "AuditRow",
-    "InvarianceAudit",
-    "audit_invariance",
 ]
 
 
@@ -67,204 +54,6 @@ class Transform(str, Enum):
     LAYER_SCALE = "layer_scale"
     NEURON_SCALE = "neuron_scale"
     BN_SCALE = "bn_scale"
-
-
-# ----------------------------------------------------------------------------- tracing
-
-_LAYER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_HOMOGENEOUS_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-_HOMOGENEOUS_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.leaky_relu,
-    F.dropout,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-}
-_HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach"}
-_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
-_FLATTEN_METHODS = {"view", "reshape", "flatten"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
-
-
-@dataclass(frozen=True)
-class ChainOp:
-    """One operation of a traced chain.
-
-    Attributes:
-        kind: "layer" (Linear/Conv), "homogeneous", "flatten", "bn" or "other".
-        name: module path (call_module) or the function/method name.
-        module: the module for call_module operations, else None.
-    """
-
-    kind: str
-    name: str
-    module: nn.Module | None = None
-
-
-def _is_shape_node(node: fx.Node, shape_nodes: set[fx.Node]) -> bool:
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in ("shape", "ndim")
-    if node.op == "call_function" and node.target is operator.getitem:
-        return node.args[0] in shape_nodes
-    return False
-
-
-def _classify_module(mod: nn.Module, name: str) -> ChainOp:
-    if isinstance(mod, _LAYER):
-        kind = "layer"
-    elif isinstance(mod, _BN):
-        kind = "bn"
-    elif isinstance(mod, nn.Flatten):
-        kind = "flatten"
-    elif isinstance(mod, _HOMOGENEOUS_MODULES):
-        kind = "homogeneous"
-    else:
-        kind = "other"
-    return ChainOp(kind, name, mod)
-
-
-def _classify(node: fx.Node, root: nn.Module) -> ChainOp:
-    if node.op == "call_module":
-        return _classify_module(root.get_submodule(str(node.target)), str(node.target))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
-        if node.target in _HOMOGENEOUS_FUNCTIONS:
-            return ChainOp("homogeneous", name)
-        if node.target in _FLATTEN_FUNCTIONS:
-            return ChainOp("flatten", name)
-        return ChainOp("other", name)
-    if node.op == "call_method":
-        if node.target in _HOMOGENEOUS_METHODS:
-            return ChainOp("homogeneous", str(node.target))
-        if node.target in _FLATTEN_METHODS:
-            return ChainOp("flatten", str(node.target))
-        return ChainOp("other", str(node.target))
-    return ChainOp("other", f"{node.op}:{node.target}")
-
-
-def trace_chain(model: nn.Module) -> list[ChainOp]:
-    """The model's operations in execution order, checked to form a single chain.
-
-    Raises:
-        UsageError: the model cannot be traced by torch.fx, has several inputs, or branches
-            (a residual connection, a concatenation, a tensor used twice).
-    """
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as err:  # fx raises many types for untraceable code
-        if isinstance(model, nn.Sequential):
-            return _sequential_chain(model)
-        raise UsageError(
-            f"Cannot trace the model with torch.fx ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); "
-            "reparametrisations support models whose forward is a plain chain of modules."
-        ) from None
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise UsageError(f"The model's forward takes {len(placeholders)} inputs; expected one.")
-    tail = placeholders[0]
-    main = {tail}
-    shape_nodes: set[fx.Node] = set()
-    chain: list[ChainOp] = []
-    seen_modules: set[int] = set()
-    for node in graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        if node.op == "output":
-            if node.args[0] is not tail:
-                raise UsageError(
-                    "The model's output is not the end of a single chain of operations."
-                )
-            break
-        inputs = [a for a in node.all_input_nodes if a in main]
-        if _is_shape_node(node, shape_nodes) or not inputs:
-            shape_nodes.add(node)
-            continue
-        if len(inputs) > 1 or inputs[0] is not tail:
-            raise UsageError(
-                f"The model is not a single chain: operation {node.name!r} combines or reuses "
-                "tensors (a residual connection or a branch). Reparametrisations support chains "
-                "only."
-            )
-        op = _classify(node, model)
-        if op.module is not None:
-            if id(op.module) in seen_modules:
-                raise UsageError(
-                    f"Module {op.name!r} is applied twice; cannot rescale it for one use."
-                )
-            seen_modules.add(id(op.module))
-        chain.append(op)
-        main.add(node)
-        tail = node
-    return chain
-
-
-def _sequential_chain(model: nn.Sequential, prefix: str = "") -> list[ChainOp]:
-    """The children of an ``nn.Sequential`` (nested ones flattened) as the chain.
-
-    Used when torch.fx cannot trace the model (e.g. a Sequential subclass whose forward checks
-    the input shape before calling ``Sequential.forward``).
-    """
-    chain: list[ChainOp] = []
-    for name, child in model.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            chain.extend(_sequential_chain(child, f"{path}."))
-        elif any(True for _ in child.children()):
-            raise UsageError(
-                f"Cannot trace the model with torch.fx, and its child {path!r} is a container "
-                f"({type(child).__name__}) whose order of operations is unknown."
-            )
-        else:
-            chain.append(_classify_module(child, path))
-    if len({id(op.module) for op in chain}) != len(chain):
-        raise UsageError(
-            "A module is applied twice in the Sequential; cannot rescale it for one use."
-        )
-    return chain
-
-
-def weight_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear/Conv modules of the model's chain, in execution order."""
-    return [op.name for op in trace_chain(model) if op.kind == "layer"]
-
-
-# ----------------------------------------------------------------------------- transforms
 
 
 def _check_alpha(alpha: float, what: str = "alpha") -> float:
@@ -603,136 +392,8 @@ def max_logit_difference(
     worst = 0.0
     pa = next(model_a.parameters())
     pb = next(model_b.parameters())
-    for a in range(0, int(x.shape[0]), batch_size):
-        xb = x[a : a + batch_size]
-        za = model_a(xb.to(pa.device, pa.dtype if xb.is_floating_point() else xb.dtype))
-        zb = model_b(xb.to(pb.device, pb.dtype if xb.is_floating_point() else xb.dtype))
+    for chunk in iter_chunks(x, None, batch_size, pa.device, pa.dtype):
+        za = model_a(chunk.x)
+        zb = model_b(move_inputs(x[chunk.start : chunk.stop], pb.device, pb.dtype))
         worst = max(worst, float((za.double() - zb.double().to(za.device)).abs().max()))
     return worst
-
-
-# ----------------------------------------------------------------------------- audit
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    """One measure before and after a function-preserving transform.
-
-    Attributes:
-        measure: the metric name.
-        original, transformed: its values.
-        rel_change: ``|transformed − original| / max(|original|, tiny)``.
-        invariant: whether the change is within ``threshold``.
-        threshold: the rule used, in words (relative tolerance, or k combined standard errors
-            for a stochastic estimate).
-    """
-
-    measure: str
-    original: float
-    transformed: float
-    rel_change: float
-    invariant: bool
-    threshold: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "measure": self.measure,
-            "original": self.original,
-            "transformed": self.transformed,
-            "rel_change": self.rel_change,
-            "invariant": self.invariant,
-            "threshold": self.threshold,
-        }
-
-
-@dataclass(frozen=True)
-class InvarianceAudit:
-    """The rows of an invariance audit, and how well the transform preserved the function."""
-
-    transform: str
-    alpha: float
-    rows: list[AuditRow]
-    max_logit_difference: float
-    original: Any = field(repr=False, default=None)
-    transformed: Any = field(repr=False, default=None)
-
-    def metrics(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"max_logit_difference": self.max_logit_difference}
-        for r in self.rows:
-            out[f"{r.measure}_rel_change"] = r.rel_change
-        return out
-
-    def details(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "transform": self.transform,
-            "alpha": self.alpha,
-            "rows": [r.to_dict() for r in self.rows],
-        }
-        for key, res in (("original", self.original), ("transformed", self.transformed)):
-            if res is not None:
-                out[key] = {
-                    "metrics": res.metrics(),
-                    "per_layer": res.details().get("per_layer", {}),
-                }
-        return out
-
-
-def audit_invariance(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    config: Any,
-    transform: Transform | str | Callable[[nn.Module], nn.Module] = Transform.LAYER_SCALE,
-    alpha: float = 10.0,
-    seed: int = 0,
-    *,
-    rtol: float = 1e-6,
-    k_stderr: float = 3.0,
-    layer: str | int | None = None,
-    neurons: Sequence[int] | int | None = None,
-) -> InvarianceAudit:
-    """Measure ``model`` and its transform with the same config; which measures stayed put?
-
-    A measure counts as invariant when ``rel_change <= rtol``, or, when both values carry a
-    standard error (a stochastic estimate: the transformed model's probes see a different
-    matrix), when ``|Δ| <= k_stderr · sqrt(se_a² + se_b²)``.
-
-    Args:
-        model, x, y: network (eval mode) and examples.
-        config: a :class:`flatcli.measures.sharpness.SharpnessConfig`.
-        transform: "layer_scale", "neuron_scale", "bn_scale" or a callable ``model -> model``.
-        alpha: the transform's factor.
-        seed: seeds the transform's random choices (neuron_scale).
-        rtol, k_stderr: the invariance thresholds.
-        layer, neurons: passed to :func:`apply_transform` for a transform given by name.
-
-    Returns:
-        An :class:`InvarianceAudit` (``rows``, ``max_logit_difference``).
-    """
-    from flatcli.measures.sharpness import compute_sharpness
-
-    other = apply_transform(model, transform, alpha, seed, layer=layer, neurons=neurons)
-    diff = max_logit_difference(model, other, x)
-    res_a = compute_sharpness(model, x, y, config)
-    res_b = compute_sharpness(other, x, y, config)
-    ma, mb = res_a.metrics(), res_b.metrics()
-    rows = []
-    for name in res_a.measure_names():
-        va, vb = ma.get(name), mb.get(name)
-        if va is None or vb is None:
-            continue
-        rel = abs(vb - va) / max(abs(va), 1e-300)
-        sa, sb = ma.get(f"{name}_stderr"), mb.get(f"{name}_stderr")
-        if sa is not None and sb is not None and math.isfinite(sa) and math.isfinite(sb):
-            bound = k_stderr * math.hypot(sa, sb)
-            ok = rel <= rtol or abs(vb - va) <= bound
-            rule = f"rel_change <= {rtol:g} or |diff| <= {k_stderr:g} combined stderr ({bound:.3g})"
-        else:
-            ok = rel <= rtol
-            rule = f"rel_change <= {rtol:g}"
-        rows.append(AuditRow(name, va, vb, rel, ok, rule))
-    if isinstance(transform, str):
-        name = str(getattr(transform, "value", transform)).replace("-", "_")
-    else:
-        name = getattr(transform, "__name__", "custom")
-    return InvarianceAudit(name, float(alpha), rows, diff, res_a, res_b)

@@ -1,0 +1,270 @@
+"""Loading a checkpoint for measuring: checkpoint + spec + dataset -> model, examples, record.
+
+:func:`load` is the one recipe every analysis command uses (and the entry point of the Python
+API): read the checkpoint, resolve its model spec, fetch the dataset it was trained on (or the
+one asked for), build and fill the model on the device and in the dtype, and take the split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatcli.errors import CheckpointError, UsageError
+from flatcli.io.checkpoint import Checkpoint, check_finite, load_checkpoint, match_state_dict
+from flatcli.io.spec import (
+    ModelSpec,
+    build_model,
+    fill_data_kwargs,
+    parse_model_option,
+    resolve_spec,
+)
+
+SPLITS = ("train", "test", "trained", "trained-clean")
+"""Splits :func:`load` can take: a dataset split, or the training data exactly as trained on."""
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""dtypes a model can be measured in."""
+
+
+@dataclass
+class Run:
+    """One checkpoint ready to measure: model in eval mode and examples, on the device and dtype.
+
+    ``record`` is the training record flatcli stored in the checkpoint (``{}`` when none).
+    ``batch_size`` is the examples per forward/backward the measures use (None: chosen to fit
+    memory).
+    """
+
+    path: Path
+    checkpoint: Checkpoint
+    spec: ModelSpec
+    record: dict
+    model: nn.Module
+    dataset: Any
+    split: str
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0
+    batch_size: int | None = None
+
+    @property
+    def num_params(self) -> int:
+        """The number of trainable parameters of the model."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA if available, else MPS, else CPU; an unavailable device is an error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got '{name}'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(
+            "--device mps asked for Apple MPS, which is not available here; use --device cpu"
+        )
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float64"`` (or that torch dtype) as a torch dtype; else a UsageError."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if name in DTYPES:
+        return DTYPES[name]
+    raise UsageError(f"--dtype must be 'float32' or 'float64'; got '{name}'")
+
+
+class DatasetCache:
+    """Datasets loaded once per (name, normalisation), shared by the checkpoints of one run."""
+
+    def __init__(self, data_dir: str | Path | None = None, download: bool = False) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.download = download
+        self._cache: dict[str, Any] = {}
+
+    def get(self, name: str, normalization: Any = "default") -> Any:
+        """The dataset ``name`` with ``normalization``, loaded on first use."""
+        from flatcli.data import load_dataset
+
+        key = json.dumps([name, normalization], sort_keys=True, default=str)
+        if key not in self._cache:
+            self._cache[key] = load_dataset(
+                name,
+                data_dir=self.data_dir,
+                download=self.download,
+                normalization=normalization,
+            )
+        return self._cache[key]
+
+
+def load(
+    checkpoint: str | Path,
+    model: str | ModelSpec | None = None,
+    dataset: str | None = None,
+    split: str = "train",
+    max_examples: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    unsafe_load: bool = False,
+    *,
+    batch_size: int | None = None,
+    datasets: DatasetCache | None = None,
+) -> Run:
+    """Load one checkpoint with its model and examples, ready for the measures.
+
+    Args:
+        checkpoint: a checkpoint file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+        model: a model spec (zoo name, YAML file, ``pkg.module:callable``, ``file.py:callable``,
+            ``torchvision:NAME``, or a :class:`~flatcli.io.spec.ModelSpec`). Default: the spec
+            stored in the checkpoint, else ``<stem>.yaml`` / ``model.yaml`` beside it.
+        dataset: a dataset name. Default: the dataset the checkpoint was trained on.
+        split: ``train``, ``test``, ``trained`` (the training data exactly as ``flatcli train``
+            used them: subset, random labels and confusion set) or ``trained-clean`` (the same
+            without the confusion set).
+        max_examples: keep only the first N examples of the split after a seeded shuffle.
+        seed: the seed of that shuffle, and of every random draw of the measures.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        dtype: ``float32`` or ``float64``.
+        data_dir: where dataset files live. Default: ``$FLATCLI_DATA``, else
+            ``~/.cache/flatcli/data``.
+        download: let torchvision download a missing dataset.
+        unsafe_load: unpickle arbitrary objects from ``.pt`` files (runs code from the file).
+        batch_size: examples per forward/backward for the measures (None: chosen to fit memory).
+        datasets: a :class:`DatasetCache` shared between calls, so that a batch of checkpoints
+            loads each dataset once (its ``data_dir``/``download`` then apply).
+
+    Raises:
+        UsageError: a bad argument value, unknown dataset or unreadable spec (exit 2).
+        CheckpointError: an unreadable checkpoint, or weights or data that do not fit the model.
+    """
+    from flatcli.data import subset
+
+    if split not in SPLITS:
+        raise UsageError(f"--split must be train, test, trained or trained-clean; got '{split}'")
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    if datasets is None:
+        datasets = DatasetCache(data_dir, download)
+    if isinstance(model, str):
+        model = parse_model_option(model)
+    path = Path(checkpoint)
+
+    ckpt = load_checkpoint(path, unsafe=unsafe_load)
+    spec = resolve_spec(path, model, ckpt.spec)
+    meta = ckpt.meta or {}
+    name = dataset or meta.get("dataset") or spec.dataset
+    if name is None:
+        raise CheckpointError(f"no dataset recorded for {path}: pass --dataset")
+    normalization = (
+        meta.get("normalization", "default") if name == meta.get("dataset") else "default"
+    )
+    data = datasets.get(name, normalization)
+    spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
+    # cast the empty model first, then load: float64 weights stay exact
+    net = build_model(spec).to(device=torch_device, dtype=torch_dtype)
+    state = match_state_dict(net, ckpt.state_dict, source=str(path))
+    check_finite(state, source=str(path))
+    net.load_state_dict(state)
+    net.eval()
+    if split in ("trained", "trained-clean"):
+        from flatcli.train.prepare import rebuild_train_split
+
+        if name != meta.get("dataset"):
+            raise CheckpointError(
+                f"--split trained rebuilds the data {path.name} was trained on, from dataset "
+                f"{meta.get('dataset')!r}; drop --dataset {name} or use --split train"
+            )
+        examples = rebuild_train_split(
+            data.train, data.num_classes, meta, clean=split == "trained-clean"
+        )
+    else:
+        examples = data.split(split)
+    examples = subset(examples, max_examples, seed)
+    x = examples.x.to(device=torch_device, dtype=torch_dtype)
+    y = examples.y.to(device=torch_device)
+    check_fits(net, x, y, data.num_classes, spec, name, path)
+    return Run(
+        path=path,
+        checkpoint=ckpt,
+        spec=spec,
+        record=meta,
+        model=net,
+        dataset=data,
+        split=split,
+        x=x,
+        y=y,
+        num_classes=data.num_classes,
+        device=torch_device,
+        dtype=torch_dtype,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def check_fits(
+    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: ModelSpec, name: str, path: Path
+) -> None:
+    """Check that the examples of dataset ``name`` fit the model and its outputs are logits.
+
+    Raises:
+        CheckpointError: the input shape, the output shape or the number of classes does not fit.
+    """
+    shape = tuple(x.shape[1:])
+    if spec.input_shape is not None and tuple(spec.input_shape) != shape:
+        raise CheckpointError(
+            f"dataset {name} has inputs of shape {list(shape)} but the spec of {path.name} "
+            f"expects {list(spec.input_shape)}; pick the matching --dataset or --model"
+        )
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"inputs of shape {list(shape)} from dataset {name} do not fit the model of "
+            f"{path.name} "
+            f"({first}); pick the matching --dataset or --model"
+        ) from e
+    if out.ndim != 2:
+        raise CheckpointError(
+            f"the model of {path.name} returns outputs of shape {list(out.shape)}; flatcli needs "
+            "logits of shape (batch, classes)"
+        )
+    if out.shape[1] < num_classes or (y.numel() and int(y.max()) >= out.shape[1]):
+        raise CheckpointError(
+            f"the model of {path.name} has {out.shape[1]} outputs but dataset {name} has "
+            f"{num_classes} classes; set num_classes in the spec or pick the matching --dataset"
+        )

@@ -1,0 +1,410 @@
+r"""Optimised, certified PAC-Bayes bounds (Dziugaite & Roy 2017; Wu et al. 2020, §6 and App. F).
+
+For a trained network w and its recorded initialisation w₀: optimise a Gaussian posterior Q
+(diagonal in the standard basis, ``vanilla``, or in each layer's K-FAC eigenbasis,
+``approx-hessian`` / ``iterative-hessian``) on Eq. 46, then certify its true error:
+
+1. KL(Q‖P_j) and B_RE(j) of Eq. 45 for the best grid point λ_j = c·exp(−j/b) (the union
+   bound over j is what the 2 ln j term pays for);
+2. the stochastic network's training error ê_n from n fresh weight samples, bounded above by
+   kl⁻¹(ê_n, ln(2/δ′)/n);
+3. bound = kl⁻¹(that, B_RE(j)) (Eq. 43), true with probability ≥ 1 − δ − δ′.
+
+See :mod:`flatcli.pacbayes.bound` for the certificate and :mod:`flatcli.pacbayes.optimize` for
+the optimisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatcli.measures._config import choice as _choice
+from flatcli.measures._config import finite_or_none as _finite_or_none
+from flatcli.measures._config import require as _require
+from flatcli.pacbayes.bound import Certificate, best_grid_point, certify
+from flatcli.pacbayes.montecarlo import deterministic_error, snn_errors
+from flatcli.pacbayes.optimize import Method, Posterior, Schedule, optimize_posterior
+from flatcli.pacbayes.posterior import Basis, kfac_basis
+from flatcli.pacbayes.prior import resolve_prior
+from flatcli.progress import ProgressFn, no_progress
+
+__all__ = ["PacBayesConfig", "PacBayesResult", "compute_pacbayes", "pacbayes_on_run"]
+
+
+@dataclass
+class PacBayesConfig:
+    """Options of ``flatcli pacbayes``; the defaults are the command line's.
+
+    The paper's constants are the defaults: b = 100, c = 0.1, δ = 0.025, ρ₀ = −3, and
+    δ′ = 0.01 (total confidence 0.965, Table 1 of Wu et al. 2020). Epochs, learning rate,
+    batch size and Monte-Carlo samples are scaled to finish on a CPU in minutes for an MLP;
+    Dziugaite & Roy 2017 evaluate with 150,000 weight samples.
+    """
+
+    method: str = "vanilla"
+    epochs: int = 40  # passes of the bound optimisation over the training set
+    lr: float = 0.01  # RMSprop learning rate τ (0.001 needs ~10x the steps)
+    opt_batch_size: int = 64  # mini-batch: more steps per epoch (one weight sample each)
+    schedule: str = "step"  # lr ÷ 10 for the last quarter of the epochs
+    mc_samples: int = 1000  # n, weight samples of the final Monte-Carlo evaluation
+    test_mc_samples: int | None = None  # samples for snn_test_error (None: mc_samples; 0: skip)
+    delta: float = 0.025
+    delta_prime: float = 0.01
+    b: float = 100.0
+    c: float = 0.1
+    eta: int = 10  # iterative-hessian: recompute the eigenbasis every η epochs
+    rho_init: float = -3.0
+    kfac_examples: int = 4096  # examples the K-FAC factors are estimated on
+    prior_init: str | None = None  # a checkpoint with the prior's centre w₀
+    unsafe_load: bool = False
+    seed: int = 0
+    batch_size: int | None = None  # examples per forward of the Monte-Carlo evaluation
+
+    def __post_init__(self) -> None:
+        self.method = _choice(Method, self.method, "--method")
+        self.schedule = _choice(Schedule, self.schedule, "--schedule")
+        _require(
+            [
+                (self.epochs >= 0, f"--epochs must be >= 0; got {self.epochs}"),
+                (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
+                (
+                    self.opt_batch_size >= 1,
+                    f"--opt-batch-size must be >= 1; got {self.opt_batch_size}",
+                ),
+                (self.mc_samples >= 1, f"--mc-samples must be >= 1; got {self.mc_samples}"),
+                (
+                    self.test_mc_samples is None or self.test_mc_samples >= 0,
+                    f"--test-mc-samples must be >= 0; got {self.test_mc_samples}",
+                ),
+                (0 < self.delta < 1, f"--delta must be in (0, 1); got {self.delta}"),
+                (
+                    0 < self.delta_prime < 1,
+                    f"--delta-prime must be in (0, 1); got {self.delta_prime}",
+                ),
+                (
+                    self.delta + self.delta_prime < 1,
+                    "--delta + --delta-prime must be < 1 (the total confidence is 1 − δ − δ′)",
+                ),
+                (self.b > 0, f"--b must be > 0; got {self.b}"),
+                (self.c > 0, f"--c must be > 0; got {self.c}"),
+                (self.eta >= 1, f"--eta must be >= 1; got {self.eta}"),
+                (
+                    self.kfac_examples >= 1,
+                    f"--kfac-examples must be >= 1; got {self.kfac_examples}",
+                ),
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as they go into a report's ``config``."""
+        return asdict(self)
+
+
+@dataclass
+class PacBayesResult:
+    """The certificate, the deterministic errors, and how the posterior was found."""
+
+    certificate: Certificate
+    method: str
+    train_error: float
+    test_error: float | None
+    snn_test_error: float | None
+    curve: list[dict]
+    info: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        """The report's flat numbers (keys fixed by flatcli's report contract)."""
+        c = self.certificate
+        return {
+            "bound": _finite_or_none(c.bound),
+            "kl": _finite_or_none(c.kl),
+            "b_re": _finite_or_none(c.b_re),
+            "snn_train_error": c.snn_train_error,
+            "snn_train_error_upper": c.snn_train_error_upper,
+            "snn_test_error": self.snn_test_error,
+            "train_error": self.train_error,
+            "test_error": self.test_error,
+            "prior_variance": c.prior_variance,
+            "j": c.j,
+            "mc_samples": c.mc_samples,
+            "delta": c.delta,
+            "delta_prime": c.delta_prime,
+            "num_train": c.num_train,
+        }
+
+    def details(self) -> dict[str, Any]:
+        """JSON-ready: method, confidence, vacuity, the optimisation curve and provenance."""
+        c = self.certificate
+        return {
+            "method": self.method,
+            "confidence": c.confidence,
+            "vacuous": c.vacuous,
+            "bound_pinsker": c.bound_pinsker,
+            "kl_inverse_tolerance": c.tolerance,
+            "curve": self.curve,
+            **self.info,
+        }
+
+
+def _kfac_subset(x: Tensor, y: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    if x.shape[0] <= n:
+        return x, y
+    gen = torch.Generator().manual_seed(seed + 0x4B46)
+    idx = torch.randperm(x.shape[0], generator=gen)[:n].to(x.device)
+    return x[idx], y[idx]
+
+
+def compute_pacbayes(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior_mean: Mapping[str, Tensor],
+    config: PacBayesConfig,
+    *,
+    x_test: Tensor | None = None,
+    y_test: Tensor | None = None,
+    progress: ProgressFn = no_progress,
+) -> PacBayesResult:
+    """Optimise a Gaussian posterior and certify its error (Wu et al. 2020, Algorithm 1, Eq. 43).
+
+    Args:
+        model: the trained network (eval mode; never mutated).
+        x, y: the training set S the bound is about (i.i.d. from the distribution, unseen by
+            the prior); m = len(x).
+        prior_mean: w₀, keyed like ``model.named_parameters()``: data-independent.
+        config: see :class:`PacBayesConfig`.
+        x_test, y_test: an optional test split for ``test_error`` and ``snn_test_error``.
+        progress: ``progress(description, done, total)``.
+    """
+    method = Method(config.method)
+    start = time.perf_counter()
+    kx, ky = _kfac_subset(x, y, config.kfac_examples, config.seed)
+    shadow: nn.Module | None = None
+    basis_seconds = [0.0]
+
+    def basis_fn(mean: Mapping[str, Tensor]) -> Basis:
+        nonlocal shadow
+        t0 = time.perf_counter()
+        if shadow is None:
+            shadow = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in shadow.named_parameters():
+                if name in mean:
+                    p.copy_(mean[name])
+        out = kfac_basis(shadow, kx, ky, seed=config.seed)
+        basis_seconds[0] += time.perf_counter() - t0
+        return out
+
+    with torch.enable_grad():
+        posterior, curve = optimize_posterior(
+            model,
+            x,
+            y,
+            prior_mean,
+            method=method,
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.opt_batch_size,
+            schedule=config.schedule,
+            delta=config.delta,
+            b=config.b,
+            c=config.c,
+            eta=config.eta,
+            rho_init=config.rho_init,
+            seed=config.seed,
+            basis_fn=None if method is Method.VANILLA else basis_fn,
+            progress=progress,
+        )
+    optimised = time.perf_counter()
+    certificate, mc = _certify(model, posterior, x, y, prior_mean, config, progress)
+    trained = {k: v.detach() for k, v in model.named_parameters()}
+    train_error = deterministic_error(model, trained, x, y)
+    test_error = snn_test = None
+    if x_test is not None and y_test is not None and x_test.shape[0] > 0:
+        test_error = deterministic_error(model, trained, x_test, y_test)
+        n_test = config.mc_samples if config.test_mc_samples is None else config.test_mc_samples
+        if n_test > 0:
+            errs = snn_errors(
+                model,
+                posterior,
+                x_test,
+                y_test,
+                samples=n_test,
+                seed=config.seed + 1,
+                data_chunk=config.batch_size,
+                progress=progress,
+                description="MC test",
+            )
+            snn_test = float(errs.mean())
+    j_opt = config.b * math.log(config.c / posterior.prior_variance)
+    info = {
+        "num_params": posterior.num_params(),
+        "optimised_prior_variance": posterior.prior_variance,
+        "optimised_j": j_opt,
+        "mc_train_error_std": mc["std"],
+        "test_mc_samples": None
+        if test_error is None
+        else (config.mc_samples if config.test_mc_samples is None else config.test_mc_samples),
+        "mean_distance_from_prior": math.sqrt(mc["mean_diff_sq"]),
+        "posterior_std_rms": math.sqrt(mc["var_sum"] / max(1, posterior.num_params())),
+        "rotated_layers": sorted(posterior.basis.layers),
+        "basis_seconds": basis_seconds[0],
+        "optimisation_seconds": optimised - start,
+        "certificate_seconds": time.perf_counter() - optimised,
+        "bound_statement": (
+            f"with probability >= {certificate.confidence:.4g} over the {certificate.num_train} "
+            "training examples and the Monte-Carlo weight samples, the stochastic network's "
+            f"error is <= {certificate.bound:.6g}"
+        ),
+    }
+    return PacBayesResult(
+        certificate=certificate,
+        method=method.value,
+        train_error=train_error,
+        test_error=test_error,
+        snn_test_error=snn_test,
+        curve=curve,
+        info=info,
+    )
+
+
+def _certify(
+    model: nn.Module,
+    posterior: Posterior,
+    x: Tensor,
+    y: Tensor,
+    prior_mean: Mapping[str, Tensor],
+    config: PacBayesConfig,
+    progress: ProgressFn,
+) -> tuple[Certificate, dict]:
+    """Best grid point, fresh Monte-Carlo estimate, and the two kl-inverses."""
+    m = x.shape[0]
+    mds, vs, lvs = posterior.kl_terms(prior_mean)
+    j, kl, _ = best_grid_point(
+        mds, vs, lvs, posterior.num_params(), m, config.delta, b=config.b, c=config.c
+    )
+    errs = snn_errors(
+        model,
+        posterior,
+        x,
+        y,
+        samples=config.mc_samples,
+        seed=config.seed,
+        data_chunk=config.batch_size,
+        progress=progress,
+        description="MC train",
+    )
+    cert = certify(
+        kl=kl,
+        j=j,
+        snn_train_error=float(errs.mean()),
+        mc_samples=config.mc_samples,
+        num_train=m,
+        delta=config.delta,
+        delta_prime=config.delta_prime,
+        b=config.b,
+        c=config.c,
+    )
+    std = float(errs.std()) if errs.numel() > 1 else 0.0
+    return cert, {"std": std, "mean_diff_sq": mds, "var_sum": vs}
+
+
+def pacbayes_on_run(run: Any, config: PacBayesConfig, progress: ProgressFn) -> PacBayesResult:
+    """:func:`compute_pacbayes` on a loaded checkpoint (:func:`flatcli.load`).
+
+    w₀ comes from ``config.prior_init`` or the initial weights the checkpoint records; the
+    test split of the run's dataset (when it has one) gives ``test_error``/``snn_test_error``.
+    """
+    prior, source = resolve_prior(
+        run.model, run.checkpoint, config.prior_init, unsafe=config.unsafe_load
+    )
+    x_test = y_test = None
+    dataset = run.dataset
+    if getattr(dataset, "test", None) is not None and getattr(run, "split", "train") != "test":
+        test = dataset.split("test")
+        x_test = test.x.to(device=run.device, dtype=run.dtype)
+        y_test = test.y.to(device=run.device)
+    result = compute_pacbayes(
+        run.model, run.x, run.y, prior, config, x_test=x_test, y_test=y_test, progress=progress
+    )
+    result.info["prior"] = source
+    result.info["split"] = getattr(run, "split", None)
+    notes = _data_notes(run)
+    if notes:
+        result.info["notes"] = notes
+    return result
+
+
+def _data_notes(run: Any) -> list[str]:
+    """Warnings when the bound's data differ from what the network was trained on."""
+    record = getattr(run, "record", None) or {}
+    train = record.get("train") or {}
+    notes = []
+    if getattr(run, "split", "train") == "train" and (
+        (train.get("random_labels") or 0) > 0
+        or train.get("train_subset")
+        or (train.get("confusion_size") or 0) > 0
+    ):
+        notes.append(
+            "the network was trained on a subset, random labels or a confusion set but the bound "
+            "is computed on the dataset's train split; --split trained uses its training data"
+        )
+    return notes
+
+
+# --- registration (flatcli.measures.registry) -------------------------------------------------
+from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
+
+_DR = "Dziugaite & Roy 2017"
+_WU = "Wu et al. 2020"
+_S, _N = _registry.Direction.SHARPER, _registry.Direction.NEUTRAL
+_PACBAYES_METRICS = (
+    _registry.Metric(
+        "bound",
+        _S,
+        f"{_WU}, Eq. 43 (after {_DR})",
+        "certified upper bound on the stochastic network's true error (>= 1: vacuous)",
+    ),
+    _registry.Metric("kl", _S, f"{_WU}, Eqs. 44-45", "KL(Q‖P_j) of the optimised posterior"),
+    _registry.Metric("b_re", _S, f"{_WU}, Eq. 45", "B_RE(j): the right side of the kl bound"),
+    _registry.Metric(
+        "snn_train_error", _N, f"{_DR}, §3", "Monte-Carlo training error of the stochastic network"
+    ),
+    _registry.Metric(
+        "snn_train_error_upper",
+        _N,
+        f"{_DR}, §3",
+        "kl⁻¹(snn_train_error, ln(2/δ′)/n): its upper bound",
+    ),
+    _registry.Metric(
+        "snn_test_error", _N, f"{_DR}, §3", "Monte-Carlo test error of the stochastic network"
+    ),
+    _registry.Metric("train_error", _N, f"{_WU}, Eq. 42", "0-1 error of the trained network"),
+    _registry.Metric("test_error", _N, f"{_WU}, Eq. 42", "0-1 test error of the trained network"),
+    _registry.Metric("prior_variance", _N, f"{_WU}, §F", "λ_j = c·exp(−j/b) of the certificate"),
+    _registry.Metric("j", _N, f"{_WU}, Eq. 45", "grid point of the prior variance"),
+    _registry.Metric("mc_samples", _N, f"{_DR}, §3", "n, weight samples of the Monte-Carlo step"),
+    _registry.Metric("delta", _N, f"{_WU}, Eq. 43", "δ of the PAC-Bayes step"),
+    _registry.Metric("delta_prime", _N, f"{_DR}, §3", "δ′ of the Monte-Carlo step"),
+    _registry.Metric("num_train", _N, f"{_WU}, Eq. 43", "m = |S|, training examples"),
+)
+_registry.register(
+    _registry.Measure(
+        name="pacbayes",
+        command="pacbayes",
+        config_type=PacBayesConfig,
+        compute=pacbayes_on_run,
+        metrics=_PACBAYES_METRICS,
+        cost="epochs·m/B forward+backward passes at one weight sample each (Hessian methods: "
+        "plus two per-layer rotations a step and K-FAC factors per basis), then "
+        "n·(m + m_test) forwards for the Monte-Carlo errors",
+    )
+)

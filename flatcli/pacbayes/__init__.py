@@ -1,0 +1,34 @@
+"""PAC-Bayes certificates for stochastic networks (Dziugaite & Roy 2017; Wu et al. 2020, App. F).
+
+- :mod:`~flatcli.pacbayes.kl`: kl(q‖p), its certified inverse, the Gaussian KL(Q‖P).
+- :mod:`~flatcli.pacbayes.bound`: the prior grid, B_RE (Eq. 45), the Monte-Carlo step, the bound.
+- :mod:`~flatcli.pacbayes.posterior`: per-layer eigenbases, ToHessian/ToStandard (Eqs. 47-48).
+- :mod:`~flatcli.pacbayes.optimize`: Algorithm 1 (Eq. 46 with RMSprop).
+- :mod:`~flatcli.pacbayes.montecarlo`: the stochastic network's errors from weight samples.
+- :mod:`~flatcli.pacbayes.prior`: the prior's centre w₀ (the recorded initial weights).
+"""
+
+from flatcli.pacbayes.bound import Certificate, b_re, best_grid_point, certify, mc_upper
+from flatcli.pacbayes.kl import gaussian_kl_isotropic, kl_bernoulli, kl_inverse
+from flatcli.pacbayes.optimize import Method, Posterior, optimize_posterior
+from flatcli.pacbayes.posterior import Basis, LayerBasis, kfac_basis
+
+__all__ = [
+    # divergences
+    "kl_bernoulli",
+    "kl_inverse",
+    "gaussian_kl_isotropic",
+    # the certificate
+    "Certificate",
+    "b_re",
+    "best_grid_point",
+    "certify",
+    "mc_upper",
+    # posteriors and their optimisation
+    "Basis",
+    "LayerBasis",
+    "kfac_basis",
+    "Method",
+    "Posterior",
+    "optimize_posterior",
+]

@@ -1,0 +1,261 @@
+r"""Optimising the PAC-Bayes objective over a Gaussian posterior (Wu et al. 2020, Algorithm 1).
+
+The objective of Eq. 46 (after Dziugaite & Roy 2017) is
+
+.. math::
+    \mathcal L(w') + \sqrt{\tfrac12 B_{RE}(w, s, \lambda; \delta)},\qquad
+    w' = w + \mathrm{ToStandard}(\xi \odot e^{\varsigma}),\ \xi \sim N(0, I),
+
+with ℒ the mini-batch cross-entropy at one reparametrised weight sample w′ ~ Q, s = exp(2ς),
+λ = exp(2ρ) and B_RE of Eq. 45 written with KL(Q‖P)
+(:func:`flatcli.pacbayes.kl.gaussian_kl_isotropic`) and the continuous grid index b·ln(c/λ)
+(clamped at 1, the first grid point). Autograd of this
+objective gives exactly the updates of Algorithm 1, lines 12-14 (the ς-gradient of the loss is
+ToHessian(∇_{w′}ℒ) ⊙ ξ ⊙ exp(ς)); RMSprop takes the steps. ``approx-hessian`` fixes the
+per-layer K-FAC eigenbasis at the trained weights; ``iterative-hessian`` recomputes it at the
+current mean every η epochs and carries the variances over with
+:func:`flatcli.pacbayes.posterior.project_variances`.
+
+The model is never mutated: every forward is a ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from flatcli.errors import MeasureError
+from flatcli.pacbayes.bound import union_term
+from flatcli.pacbayes.posterior import Basis, project_variances
+from flatcli.progress import ProgressFn, no_progress
+
+__all__ = ["Method", "Posterior", "Schedule", "optimize_posterior", "pacbayes_objective"]
+
+LOG_STD_FLOOR = 1e-8
+"""ς is initialised at ln max(|w|, 1e-8): a weight that is exactly 0 would give ln 0 = −∞."""
+
+
+class Method(str, Enum):
+    """The posterior family: which basis its covariance is diagonal in."""
+
+    VANILLA = "vanilla"
+    APPROX_HESSIAN = "approx-hessian"
+    ITERATIVE_HESSIAN = "iterative-hessian"
+
+
+class Schedule(str, Enum):
+    """Learning-rate schedule of the bound optimisation, set per epoch."""
+
+    CONSTANT = "constant"
+    STEP = "step"  # lr, then lr/10 for the last quarter of the epochs
+    COSINE = "cosine"
+
+
+@dataclass
+class Posterior:
+    """Q = N(mean, R diag(exp(2·log_std)) Rᵀ) with R the per-layer ``basis``; λ = exp(2ρ).
+
+    ``mean`` is in the standard basis and keyed like ``model.named_parameters()``;
+    ``log_std`` (ς) is in the basis coordinates (same shapes).
+    """
+
+    mean: dict[str, Tensor]
+    log_std: dict[str, Tensor]
+    rho: float
+    basis: Basis = field(default_factory=Basis)
+
+    @property
+    def prior_variance(self) -> float:
+        """The optimised (continuous) λ = exp(2ρ)."""
+        return math.exp(2.0 * self.rho)
+
+    def num_params(self) -> int:
+        """P, the number of parameters the posterior is over."""
+        return sum(t.numel() for t in self.mean.values())
+
+    def kl_terms(self, prior_mean: Mapping[str, Tensor]) -> tuple[float, float, float]:
+        """(‖w − w₀‖², Σ s, Σ ln s) in float64: what KL(Q‖P) needs for any λ."""
+        mds = sum(
+            float((m.double() - prior_mean[k].double().to(m.device)).square().sum())
+            for k, m in self.mean.items()
+        )
+        vs = sum(float(torch.exp(2.0 * s.double()).sum()) for s in self.log_std.values())
+        lvs = sum(float(2.0 * s.double().sum()) for s in self.log_std.values())
+        return mds, vs, lvs
+
+
+def pacbayes_objective(
+    ce: Tensor,
+    mean: Mapping[str, Tensor],
+    log_std: Mapping[str, Tensor],
+    rho: Tensor,
+    prior_mean: Mapping[str, Tensor],
+    *,
+    num_train: int,
+    delta: float,
+    b: float,
+    c: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 46 of Wu et al. 2020: ce + sqrt(B_RE/2), B_RE of Eq. 45 with KL(Q‖P).
+
+    Returns:
+        (objective, kl, b_re), all differentiable in the mean, ς and ρ.
+    """
+    p = sum(t.numel() for t in mean.values())
+    lam = torch.exp(2.0 * rho)
+    mds = sum((mean[k] - prior_mean[k]).square().sum() for k in mean)
+    vs = sum(torch.exp(2.0 * s).sum() for s in log_std.values())
+    lvs = sum(2.0 * s.sum() for s in log_std.values())
+    kl = 0.5 * ((vs + mds) / lam - p + p * 2.0 * rho - lvs)
+    j_cont = (b * (math.log(c) - 2.0 * rho)).clamp_min(1.0)
+    bre = (kl + union_term(j_cont, num_train, delta)) / (num_train - 1)
+    return ce + torch.sqrt(0.5 * bre.clamp_min(0.0)), kl, bre
+
+
+def _lr_at(schedule: Schedule, lr: float, epoch: int, epochs: int) -> float:
+    if schedule is Schedule.STEP:
+        return lr if epoch < math.ceil(0.75 * epochs) else lr * 0.1
+    if schedule is Schedule.COSINE:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return lr
+
+
+def optimize_posterior(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prior_mean: Mapping[str, Tensor],
+    *,
+    method: Method | str = Method.VANILLA,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    schedule: Schedule | str = Schedule.STEP,
+    delta: float = 0.025,
+    b: float = 100.0,
+    c: float = 0.1,
+    eta: int = 10,
+    rho_init: float = -3.0,
+    seed: int = 0,
+    basis_fn: Callable[[Mapping[str, Tensor]], Basis] | None = None,
+    progress: ProgressFn = no_progress,
+) -> tuple[Posterior, list[dict]]:
+    """Minimise Eq. 46 of Wu et al. 2020 over Q = N(w, R diag(s) Rᵀ) and λ (Algorithm 1).
+
+    Args:
+        model: the trained network (its weights initialise the mean w; never mutated).
+        x, y: the training set S (m = len(x) enters B_RE).
+        prior_mean: w₀, keyed like ``model.named_parameters()``.
+        method: vanilla (R = I), approx-hessian or iterative-hessian.
+        epochs: passes over S; one weight sample per mini-batch step.
+        lr: RMSprop learning rate τ.
+        batch_size: mini-batch size.
+        schedule: constant, step (÷10 for the last quarter) or cosine.
+        delta, b, c: δ and the prior grid λ = c·exp(−j/b) of Eq. 45.
+        eta: iterative-hessian: recompute the basis every η epochs.
+        rho_init: ρ₀ with λ = exp(2ρ) (Algorithm 1: −3).
+        seed: seeds the batches and the weight noise.
+        basis_fn: ``basis_fn(mean) -> Basis`` (e.g. the K-FAC eigenbasis at the weights
+            ``mean``); needed by the Hessian methods.
+        progress: ``progress(description, done, total)`` per epoch.
+
+    Returns:
+        (the optimised posterior, the curve: one dict per epoch with the mean objective,
+        cross-entropy, KL, B_RE and λ over its steps).
+    """
+    method = Method(method)
+    schedule = Schedule(schedule)
+    m = x.shape[0]
+    if m < 2:
+        raise MeasureError(f"the PAC-Bayes bound needs at least 2 training examples; got {m}")
+    if method is not Method.VANILLA and basis_fn is None:
+        raise ValueError(f"method {method.value} needs basis_fn")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    buffers = dict(model.named_buffers())
+    ref = dict(model.named_parameters())
+    dtype, device = ref[names[0]].dtype, ref[names[0]].device
+    w0 = {n: prior_mean[n].detach().to(device=device, dtype=dtype) for n in names}
+    mean = {n: ref[n].detach().clone().requires_grad_(True) for n in names}
+
+    def new_basis() -> Basis:
+        assert basis_fn is not None
+        return basis_fn({k: v.detach() for k, v in mean.items()})
+
+    basis = Basis() if method is Method.VANILLA else new_basis()
+    work = basis.to(dtype, device)
+    coords = work.to_hessian({k: v.detach() for k, v in mean.items()})
+    log_std = {
+        n: torch.log(coords[n].abs().clamp_min(LOG_STD_FLOOR)).requires_grad_(True) for n in names
+    }
+    rho = torch.tensor(float(rho_init), dtype=dtype, device=device, requires_grad=True)
+    opt = torch.optim.RMSprop([*mean.values(), *log_std.values(), rho], lr=lr)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    curve: list[dict] = []
+    recomputed = 0
+    steps_per_epoch = max(1, math.ceil(m / batch_size))
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(schedule, lr, epoch, epochs)
+        if method is Method.ITERATIVE_HESSIAN and epoch > 0 and epoch % eta == 0:
+            with torch.no_grad():
+                fresh = new_basis()
+                var = {k: torch.exp(2.0 * v.detach()).double() for k, v in log_std.items()}
+                var = project_variances(
+                    var, basis.to(torch.float64, device), fresh.to(torch.float64, device)
+                )
+                for k, v in log_std.items():
+                    v.copy_(0.5 * torch.log(var[k].clamp_min(LOG_STD_FLOOR**2)).to(dtype))
+            basis, work = fresh, fresh.to(dtype, device)
+            recomputed += 1
+        perm = torch.randperm(m, generator=gen, device=device)
+        sums = torch.zeros(4, dtype=torch.float64)
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch_size : (step + 1) * batch_size]
+            noise = {
+                k: torch.randn(v.shape, generator=gen, device=device, dtype=dtype) * v.exp()
+                for k, v in log_std.items()
+            }
+            noise = work.to_standard(noise)
+            w_prime = {k: mean[k] + noise[k] for k in names}
+            logits = functional_call(model, {**buffers, **w_prime}, (x[idx],))
+            ce = F.cross_entropy(logits, y[idx])
+            obj, kl, bre = pacbayes_objective(
+                ce, mean, log_std, rho, w0, num_train=m, delta=delta, b=b, c=c
+            )
+            if not torch.isfinite(obj):
+                raise MeasureError(
+                    f"the PAC-Bayes objective became {float(obj)} at epoch {epoch}; lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            obj.backward()
+            opt.step()
+            sums += torch.stack([obj.detach(), ce.detach(), kl.detach(), bre.detach()]).double()
+        sums /= steps_per_epoch
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "objective": float(sums[0]),
+                "cross_entropy": float(sums[1]),
+                "kl": float(sums[2]),
+                "b_re": float(sums[3]),
+                "prior_variance": math.exp(2.0 * float(rho.detach())),
+                "lr": opt.param_groups[0]["lr"],
+            }
+        )
+        progress(f"{method.value} epoch {epoch + 1}", epoch + 1, epochs)
+    post = Posterior(
+        mean={k: v.detach() for k, v in mean.items()},
+        log_std={k: v.detach() for k, v in log_std.items()},
+        rho=float(rho.detach()),
+        basis=basis,
+    )
+    if curve:
+        curve[-1]["basis_recomputations"] = recomputed
+    return post, curve

@@ -1,0 +1,51 @@
+"""Function-preserving reparametrisations: chain tracing and the transforms.
+
+- :mod:`flatcli.reparam.chain`: :func:`trace_chain` reads a model as a single chain of
+  operations (torch.fx, or the children of an ``nn.Sequential``), refusing branches.
+- :mod:`flatcli.reparam.transforms`: :func:`layer_scale` (Dinh et al. 2017's ``T_α``),
+  :func:`neuron_scale` (Tsuzuku et al. 2020, Eqs. 15-16), :func:`bn_scale`,
+  :func:`apply_transform` by name and :func:`max_logit_difference` to check one.
+
+Which sharpness measures such a transform changes is a measure of its own,
+:func:`flatcli.measures.invariance.audit_invariance` (``flatcli sharpness --invariance``);
+``AuditRow``, ``InvarianceAudit`` and ``audit_invariance`` are importable from here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flatcli.reparam.chain import ChainOp, trace_chain, weight_layers
+from flatcli.reparam.transforms import (
+    Transform,
+    apply_transform,
+    bn_scale,
+    default_layer_alphas,
+    layer_scale,
+    max_logit_difference,
+    neuron_scale,
+)
+
+__all__ = [
+    "Transform",
+    "ChainOp",
+    "trace_chain",
+    "weight_layers",
+    "layer_scale",
+    "neuron_scale",
+    "bn_scale",
+    "default_layer_alphas",
+    "apply_transform",
+    "max_logit_difference",
+]
+
+_AUDIT = ("AuditRow", "InvarianceAudit", "audit_invariance")
+
+
+def __getattr__(name: str) -> Any:
+    # the audit lives with the measures (it computes them); import it only when asked for
+    if name in _AUDIT:
+        from flatcli.measures import invariance
+
+        return getattr(invariance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""``flatcli pacbayes`` end to end: options reach the measure, report keys, refusal without w₀."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flatcli.cli.app import app
+from tests.io.test_report import validate_report
+from tests.pacbayes.problem import write_problem
+
+FAST = [
+    "--epochs",
+    "3",
+    "--lr",
+    "0.01",
+    "--opt-batch-size",
+    "80",
+    "--mc-samples",
+    "20",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return write_problem(tmp_path_factory.mktemp("cli_pacbayes"))
+
+
+def test_report_keys_and_config(paths, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app, ["pacbayes", str(paths["trained"]), *FAST, "--delta", "0.05", "--json", str(out), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    validate_report(report, "pacbayes")
+    entry = report["results"][0]
+    m = entry["metrics"]
+    assert {
+        "bound",
+        "kl",
+        "b_re",
+        "snn_train_error",
+        "snn_train_error_upper",
+        "snn_test_error",
+        "train_error",
+        "test_error",
+        "prior_variance",
+        "j",
+        "mc_samples",
+        "delta",
+        "delta_prime",
+        "num_train",
+    } == set(m)
+    assert m["delta"] == 0.05 and m["mc_samples"] == 20 and m["num_train"] == 240
+    assert entry["details"]["method"] == "vanilla" and len(entry["details"]["curve"]) == 3
+    assert entry["details"]["confidence"] == pytest.approx(1 - 0.05 - 0.01)
+    cfg = report["config"]
+    assert cfg["epochs"] == 3 and cfg["opt_batch_size"] == 80 and cfg["method"] == "vanilla"
+
+
+def test_table_and_method(paths):
+    res = CliRunner().invoke(
+        app, ["pacbayes", str(paths["trained"]), *FAST, "--method", "approx-hessian"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "bound" in res.output and "vacuous" in res.output
+
+
+def test_gate_on_the_bound(paths):
+    res = CliRunner().invoke(
+        app, ["pacbayes", str(paths["trained"]), *FAST, "-q", "--fail-above", "bound=0.0"]
+    )
+    assert res.exit_code == 3, res.output
+
+
+@pytest.mark.parametrize("which", ["noinit", "noinit_pt"])
+def test_refusal_without_initial_weights_is_exit_2(paths, which):
+    args = ["pacbayes", str(paths[which]), *FAST]
+    if which == "noinit_pt":
+        args += ["--model", "mlp", "--dataset", f"tensors:{paths['data']}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "initial weights" in res.output and "--prior-init" in res.output
+
+
+def test_prior_init_option(paths, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "pacbayes",
+            str(paths["noinit"]),
+            *FAST,
+            "--prior-init",
+            str(paths["init_pt"]),
+            "--json",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    entry = json.loads(out.read_text())["results"][0]
+    assert entry["details"]["prior"].startswith("--prior-init")
+
+
+def test_bad_option_values_are_exit_2(paths):
+    res = CliRunner().invoke(app, ["pacbayes", str(paths["trained"]), *FAST, "--delta", "1.5"])
+    assert res.exit_code == 2 and "--delta" in res.output
+    res = CliRunner().invoke(app, ["pacbayes", str(paths["trained"]), *FAST, "--method", "nope"])
+    assert res.exit_code == 2

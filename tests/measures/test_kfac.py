@@ -1,0 +1,144 @@
+"""The kfac measure: report entries equal their definitions on dense float64 matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flatcli.curvature.kfac import kron_eigenvectors
+from flatcli.errors import UsageError
+from flatcli.measures.kfac import KfacConfig, compute_kfac
+from flatcli.measures.registry import get_measure, reported_keys
+from tests.curvature.test_kfac import data, dense_param_hessian, relu_mlp, tiny_cnn
+
+F64 = torch.float64
+CONTRACT_KEYS = {
+    "name",
+    "kind",
+    "shape",
+    "positions",
+    "em_eigenvalues",
+    "exx_eigenvalues",
+    "kron_eigenvalues",
+    "exact_eigenvalues",
+    "overlap",
+    "spectral_ratio",
+    "mean_alignment",
+    "rank1_scores",
+    "decoupling_error",
+    "decoupling_error_stderr",
+}
+
+
+def _dense_top(H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(H)
+    return vals.flip(0)[:k], vecs.flip(1)[:, :k]
+
+
+def test_entries_match_dense_definitions():
+    model = relu_mlp()
+    x, y = data(40, (5,))
+    k = 4
+    res = compute_kfac(model, x, y, KfacConfig(top_k=k, tol=1e-10, probes=400, lanczos_steps=20))
+    layers = {e["name"]: e for e in res.details()["layers"]}
+    assert list(layers) == ["0", "2", "4"]
+    for name, e in layers.items():
+        assert CONTRACT_KEYS <= set(e)
+        f = res.blocks[name].factors
+        H = dense_param_hessian(model, x, y, f"{name}.weight")
+        vals, vecs = _dense_top(H, k)
+        assert torch.allclose(torch.tensor(e["exact_eigenvalues"], dtype=F64), vals, rtol=1e-7)
+        kvals, kvecs = _dense_top(f.dense(), k)
+        assert torch.allclose(torch.tensor(e["kron_eigenvalues"], dtype=F64), kvals, rtol=1e-9)
+        b = res.blocks[name]
+        kron = kron_eigenvectors(b.U, b.V, b.kron_i, b.kron_j)
+        for j in range(1, k + 1):  # Eq. 7 on the dense eigenvectors
+            want = float(torch.linalg.matrix_norm(vecs[:, :j].T @ kron[:, :j]) ** 2) / j
+            assert math.isclose(e["overlap"][j - 1], want, rel_tol=1e-5, abs_tol=1e-7)
+        m, n = f.shape
+        for j in range(k):
+            s = torch.linalg.svdvals(vecs[:, j].reshape(m, n))
+            assert math.isclose(e["rank1_scores"][j], float(s[0] / s.norm()), rel_tol=1e-5)
+            Mat = vecs[:, j].reshape(m, n)
+            u0, v0 = b.U[:, 0], b.V[:, 0]
+            assert math.isclose(
+                e["correspondence"]["exact_vs_em"][0][j],
+                float((Mat.T @ u0).square().sum()),
+                rel_tol=1e-5,
+                abs_tol=1e-9,
+            )
+            assert math.isclose(
+                e["correspondence"]["exact_vs_exx"][0][j],
+                float((Mat @ v0).square().sum()),
+                rel_tol=1e-5,
+                abs_tol=1e-9,
+            )
+        dense_err = float(torch.linalg.matrix_norm(H - f.dense()) / torch.linalg.matrix_norm(H))
+        assert abs(e["decoupling_error"] - dense_err) < 4 * e["decoupling_error_stderr"]
+        # Eq. 26: the bias block of a ReLU net is E[M]
+        assert e["bias_block_vs_em"] < 1e-12
+        assert e["em_eigenvalues"] == sorted(e["em_eigenvalues"], reverse=True)
+    metrics = res.metrics()
+    assert set(metrics) == set(reported_keys(get_measure("kfac"), res.config))
+    assert metrics["decoupling_error_max"] == max(e["decoupling_error"] for e in layers.values())
+    assert metrics["overlap_at_10_min"] == min(e["overlap"][-1] for e in layers.values())
+
+
+def test_single_example_decoupling_is_exact():
+    model = relu_mlp()
+    x, y = data(1, (5,))
+    res = compute_kfac(model, x, y, KfacConfig(top_k=3, tol=1e-10, lanczos_steps=20))
+    for e in res.details()["layers"]:
+        assert e["decoupling_error"] < 1e-6
+        assert e["overlap"][0] > 1 - 1e-6
+
+
+def test_conv_net_and_compare():
+    model = tiny_cnn()
+    x, y = data(10, (2, 6, 6))
+    res = compute_kfac(model, x, y, KfacConfig(top_k=3, probes=8), compare_model=model)
+    e = {d["name"]: d for d in res.details()["layers"]}
+    assert e["0"]["kind"] == "conv2d" and e["0"]["positions"] == 36 and e["0"]["shape"] == [3, 18]
+    cmp = e["0"]["compare"]
+    # the same model: every top-k eigenspace coincides and (Ê[x]ᵀÊ[x])² = 1
+    assert all(v > 1 - 1e-6 for v in cmp["exact_overlap"])
+    assert all(v > 1 - 1e-9 for v in cmp["kron_overlap"])
+    assert math.isclose(cmp["predicted_overlap_at_m"], 1.0, rel_tol=1e-12)
+    assert "compare_overlap_at_m_min" in res.metrics()
+    assert "Eq. 35" in res.details()["conventions"]["conv"]
+
+
+def test_batchnorm_affine_is_reported_not_factored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    model = model.double().eval()
+    x, y = data(12, (5,))
+    res = compute_kfac(model, x, y, KfacConfig(top_k=2, probes=4))
+    assert res.details()["not_factored"] == ["1.weight", "1.bias"]
+    assert res.details()["mode"] == "eval"
+
+
+def test_confident_net_shows_the_failure():
+    """The conjecture fails where the curvature-carrying examples have atypical inputs."""
+    model = nn.Sequential(nn.Linear(3, 3, bias=False)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, -0.3, 0.1]]))
+    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    e2 = torch.tensor([0.0, 1.0, 0.2], dtype=F64)
+    x = torch.cat([6 * e1.expand(95, 3), e2.expand(5, 3)])
+    y = torch.zeros(100, dtype=torch.long)
+    m = compute_kfac(model, x, y, KfacConfig(top_k=2, probes=64, tol=1e-8)).metrics()
+    assert m["overlap_at_10_min"] < 0.3
+    assert m["decoupling_error_max"] > 0.8
+
+
+def test_bad_options():
+    with pytest.raises(UsageError, match="top_k"):
+        KfacConfig(top_k=0)
+    with pytest.raises(UsageError, match="matrix"):
+        KfacConfig(matrix="fisher")
+    with pytest.raises(UsageError, match="fisher"):
+        KfacConfig(fisher="nope")

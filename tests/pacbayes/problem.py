@@ -1,0 +1,64 @@
+"""A tiny learnable problem for the PAC-Bayes tests: data, a trained MLP and its initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+from flatcli.io.checkpoint import save_checkpoint
+from model_zoo.registry import get_model
+
+SPEC = {"arch": "mlp", "kwargs": {"in_features": 6, "hidden": [8], "num_classes": 2}}
+
+
+def make_data(n_train: int = 240, n_test: int = 120, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two Gaussian-ish classes in 6 dimensions: y = 1[x·v > 0], with a few flipped labels."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(6, generator=g)
+    x = torch.randn(n_train + n_test, 6, generator=g)
+    y = (x @ v > 0).long()
+    flip = torch.rand(n_train + n_test, generator=g) < 0.05
+    y = torch.where(flip, 1 - y, y)
+    return {
+        "x_train": x[:n_train],
+        "y_train": y[:n_train],
+        "x_test": x[n_train:],
+        "y_test": y[n_train:],
+    }
+
+
+def build(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return get_model("mlp", **SPEC["kwargs"])
+
+
+def write_problem(folder: Path, *, steps: int = 300, seed: int = 0) -> dict[str, Path]:
+    """Write ``data.safetensors`` (a ``tensors:`` dataset), ``trained.safetensors`` (with its
+    recorded initialisation), ``noinit.safetensors`` and ``noinit.pt`` (without), ``init.pt``."""
+    folder = Path(folder)
+    data = make_data(seed=seed)
+    save_file({k: v.contiguous() for k, v in data.items()}, str(folder / "data.safetensors"))
+    net = build(seed)
+    init = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(data["x_train"]), data["y_train"]).backward()
+        opt.step()
+    dataset = f"tensors:{folder / 'data.safetensors'}"
+    meta = {"dataset": dataset}
+    paths = {
+        "data": folder / "data.safetensors",
+        "trained": folder / "trained.safetensors",
+        "noinit": folder / "noinit.safetensors",
+        "noinit_pt": folder / "noinit.pt",
+        "init_pt": folder / "init.pt",
+    }
+    save_checkpoint(paths["trained"], net.state_dict(), SPEC, meta, init_state_dict=init)
+    save_checkpoint(paths["noinit"], net.state_dict(), SPEC, meta)
+    torch.save(net.state_dict(), paths["noinit_pt"])
+    torch.save(init, paths["init_pt"])
+    return paths
