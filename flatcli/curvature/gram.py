@@ -65,6 +65,7 @@ from flatcli.curvature._ghost import (
     has_batch_statistics,
     plan,
 )
+from flatcli.curvature.data import move_inputs
 from flatcli.curvature.losses import cross_entropy
 from flatcli.curvature.memory import activation_bytes_per_example
 from flatcli.curvature.params import select_parameters
@@ -222,7 +223,7 @@ class GramEngine:
         for b0 in range(0, E // n, per):
             b1 = min(E // n, b0 + per)
             sl = slice(b0 * n, b1 * n)
-            xb = x[sl].to(device=device, dtype=self._input_dtype(x))
+            xb = move_inputs(x[sl], device, self.functional.dtype)
             xi, s = self._unit_grams(xb, y[sl].to(device), n)
             s = s.view(b1 - b0, n)
             out[b0:b1] = xi * s.unsqueeze(2) * s.unsqueeze(1)
@@ -232,7 +233,7 @@ class GramEngine:
     def gradients(self, x: Tensor, y: Tensor) -> Tensor:
         """The materialised J: (N, W) float64, columns in the order of ``self.names``."""
         device = self.functional.device
-        x, y = x.to(device=device, dtype=self._input_dtype(x)), y.to(device)
+        x, y = move_inputs(x, device, self.functional.dtype), y.to(device)
         rows, s = self._rows(x, y, x.shape[0])
         return rows.to(F64) * s.unsqueeze(1)
 
@@ -241,9 +242,6 @@ class GramEngine:
         return {t.name: t.strategy for t in (self.targets or [])}
 
     # ------------------------------------------------------------------ internals
-
-    def _input_dtype(self, x: Tensor) -> torch.dtype:
-        return self.functional.dtype if x.is_floating_point() else x.dtype
 
     def _chunk(self, x: Tensor) -> int:
         """Examples per forward: ``chunk_size``, else what fits CHUNK_BUDGET (a fixed budget, not

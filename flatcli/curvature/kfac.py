@@ -79,6 +79,7 @@ from flatcli.curvature.capture import (
     plan,
     record_forward,
 )
+from flatcli.curvature.data import move_inputs
 from flatcli.curvature.gauss_newton import sample_labels
 from flatcli.curvature.losses import class_residuals, output_hessian_sqrt
 from flatcli.curvature.memory import activation_bytes_per_example
@@ -357,7 +358,7 @@ def kfac_factors(
         )
     if batch_size is None:
         with torch.no_grad():
-            K = int(model(x[:1].to(device=device, dtype=dtype)).shape[-1])
+            K = int(model(move_inputs(x[:1], device, dtype)).shape[-1])
         batch_size = _chunk_size(model, x[:1], K if fisher is FisherMode.EXACT else mc_samples)
     acc = {t.name: _Accumulator(t, device) for t in targets}
     stacked = False
@@ -368,7 +369,7 @@ def kfac_factors(
         done = first
         while done < last:
             stop = min(last, done + batch_size)
-            xb = x[done:stop].to(device=device, dtype=dtype)
+            xb = move_inputs(x[done:stop], device, dtype)
             yb = y[done:stop].to(device)
             try:
                 grads, inputs, s = _one_batch(

@@ -63,6 +63,7 @@ from torch.func import jvp, vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatcli import distributed
+from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.gram import GramEngine, GramMethod, GramSpectrum, gram_spectrum
 from flatcli.curvature.losses import cross_entropy, output_hessian
 from flatcli.curvature.operators import eval_mode
@@ -452,8 +453,7 @@ def _power_iteration(
     def f(inp: Tensor) -> Tensor:  # the (rescaled) logits in float64
         return scaled_logits(model(inp).to(F64), logit_scale)
 
-    for b0 in range(0, N, c):
-        xb = x[b0 : b0 + c].to(device=device, dtype=dtype)
+    for b0, _, xb, _ in iter_chunks(x, None, c, device, dtype):
         z, pullback = vjp(f, xb)
         lam = output_hessian(z)  # (c, K, K): ∂softmax/∂z = Λ, symmetric, exact entries
         u = torch.randn(z.shape, generator=gen, dtype=F64).to(device)
