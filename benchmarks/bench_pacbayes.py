@@ -2,11 +2,13 @@
 
 Epochs: one epoch of the bound optimisation (Wu et al. 2020, Algorithm 1: one weight sample
 w′ ~ Q per mini-batch, cross-entropy + sqrt(B_RE/2), RMSprop), ``vanilla`` (posterior diagonal
-in the standard basis) and ``approx-hessian`` (diagonal in the per-layer K-FAC eigenbasis: two
-rotations U·X·Vᵀ per step), against one epoch of plain SGD on the same model, data and batch
-size. The eigenbasis itself (K-FAC factors and eigendecompositions, once per run) is timed
-separately. Model: T-600 (mlp 784-600-2, 472,202 parameters) on the mnist5k-2 training split
-(4,000 real digits).
+in the standard basis) and ``approx-hessian`` (diagonal in the per-layer K-FAC eigenbasis; the
+noise U N Vᵀ enters on the weights or, when cheaper, on the activations), against one epoch of
+plain SGD on the same model, data and batch size. The eigenbasis itself (K-FAC factors and
+eigendecompositions, once per run) is timed separately. Two floors are printed beside them:
+drawing the step's P standard normals (``Tensor.normal_``, the one cost no implementation that
+samples a fresh w′ per step can avoid) and one SGD step, both in ms. Model: T-600
+(mlp 784-600-2, 472,202 parameters) on the mnist5k-2 training split (4,000 real digits).
 
 Monte Carlo: the certificate's n weight samples, batched with vmap over functional_call
 (``snn_errors``), against a Python loop of single-sample forward passes over the same data
@@ -15,7 +17,7 @@ with the same weights (samples per second), on all 4,000 examples and on a 250-e
 Times are CPU seconds of this process (``time.process_time``), one intra-op thread, rounds
 interleaved, minimum kept.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 2 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 1 minute
     OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py --quick
 """
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from flatcli.pacbayes.montecarlo import deterministic_error, sample_weights, snn_errors  # noqa: E402
 from flatcli.pacbayes.optimize import Posterior, optimize_posterior  # noqa: E402
 from flatcli.pacbayes.posterior import kfac_basis  # noqa: E402
+from flatcli.pacbayes.step import activation_layers  # noqa: E402
 from model_zoo import get_model  # noqa: E402
 
 
@@ -85,6 +88,12 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
             basis_fn=(lambda mean: basis) if method != "vanilla" else None,
         )
 
+    xi = torch.empty(sum(p.numel() for p in model.parameters()))
+    gen = torch.Generator().manual_seed(0)
+    draws = 200
+    normal_ms = 1e3 * min(
+        _cpu(lambda: [xi.normal_(generator=gen) for _ in range(draws)]) / draws for _ in range(3)
+    )
     sgd_epoch(256)  # warm-up: first calls pay for allocation and kernel selection
     pb_epoch(256, "vanilla")
     pb_epoch(256, "approx-hessian")
@@ -97,9 +106,15 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
             best["approx-hessian"] = min(
                 best["approx-hessian"], _cpu(lambda bs=bs: pb_epoch(bs, "approx-hessian"))
             )
+        steps = -(-len(x) // bs)
         rows.append(
             {
                 "batch_size": bs,
+                "steps": steps,
+                "sgd_step_ms": 1e3 * best["sgd"] / steps,
+                "approx_noise_on_activations": sorted(
+                    activation_layers(model, basis, min(bs, len(x)))
+                ),
                 "sgd_epoch_s": best["sgd"],
                 "vanilla_epoch_s": best["vanilla"],
                 "approx_hessian_epoch_s": best["approx-hessian"],
@@ -107,7 +122,13 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
                 "approx_hessian_ratio": best["approx-hessian"] / best["sgd"],
             }
         )
-    return {"data": source, "model": "mlp 784-600-2", "basis_s": basis_s, "rows": rows}
+    return {
+        "data": source,
+        "model": "mlp 784-600-2",
+        "basis_s": basis_s,
+        "normal_draw_ms": normal_ms,
+        "rows": rows,
+    }
 
 
 def bench_mc(samples: int, rounds: int) -> dict:
@@ -159,21 +180,28 @@ def main() -> None:
     out = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "epochs": bench_epochs([256] if args.quick else [128, 256, 1024], rounds),
+        "epochs": bench_epochs([256] if args.quick else [64, 128, 256, 512, 1024, 2048], rounds),
         "mc": bench_mc(8 if args.quick else 32, rounds),
     }
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     e = out["epochs"]
-    print(f"\nT-600 on {e['data']}; eigenbasis {e['basis_s']:.2f} s (once)")
-    print("| batch | SGD epoch (s) | vanilla (s) | ratio | approx-hessian (s) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\nT-600 on {e['data']}; eigenbasis {e['basis_s']:.2f} s (once); "
+        f"P normals {e['normal_draw_ms']:.2f} ms a step"
+    )
+    print(
+        "| batch | SGD step (ms) | SGD epoch (s) | vanilla (s) | ratio | approx-hessian (s) "
+        "| ratio | approx noise on |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in e["rows"]:
+        where = "activations" if r["approx_noise_on_activations"] else "weights"
         print(
-            f"| {r['batch_size']} | {r['sgd_epoch_s']:.3f} | {r['vanilla_epoch_s']:.3f} | "
-            f"{r['vanilla_ratio']:.2f}x | {r['approx_hessian_epoch_s']:.3f} | "
-            f"{r['approx_hessian_ratio']:.2f}x |"
+            f"| {r['batch_size']} | {r['sgd_step_ms']:.2f} | {r['sgd_epoch_s']:.3f} | "
+            f"{r['vanilla_epoch_s']:.3f} | {r['vanilla_ratio']:.2f}x | "
+            f"{r['approx_hessian_epoch_s']:.3f} | {r['approx_hessian_ratio']:.2f}x | {where} |"
         )
     print("\n| examples | samples | loop (samples/s) | batched (samples/s) | speed-up |")
     print("|---|---|---|---|---|")

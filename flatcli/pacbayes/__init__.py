@@ -4,6 +4,7 @@
 - :mod:`~flatcli.pacbayes.bound`: the prior grid, B_RE (Eq. 45), the Monte-Carlo step, the bound.
 - :mod:`~flatcli.pacbayes.posterior`: per-layer eigenbases, ToHessian/ToStandard (Eqs. 47-48).
 - :mod:`~flatcli.pacbayes.optimize`: Algorithm 1 (Eq. 46 with RMSprop).
+- :mod:`~flatcli.pacbayes.step`: one fused step of it: Eq. 46 and its closed-form gradients.
 - :mod:`~flatcli.pacbayes.montecarlo`: the stochastic network's errors from weight samples.
 - :mod:`~flatcli.pacbayes.prior`: the prior's centre w₀ (the recorded initial weights).
 """

@@ -16,7 +16,8 @@ per-layer K-FAC eigenbasis at the trained weights; ``iterative-hessian`` recompu
 current mean every η epochs and carries the variances over with
 :func:`flatcli.pacbayes.posterior.project_variances`.
 
-The model is never mutated: every forward is a ``torch.func.functional_call``.
+The model's parameters are never changed: every forward is a ``torch.func.functional_call``
+(:mod:`flatcli.pacbayes.step`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from enum import Enum
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
 from flatcli.errors import MeasureError
-from flatcli.pacbayes.bound import union_term
 from flatcli.pacbayes.posterior import Basis, project_variances
+from flatcli.pacbayes.step import (
+    FlatLayout,
+    activation_layers,
+    objective_and_gradients,
+    objective_from_terms,
+)
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = ["Method", "Posterior", "Schedule", "optimize_posterior", "pacbayes_objective"]
@@ -108,15 +112,21 @@ def pacbayes_objective(
     Returns:
         (objective, kl, b_re), all differentiable in the mean, ς and ρ.
     """
-    p = sum(t.numel() for t in mean.values())
-    lam = torch.exp(2.0 * rho)
     mds = sum((mean[k] - prior_mean[k]).square().sum() for k in mean)
     vs = sum(torch.exp(2.0 * s).sum() for s in log_std.values())
     lvs = sum(2.0 * s.sum() for s in log_std.values())
-    kl = 0.5 * ((vs + mds) / lam - p + p * 2.0 * rho - lvs)
-    j_cont = (b * (math.log(c) - 2.0 * rho)).clamp_min(1.0)
-    bre = (kl + union_term(j_cont, num_train, delta)) / (num_train - 1)
-    return ce + torch.sqrt(0.5 * bre.clamp_min(0.0)), kl, bre
+    return objective_from_terms(
+        ce,
+        mds,
+        vs,
+        lvs,
+        rho,
+        num_params=sum(t.numel() for t in mean.values()),
+        num_train=num_train,
+        delta=delta,
+        b=b,
+        c=c,
+    )
 
 
 def _lr_at(schedule: Schedule, lr: float, epoch: int, epochs: int) -> float:
@@ -160,7 +170,9 @@ def optimize_posterior(
         schedule: constant, step (÷10 for the last quarter) or cosine.
         delta, b, c: δ and the prior grid λ = c·exp(−j/b) of Eq. 45.
         eta: iterative-hessian: recompute the basis every η epochs.
-        rho_init: ρ₀ with λ = exp(2ρ) (Algorithm 1: −3).
+        rho_init: ρ₀ with λ = exp(2ρ) (Algorithm 1: −3). ρ is projected after every step onto
+            λ ≤ c·e^(−1/b), the largest point of the prior grid (j ≥ 1), so the optimised λ
+            is one the certificate can use.
         seed: seeds the batches and the weight noise.
         basis_fn: ``basis_fn(mean) -> Basis`` (e.g. the K-FAC eigenbasis at the weights
             ``mean``); needed by the Hessian methods.
@@ -181,22 +193,26 @@ def optimize_posterior(
     buffers = dict(model.named_buffers())
     ref = dict(model.named_parameters())
     dtype, device = ref[names[0]].dtype, ref[names[0]].device
-    w0 = {n: prior_mean[n].detach().to(device=device, dtype=dtype) for n in names}
-    mean = {n: ref[n].detach().clone().requires_grad_(True) for n in names}
+    layout = FlatLayout.of({n: ref[n] for n in names})
+    w0 = layout.flatten({n: prior_mean[n].detach().to(device=device, dtype=dtype) for n in names})
+    mean = layout.flatten({n: ref[n].detach() for n in names})
 
     def new_basis() -> Basis:
         assert basis_fn is not None
-        return basis_fn({k: v.detach() for k, v in mean.items()})
+        return basis_fn({k: v.detach().clone() for k, v in layout.views(mean).items()})
 
     basis = Basis() if method is Method.VANILLA else new_basis()
     work = basis.to(dtype, device)
-    coords = work.to_hessian({k: v.detach() for k, v in mean.items()})
-    log_std = {
-        n: torch.log(coords[n].abs().clamp_min(LOG_STD_FLOOR)).requires_grad_(True) for n in names
-    }
-    rho = torch.tensor(float(rho_init), dtype=dtype, device=device, requires_grad=True)
-    opt = torch.optim.RMSprop([*mean.values(), *log_std.values(), rho], lr=lr)
+    on_act = activation_layers(model, work, min(batch_size, m))
+    coords = layout.flatten(work.to_hessian(layout.views(mean)))
+    log_std = torch.log(coords.abs().clamp_min(LOG_STD_FLOOR))
+    # λ ≤ λ₁ = c·e^(−1/b), the grid's largest point: the certificate needs j ≥ 1, and a λ
+    # above it would be optimised for but never certified.
+    rho_max = 0.5 * (math.log(c) - 1.0 / b)
+    rho = torch.tensor(min(float(rho_init), rho_max), dtype=dtype, device=device)
+    opt = torch.optim.RMSprop([mean, log_std, rho], lr=lr)
     gen = torch.Generator(device=device).manual_seed(seed)
+    xi = torch.empty(layout.numel, dtype=dtype, device=device)
     curve: list[dict] = []
     recomputed = 0
     steps_per_epoch = max(1, math.ceil(m / batch_size))
@@ -204,39 +220,46 @@ def optimize_posterior(
         for group in opt.param_groups:
             group["lr"] = _lr_at(schedule, lr, epoch, epochs)
         if method is Method.ITERATIVE_HESSIAN and epoch > 0 and epoch % eta == 0:
-            with torch.no_grad():
-                fresh = new_basis()
-                var = {k: torch.exp(2.0 * v.detach()).double() for k, v in log_std.items()}
-                var = project_variances(
-                    var, basis.to(torch.float64, device), fresh.to(torch.float64, device)
-                )
-                for k, v in log_std.items():
-                    v.copy_(0.5 * torch.log(var[k].clamp_min(LOG_STD_FLOOR**2)).to(dtype))
+            fresh = new_basis()
+            var = {k: torch.exp(2.0 * v).double() for k, v in layout.views(log_std).items()}
+            var = project_variances(
+                var, basis.to(torch.float64, device), fresh.to(torch.float64, device)
+            )
+            log_std.copy_(0.5 * torch.log(layout.flatten(var).clamp_min(LOG_STD_FLOOR**2)))
             basis, work = fresh, fresh.to(dtype, device)
             recomputed += 1
         perm = torch.randperm(m, generator=gen, device=device)
         sums = torch.zeros(4, dtype=torch.float64)
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
-            noise = {
-                k: torch.randn(v.shape, generator=gen, device=device, dtype=dtype) * v.exp()
-                for k, v in log_std.items()
-            }
-            noise = work.to_standard(noise)
-            w_prime = {k: mean[k] + noise[k] for k in names}
-            logits = functional_call(model, {**buffers, **w_prime}, (x[idx],))
-            ce = F.cross_entropy(logits, y[idx])
-            obj, kl, bre = pacbayes_objective(
-                ce, mean, log_std, rho, w0, num_train=m, delta=delta, b=b, c=c
+            xi.normal_(generator=gen)
+            res = objective_and_gradients(
+                model,
+                buffers,
+                layout,
+                mean,
+                log_std,
+                rho,
+                w0,
+                xi,
+                x[idx],
+                y[idx],
+                basis=work,
+                on_activations=on_act,
+                num_train=m,
+                delta=delta,
+                b=b,
+                c=c,
             )
-            if not torch.isfinite(obj):
+            if not torch.isfinite(res.objective):
                 raise MeasureError(
-                    f"the PAC-Bayes objective became {float(obj)} at epoch {epoch}; lower --lr"
+                    f"the PAC-Bayes objective became {float(res.objective)} at epoch {epoch}; "
+                    "lower --lr"
                 )
-            opt.zero_grad(set_to_none=True)
-            obj.backward()
+            mean.grad, log_std.grad, rho.grad = res.grad_mean, res.grad_log_std, res.grad_rho
             opt.step()
-            sums += torch.stack([obj.detach(), ce.detach(), kl.detach(), bre.detach()]).double()
+            rho.clamp_(max=rho_max)
+            sums += torch.stack([res.objective, res.cross_entropy.double(), res.kl, res.b_re])
         sums /= steps_per_epoch
         curve.append(
             {
@@ -245,15 +268,15 @@ def optimize_posterior(
                 "cross_entropy": float(sums[1]),
                 "kl": float(sums[2]),
                 "b_re": float(sums[3]),
-                "prior_variance": math.exp(2.0 * float(rho.detach())),
+                "prior_variance": math.exp(2.0 * float(rho)),
                 "lr": opt.param_groups[0]["lr"],
             }
         )
         progress(f"{method.value} epoch {epoch + 1}", epoch + 1, epochs)
     post = Posterior(
-        mean={k: v.detach() for k, v in mean.items()},
-        log_std={k: v.detach() for k, v in log_std.items()},
-        rho=float(rho.detach()),
+        mean={k: v.clone() for k, v in layout.views(mean).items()},
+        log_std={k: v.clone() for k, v in layout.views(log_std).items()},
+        rho=float(rho),
         basis=basis,
     )
     if curve:
