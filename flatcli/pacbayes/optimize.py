@@ -9,15 +9,15 @@ The objective of Eq. 46 (after Dziugaite & Roy 2017) is
 with ℒ the mini-batch cross-entropy at one reparametrised weight sample w′ ~ Q, s = exp(2ς),
 λ = exp(2ρ) and B_RE of Eq. 45 written with KL(Q‖P)
 (:func:`flatcli.pacbayes.kl.gaussian_kl_isotropic`) and the continuous grid index b·ln(c/λ)
-(clamped at 1, the first grid point). Autograd of this
-objective gives exactly the updates of Algorithm 1, lines 12-14 (the ς-gradient of the loss is
+(clamped at 1, the first grid point), with λ projected onto the grid (j ≥ 1) after every
+step. Each step's value and gradients, the updates of Algorithm 1, lines 12-14, come from
+:func:`flatcli.pacbayes.step.objective_and_gradients` (the ς-gradient of the loss is
 ToHessian(∇_{w′}ℒ) ⊙ ξ ⊙ exp(ς)); RMSprop takes the steps. ``approx-hessian`` fixes the
 per-layer K-FAC eigenbasis at the trained weights; ``iterative-hessian`` recomputes it at the
 current mean every η epochs and carries the variances over with
 :func:`flatcli.pacbayes.posterior.project_variances`.
 
-The model's parameters are never changed: every forward is a ``torch.func.functional_call``
-(:mod:`flatcli.pacbayes.step`).
+The model's parameters are never changed: every forward is a ``torch.func.functional_call``.
 """
 
 from __future__ import annotations

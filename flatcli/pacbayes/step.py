@@ -130,13 +130,17 @@ def activation_layers(model: nn.Module, basis: Basis, rows: int) -> frozenset[st
     for key, lb in basis.layers.items():
         if not key.endswith(".weight") or len(lb.shape) != 2:
             continue
-        module = model.get_submodule(key[: -len(".weight")])
-        if not isinstance(module, nn.Linear):
+        if not isinstance(_owner(model, key), nn.Linear):
             continue
         m, n = lb.shape
         if 2 * rows * (2 * n * n + 3 * n * m + 2 * m * m) < 4 * m * n * (m + n):
             out.add(key)
     return frozenset(out)
+
+
+def _owner(model: nn.Module, key: str) -> nn.Module:
+    """The module holding parameter ``key`` (e.g. ``"fc1.weight"`` -> ``model.fc1``)."""
+    return model.get_submodule(key.rpartition(".")[0])
 
 
 @contextmanager
@@ -152,7 +156,7 @@ def _noise_on_activations(
         return hook
 
     handles = [
-        model.get_submodule(key[: -len(".weight")]).register_forward_hook(hook_for(lb, n_mat))
+        _owner(model, key).register_forward_hook(hook_for(lb, n_mat))
         for key, (lb, n_mat) in noise.items()
     ]
     try:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from flatcli.cli.app import app
 from tests.io.test_report import validate_report
-from tests.pacbayes.problem import write_problem
+from tests.pacbayes.problem import REPORT_KEYS, write_problem
 
 FAST = [
     "--epochs",
@@ -40,22 +40,7 @@ def test_report_keys_and_config(paths, tmp_path):
     validate_report(report, "pacbayes")
     entry = report["results"][0]
     m = entry["metrics"]
-    assert {
-        "bound",
-        "kl",
-        "b_re",
-        "snn_train_error",
-        "snn_train_error_upper",
-        "snn_test_error",
-        "train_error",
-        "test_error",
-        "prior_variance",
-        "j",
-        "mc_samples",
-        "delta",
-        "delta_prime",
-        "num_train",
-    } == set(m)
+    assert REPORT_KEYS == set(m)
     assert m["delta"] == 0.05 and m["mc_samples"] == 20 and m["num_train"] == 240
     assert entry["details"]["method"] == "vanilla" and len(entry["details"]["curve"]) == 3
     assert entry["details"]["confidence"] == pytest.approx(1 - 0.05 - 0.01)

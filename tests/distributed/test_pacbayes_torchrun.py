@@ -3,18 +3,14 @@ and the certificate equals the one-process run."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import torch
 
 from tests.distributed.launch import result_path, run_world
 from tests.distributed.pacbayes_workers import mc_errors
 from tests.distributed.test_torchrun import (
-    TORCHRUN,
-    _env,
     assert_same_report,
+    launch,
+    one_and_two,
     pytestmark,  # noqa: F401 - needs torchrun
 )
 from tests.pacbayes.problem import write_problem
@@ -35,24 +31,13 @@ def test_mc_errors_split_over_ranks_equal_one_process(tmp_path):
             torch.testing.assert_close(got["errors"], ref["errors"], rtol=0, atol=0)
 
 
-def _pacbayes(nproc: int, checkpoint, out):
-    launcher = (
-        [sys.executable, "-m"]
-        if nproc == 1
-        else [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m"]
-    )
-    cmd = [*launcher, "flatcli", "pacbayes", str(checkpoint), *FAST, "--json", str(out), "-q"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-
-
 def test_pacbayes_under_torchrun_equals_one_process(tmp_path):
     paths = write_problem(tmp_path, steps=100)
-    one = _pacbayes(1, paths["trained"], tmp_path / "p1.json")
-    two = _pacbayes(2, paths["trained"], tmp_path / "p2.json")
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a = json.loads((tmp_path / "p1.json").read_text())
-    b = json.loads((tmp_path / "p2.json").read_text())
+
+    def run(nproc: int, out):
+        return launch(nproc, "pacbayes", str(paths["trained"]), *FAST, "--json", str(out), "-q")
+
+    _, _, a, b = one_and_two(run, tmp_path, "p")
     assert b["environment"]["world_size"] == 2
     ma, mb = a["results"][0]["metrics"], b["results"][0]["metrics"]
     assert ma["mc_samples"] == 7 and 0 < ma["bound"] <= 1

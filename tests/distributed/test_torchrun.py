@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "FLATCLI_DIST_TIMEOUT": "60", "NO_COLOR": "1"}
 
 
-def _run(tmp: Path, nproc: int, *args: str, factory: str = "nets.py:make"):
-    common = ["--model", f"{tmp}/{factory}", "--dataset", f"tensors:{tmp}/data.safetensors"]
+def launch(nproc: int, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m flatcli ARGS`` for one process, ``torchrun ... -m flatcli ARGS`` for more."""
     launcher = (
         [sys.executable, "-m"]
         if nproc == 1
         else [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m"]
     )
-    cmd = [*launcher, "flatcli", *args, *common]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp)
+    cmd = [*launcher, "flatcli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=cwd)
+
+
+def one_and_two(run: Callable[[int, Path], subprocess.CompletedProcess], folder: Path, stem: str):
+    """``run(nproc, json_path)`` with 1 and 2 processes; both must succeed.
+
+    Returns (one-process result, two-process result, their two JSON reports).
+    """
+    procs = [run(n, folder / f"{stem}{n}.json") for n in (1, 2)]
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    reports = [json.loads((folder / f"{stem}{n}.json").read_text()) for n in (1, 2)]
+    return (*procs, *reports)
+
+
+def _run(tmp: Path, nproc: int, *args: str, factory: str = "nets.py:make"):
+    common = ["--model", f"{tmp}/{factory}", "--dataset", f"tensors:{tmp}/data.safetensors"]
+    return launch(nproc, *args, *common, cwd=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +113,7 @@ def assert_same_report(a: dict, b: dict, rtol: float = 1e-10, skip=lambda key: F
 def test_spectrum_under_torchrun_equals_one_process(problem):
     tmp = problem
     args = ["spectrum", str(tmp / "m.pt"), "--top-k", "3", "--trace", "--dtype", "float64"]
-    one = _run(tmp, 1, *args, "--json", str(tmp / "one.json"))
-    two = _run(tmp, 2, *args, "--json", str(tmp / "two.json"))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a = json.loads((tmp / "one.json").read_text())
-    b = json.loads((tmp / "two.json").read_text())
+    one, two, a, b = one_and_two(lambda n, out: _run(tmp, n, *args, "--json", str(out)), tmp, "s")
     assert a["environment"]["world_size"] == 1 and "examples_per_rank" not in a["environment"]
     assert b["environment"]["world_size"] == 2
     assert b["environment"]["examples_per_rank"] == [13, 12]
@@ -152,12 +165,7 @@ def test_a_rank_that_fails_does_not_hang_the_others(problem):
 def test_gamma_under_torchrun_equals_one_process(problem):
     tmp = problem  # 5 trials over 2 processes: shares of 3 and 2 trials, gathered on every rank
     args = ["gamma", str(tmp / "m.pt"), "--samples", "6", "--trials", "5", "--dtype", "float64"]
-    one = _run(tmp, 1, *args, "--json", str(tmp / "g1.json"))
-    two = _run(tmp, 2, *args, "--json", str(tmp / "g2.json"))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a = json.loads((tmp / "g1.json").read_text())
-    b = json.loads((tmp / "g2.json").read_text())
+    _, _, a, b = one_and_two(lambda n, out: _run(tmp, n, *args, "--json", str(out)), tmp, "g")
     assert b["environment"]["world_size"] == 2
     assert a["results"][0]["metrics"]["gamma_hat"] is not None
     assert_same_report(a, b)
@@ -166,12 +174,7 @@ def test_gamma_under_torchrun_equals_one_process(problem):
 def test_kfac_under_torchrun_equals_one_process(problem):
     tmp = problem  # replicated factors; the exact layer blocks come from data-parallel products
     args = ["kfac", str(tmp / "m.pt"), "--dtype", "float64"]
-    one = _run(tmp, 1, *args, "--json", str(tmp / "k1.json"))
-    two = _run(tmp, 2, *args, "--json", str(tmp / "k2.json"))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a = json.loads((tmp / "k1.json").read_text())
-    b = json.loads((tmp / "k2.json").read_text())
+    _, _, a, b = one_and_two(lambda n, out: _run(tmp, n, *args, "--json", str(out)), tmp, "k")
     assert b["environment"]["world_size"] == 2
     assert a["results"][0]["details"]["layers"]
 
@@ -192,27 +195,16 @@ def test_rank_sweep_sharded_over_two_workers_equals_one(tmp_path):
 
     paths = write_sweep(tmp_path)  # 4 checkpoints: 2 per worker
 
-    def rank_run(nproc: int, cache: str, out: str, *quiet: str):
-        launcher = (
-            [sys.executable, "-m"]
-            if nproc == 1
-            else [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m"]
-        )
-        cmd = [*launcher, "flatcli", "rank", str(tmp_path), "--measures", "top_eigenvalue"]
-        cmd += ["--dtype", "float64", "--bootstrap", "50", "--cache-dir", str(tmp_path / cache)]
-        cmd += ["--json", str(tmp_path / out), *quiet]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    def rank_run(nproc: int, cache: str, out: Path, *quiet: str):
+        args = ["rank", str(tmp_path), "--measures", "top_eigenvalue", "--dtype", "float64"]
+        args += ["--bootstrap", "50", "--cache-dir", str(tmp_path / cache)]
+        return launch(nproc, *args, "--json", str(out), *quiet)
 
-    one = rank_run(1, "c1", "r1.json", "-q")
-    two = rank_run(2, "c2", "r2.json", "-q")
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a = json.loads((tmp_path / "r1.json").read_text())
-    b = json.loads((tmp_path / "r2.json").read_text())
+    _, _, a, b = one_and_two(lambda n, out: rank_run(n, f"c{n}", out, "-q"), tmp_path, "r")
     assert len(b["results"]) == len(paths) and b["environment"]["world_size"] == 2
     assert_same_report(a, b, skip=lambda key: key == ".config.cache_dir")
     # each worker wrote its results into the cache: a rerun computes nothing
-    again = rank_run(2, "c2", "r3.json")
+    again = rank_run(2, "c2", tmp_path / "r3.json")
     assert again.returncode == 0, again.stderr
     assert re.search(r"cache .*: [1-9]\d* result\(s\) reused, 0 computed", again.stderr)
     assert again.stderr.count("result(s) reused") == 1  # only rank 0 prints

@@ -11,6 +11,24 @@ from torch.nn import functional as F
 from flatcli.io.checkpoint import save_checkpoint
 from model_zoo.registry import get_model
 
+# the metric keys of a pacbayes report, fixed by the report contract
+REPORT_KEYS = {
+    "bound",
+    "kl",
+    "b_re",
+    "snn_train_error",
+    "snn_train_error_upper",
+    "snn_test_error",
+    "train_error",
+    "test_error",
+    "prior_variance",
+    "j",
+    "mc_samples",
+    "delta",
+    "delta_prime",
+    "num_train",
+}
+
 SPEC = {"arch": "mlp", "kwargs": {"in_features": 6, "hidden": [8], "num_classes": 2}}
 
 

@@ -12,24 +12,7 @@ from flatcli.errors import UsageError
 from flatcli.io.load import load
 from flatcli.measures.pacbayes import PacBayesConfig, pacbayes_on_run
 from flatcli.pacbayes.prior import check_prior_available, resolve_prior
-from tests.pacbayes.problem import write_problem
-
-KEYS = {
-    "bound",
-    "kl",
-    "b_re",
-    "snn_train_error",
-    "snn_train_error_upper",
-    "snn_test_error",
-    "train_error",
-    "test_error",
-    "prior_variance",
-    "j",
-    "mc_samples",
-    "delta",
-    "delta_prime",
-    "num_train",
-}
+from tests.pacbayes.problem import REPORT_KEYS, write_problem
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def _independent_bound(m: dict) -> tuple[float, float, float]:
 def test_report_has_the_contract_keys_and_recomputes_independently(paths):
     run, result = _run(paths)
     m = result.metrics()
-    assert set(m) == KEYS
+    assert set(m) == REPORT_KEYS
     assert m["num_train"] == 240 and m["mc_samples"] == 64
     assert m["delta"] == 0.025 and m["delta_prime"] == 0.01
     assert m["bound"] >= m["snn_train_error_upper"] >= m["snn_train_error"]
