@@ -71,6 +71,12 @@ def print_error(message: str, error: BaseException | None = None, debug: bool = 
     sys.stderr.flush()
 
 
+def print_warning(message: str) -> None:
+    """Print ``warning: message`` to stderr."""
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def handle_errors(debug: bool = False) -> Iterator[None]:
     """Turn an escaping exception into one stderr line and the exit code of :data:`ERROR_MAP`."""

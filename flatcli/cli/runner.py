@@ -8,6 +8,7 @@ devices, per-checkpoint error isolation, tables, JSON reports, gates and exit co
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import typer
 
 from flatcli import distributed
-from flatcli.cli.errors import describe, print_error
+from flatcli.cli.errors import describe, print_error, print_warning
 from flatcli.cli.options import CommonOptions
 from flatcli.cli.output import Output
 from flatcli.errors import UsageError
@@ -230,6 +231,38 @@ def _measure_one(
                 total=total,
             )
 
+    with warnings.catch_warnings(record=True) as caught:
+        # flatcli's own warnings (a dataset that differs from the recorded one, an
+        # optimisation that had not converged) once per checkpoint, as one line each
+        warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
+        try:
+            outcome = _load_and_measure(
+                path, common, model_option, data, device, dtype, measure, progress, environment
+            )
+        finally:
+            if bar is not None:
+                bar.remove_task(inner)
+    if distributed.is_main():
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                print_warning(f"{path.name}: {w.message}")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return outcome
+
+
+def _load_and_measure(
+    path: Path,
+    common: CommonOptions,
+    model_option: ModelSpec | None,
+    data: DatasetCache,
+    device: torch.device,
+    dtype: torch.dtype,
+    measure: Measure,
+    progress: ProgressFn,
+    environment: dict[str, Any] | None,
+) -> tuple[dict[str, Any], int]:
+    """The body of :func:`_measure_one`: its result entry and exit code."""
     start = time.perf_counter()
     sha, num_params, loading = None, None, True
     try:
@@ -275,9 +308,6 @@ def _measure_one(
         # measure otherwise is 1 (even a UsageError of the measure, e.g. too few examples)
         usage = isinstance(e, UsageError) or getattr(e, "usage", False)  # a peer's UsageError
         return entry, 2 if loading and usage else 1
-    finally:
-        if bar is not None:
-            bar.remove_task(inner)
 
 
 def check_gate_metrics(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -224,6 +225,9 @@ def compute_pacbayes(
             progress=progress,
         )
     optimised = time.perf_counter()
+    notes = [n for n in (convergence_note(curve),) if n]
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     certificate, mc = _certify(model, posterior, x, y, prior_mean, config, progress)
     trained = {k: v.detach() for k, v in model.named_parameters()}
     train_error = deterministic_error(model, trained, x, y)
@@ -256,6 +260,7 @@ def compute_pacbayes(
         "mean_distance_from_prior": math.sqrt(mc["mean_diff_sq"]),
         "posterior_std_rms": math.sqrt(mc["var_sum"] / max(1, posterior.num_params())),
         "rotated_layers": sorted(posterior.basis.layers),
+        "notes": notes,
         "basis_seconds": basis_seconds[0],
         "optimisation_seconds": optimised - start,
         "certificate_seconds": time.perf_counter() - optimised,
@@ -337,10 +342,31 @@ def pacbayes_on_run(run: Any, config: PacBayesConfig, progress: ProgressFn) -> P
     )
     result.info["prior"] = source
     result.info["split"] = getattr(run, "split", None)
-    notes = _data_notes(run)
-    if notes:
-        result.info["notes"] = notes
+    for note in _data_notes(run):
+        warnings.warn(note, UserWarning, stacklevel=2)
+        result.info["notes"].append(note)
     return result
+
+
+def convergence_note(curve: list[dict], tolerance: float = 0.02) -> str | None:
+    """A warning when Eq. 46's objective still fell over the last tenth of the epochs.
+
+    Compares the mean objective of the last epoch with that of the epoch max(1, E/10) before
+    it; a relative drop above ``tolerance`` means the posterior had not settled, and the
+    certified bound (typically its KL term) would likely be tighter with more epochs.
+    """
+    if len(curve) < 2:
+        return None
+    window = max(1, len(curve) // 10)
+    before, last = curve[-1 - window]["objective"], curve[-1]["objective"]
+    drop = (before - last) / abs(before) if before else 0.0
+    if drop <= tolerance:
+        return None
+    return (
+        f"the bound's objective was still falling when the optimisation stopped "
+        f"({100 * drop:.0f} % over the last {window} epoch(s), KL {curve[-1]['kl']:.4g}): "
+        "more --epochs would likely give a tighter bound"
+    )
 
 
 def _data_notes(run: Any) -> list[str]:

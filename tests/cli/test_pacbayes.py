@@ -98,3 +98,14 @@ def test_bad_option_values_are_exit_2(paths):
     assert res.exit_code == 2 and "--delta" in res.output
     res = CliRunner().invoke(app, ["pacbayes", str(paths["trained"]), *FAST, "--method", "nope"])
     assert res.exit_code == 2
+
+
+def test_an_optimisation_still_falling_is_a_warning_line(paths, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["pacbayes", str(paths["trained"]), *FAST, "--epochs", "2", "--json", str(out), "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    line = "warning: trained.safetensors: the bound's objective was still falling"
+    assert res.output.count(line) == 1, res.output
+    notes = json.loads(out.read_text())["results"][0]["details"]["notes"]
+    assert len(notes) == 1 and "more --epochs" in notes[0]

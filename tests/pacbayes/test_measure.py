@@ -129,3 +129,16 @@ def test_prior_init_file_is_used(paths):
     for k, v in prior.items():
         assert torch.equal(v, init[k])
     assert check_prior_available(paths["noinit"], paths["init_pt"]).startswith("--prior-init")
+
+
+def test_convergence_note_compares_the_last_tenth_of_the_epochs():
+    from flatcli.measures.pacbayes import convergence_note
+
+    def curve(objectives):
+        return [{"objective": o, "kl": 100.0} for o in objectives]
+
+    assert convergence_note(curve([1.0])) is None
+    assert convergence_note(curve([5.0, 3.0] + [1.0] * 20)) is None  # settled
+    assert convergence_note(curve([1.0] * 18 + [1.01, 0.99])) is None  # noise below 2 %
+    note = convergence_note(curve([2.0 - 0.05 * i for i in range(20)]))  # 1.15 -> 1.05
+    assert note is not None and "9 % over the last 2 epoch(s)" in note
