@@ -5,7 +5,10 @@ w′ ~ Q per mini-batch, cross-entropy + sqrt(B_RE/2), RMSprop), ``vanilla`` (po
 in the standard basis) and ``approx-hessian`` (diagonal in the per-layer K-FAC eigenbasis; the
 noise U N Vᵀ enters on the weights or, when cheaper, on the activations), against one epoch of
 plain SGD on the same model, data and batch size. The eigenbasis itself (K-FAC factors and
-eigendecompositions, once per run) is timed separately. Two floors are printed beside them:
+eigendecompositions, once per run) is timed separately. Each method runs twice: with the
+step's elementwise kernels as eager PyTorch ops (the default) and fused by ``torch.compile``
+(``--compile``; its one-off compilation is timed separately and not in the epochs). Two floors
+are printed beside them:
 drawing the step's P standard normals (``Tensor.normal_``, the one cost no implementation that
 samples a fresh w′ per step can avoid) and one SGD step, both in ms. Model: T-600
 (mlp 784-600-2, 472,202 parameters) on the mnist5k-2 training split (4,000 real digits).
@@ -17,7 +20,7 @@ with the same weights (samples per second), on all 4,000 examples and on a 250-e
 Times are CPU seconds of this process (``time.process_time``), one intra-op thread, rounds
 interleaved, minimum kept.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 1 minute
+    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 3 minutes
     OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py --quick
 """
 
@@ -75,7 +78,7 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
             F.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
 
-    def pb_epoch(bs: int, method: str) -> None:
+    def pb_epoch(bs: int, method: str, compiled: bool = False) -> None:
         optimize_posterior(
             model,
             x,
@@ -86,7 +89,15 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
             batch_size=bs,
             lr=1e-3,
             basis_fn=(lambda mean: basis) if method != "vanilla" else None,
+            compile=compiled,
         )
+
+    variants = {
+        "vanilla": ("vanilla", False),
+        "approx-hessian": ("approx-hessian", False),
+        "vanilla+compile": ("vanilla", True),
+        "approx-hessian+compile": ("approx-hessian", True),
+    }
 
     xi = torch.empty(sum(p.numel() for p in model.parameters()))
     gen = torch.Generator().manual_seed(0)
@@ -95,17 +106,20 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
         _cpu(lambda: [xi.normal_(generator=gen) for _ in range(draws)]) / draws for _ in range(3)
     )
     sgd_epoch(256)  # warm-up: first calls pay for allocation and kernel selection
-    pb_epoch(256, "vanilla")
-    pb_epoch(256, "approx-hessian")
+    t0 = time.perf_counter()
+    pb_epoch(256, "vanilla", True)  # the compilation, once (wall clock: it runs a compiler)
+    pb_epoch(256, "approx-hessian", True)
+    compile_s = time.perf_counter() - t0
+    for method, compiled in variants.values():
+        pb_epoch(256, method, compiled)
     rows = []
     for bs in batch_sizes:
-        best = {"sgd": float("inf"), "vanilla": float("inf"), "approx-hessian": float("inf")}
+        best = {name: float("inf") for name in ["sgd", *variants]}
         for _ in range(rounds):
             best["sgd"] = min(best["sgd"], _cpu(lambda bs=bs: sgd_epoch(bs)))
-            best["vanilla"] = min(best["vanilla"], _cpu(lambda bs=bs: pb_epoch(bs, "vanilla")))
-            best["approx-hessian"] = min(
-                best["approx-hessian"], _cpu(lambda bs=bs: pb_epoch(bs, "approx-hessian"))
-            )
+            for name, (method, compiled) in variants.items():
+                t = _cpu(lambda bs=bs, m=method, c=compiled: pb_epoch(bs, m, c))
+                best[name] = min(best[name], t)
         steps = -(-len(x) // bs)
         rows.append(
             {
@@ -116,16 +130,15 @@ def bench_epochs(batch_sizes: list[int], rounds: int) -> dict:
                     activation_layers(model, basis, min(bs, len(x)))
                 ),
                 "sgd_epoch_s": best["sgd"],
-                "vanilla_epoch_s": best["vanilla"],
-                "approx_hessian_epoch_s": best["approx-hessian"],
-                "vanilla_ratio": best["vanilla"] / best["sgd"],
-                "approx_hessian_ratio": best["approx-hessian"] / best["sgd"],
+                **{f"{name}_epoch_s": best[name] for name in variants},
+                **{f"{name}_ratio": best[name] / best["sgd"] for name in variants},
             }
         )
     return {
         "data": source,
         "model": "mlp 784-600-2",
         "basis_s": basis_s,
+        "compile_s": compile_s,
         "normal_draw_ms": normal_ms,
         "rows": rows,
     }
@@ -188,20 +201,23 @@ def main() -> None:
         args.json.write_text(json.dumps(out, indent=2))
     e = out["epochs"]
     print(
-        f"\nT-600 on {e['data']}; eigenbasis {e['basis_s']:.2f} s (once); "
-        f"P normals {e['normal_draw_ms']:.2f} ms a step"
+        f"\nT-600 on {e['data']}; eigenbasis {e['basis_s']:.2f} s (once); compilation "
+        f"{e['compile_s']:.1f} s (once); P normals {e['normal_draw_ms']:.2f} ms a step"
     )
     print(
-        "| batch | SGD step (ms) | SGD epoch (s) | vanilla (s) | ratio | approx-hessian (s) "
-        "| ratio | approx noise on |"
+        "| batch | SGD step (ms) | SGD epoch (s) | vanilla | vanilla --compile | approx-hessian "
+        "| approx-hessian --compile | approx noise on |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in e["rows"]:
         where = "activations" if r["approx_noise_on_activations"] else "weights"
+        ratios = " | ".join(
+            f"{r[f'{name}_ratio']:.2f}x"
+            for name in ("vanilla", "vanilla+compile", "approx-hessian", "approx-hessian+compile")
+        )
         print(
             f"| {r['batch_size']} | {r['sgd_step_ms']:.2f} | {r['sgd_epoch_s']:.3f} | "
-            f"{r['vanilla_epoch_s']:.3f} | {r['vanilla_ratio']:.2f}x | "
-            f"{r['approx_hessian_epoch_s']:.3f} | {r['approx_hessian_ratio']:.2f}x | {where} |"
+            f"{ratios} | {where} |"
         )
     print("\n| examples | samples | loop (samples/s) | batched (samples/s) | speed-up |")
     print("|---|---|---|---|---|")

@@ -68,6 +68,7 @@ class PacBayesConfig:
     unsafe_load: bool = False
     seed: int = 0
     batch_size: int | None = None  # examples per forward of the Monte-Carlo evaluation
+    compile: bool = False  # fuse the optimisation step's elementwise work with torch.compile
 
     def __post_init__(self) -> None:
         self.method = _choice(Method, self.method, "--method")
@@ -222,6 +223,7 @@ def compute_pacbayes(
             rho_init=config.rho_init,
             seed=config.seed,
             basis_fn=None if method is Method.VANILLA else basis_fn,
+            compile=config.compile,
             progress=progress,
         )
     optimised = time.perf_counter()

@@ -11,11 +11,11 @@ with ℒ the mini-batch cross-entropy at one reparametrised weight sample w′ ~
 (:func:`flatcli.pacbayes.kl.gaussian_kl_isotropic`) and the continuous grid index b·ln(c/λ)
 (clamped at 1, the first grid point), with λ projected onto the grid (j ≥ 1) after every
 step. Each step's value and gradients, the updates of Algorithm 1, lines 12-14, come from
-:func:`flatcli.pacbayes.step.objective_and_gradients` (the ς-gradient of the loss is
-ToHessian(∇_{w′}ℒ) ⊙ ξ ⊙ exp(ς)); RMSprop takes the steps. ``approx-hessian`` fixes the
-per-layer K-FAC eigenbasis at the trained weights; ``iterative-hessian`` recomputes it at the
-current mean every η epochs and carries the variances over with
-:func:`flatcli.pacbayes.posterior.project_variances`.
+the pieces of :func:`flatcli.pacbayes.step.objective_and_gradients` (the ς-gradient of the
+loss is ToHessian(∇_{w′}ℒ) ⊙ ξ ⊙ exp(ς)), with RMSprop's step in the same elementwise
+kernel. ``approx-hessian`` fixes the per-layer K-FAC eigenbasis at the trained weights;
+``iterative-hessian`` recomputes it at the current mean every η epochs and carries the
+variances over with :func:`flatcli.pacbayes.posterior.project_variances`.
 
 The model's parameters are never changed: every forward is a ``torch.func.functional_call``.
 """
@@ -33,10 +33,18 @@ from torch import Tensor, nn
 from flatcli.errors import MeasureError
 from flatcli.pacbayes.posterior import Basis, project_variances
 from flatcli.pacbayes.step import (
+    RMSPROP_ALPHA,
+    RMSPROP_EPS,
     FlatLayout,
+    FlatState,
+    Kernels,
+    Placement,
+    Workspace,
     activation_layers,
-    objective_and_gradients,
+    backprop_sample,
     objective_from_terms,
+    objective_terms,
+    step_scalars,
 )
 from flatcli.progress import ProgressFn, no_progress
 
@@ -155,6 +163,7 @@ def optimize_posterior(
     rho_init: float = -3.0,
     seed: int = 0,
     basis_fn: Callable[[Mapping[str, Tensor]], Basis] | None = None,
+    compile: bool = False,
     progress: ProgressFn = no_progress,
 ) -> tuple[Posterior, list[dict]]:
     """Minimise Eq. 46 of Wu et al. 2020 over Q = N(w, R diag(s) Rᵀ) and λ (Algorithm 1).
@@ -176,6 +185,9 @@ def optimize_posterior(
         seed: seeds the batches and the weight noise.
         basis_fn: ``basis_fn(mean) -> Basis`` (e.g. the K-FAC eigenbasis at the weights
             ``mean``); needed by the Hessian methods.
+        compile: fuse the step's elementwise kernels with ``torch.compile``
+            (:class:`flatcli.pacbayes.step.Kernels`); the first step pays for the
+            compilation, and the last bits of the numbers may differ from the eager run.
         progress: ``progress(description, done, total)`` per epoch.
 
     Returns:
@@ -204,21 +216,23 @@ def optimize_posterior(
     basis = Basis() if method is Method.VANILLA else new_basis()
     work = basis.to(dtype, device)
     on_act = activation_layers(model, work, min(batch_size, m))
+    placement = Placement(work, on_act)
     coords = layout.flatten(work.to_hessian(layout.views(mean)))
     log_std = torch.log(coords.abs().clamp_min(LOG_STD_FLOOR))
     # λ ≤ λ₁ = c·e^(−1/b), the grid's largest point: the certificate needs j ≥ 1, and a λ
     # above it would be optimised for but never certified.
     rho_max = 0.5 * (math.log(c) - 1.0 / b)
-    rho = torch.tensor(min(float(rho_init), rho_max), dtype=dtype, device=device)
-    opt = torch.optim.RMSprop([mean, log_std, rho], lr=lr)
+    rho = min(float(rho_init), rho_max)
+    state, sq_rho = FlatState.start(mean, log_std, w0), 0.0
+    kernels = Kernels.fused() if compile else Kernels.eager()
+    ws = Workspace.like(mean)
     gen = torch.Generator(device=device).manual_seed(seed)
     xi = torch.empty(layout.numel, dtype=dtype, device=device)
     curve: list[dict] = []
     recomputed = 0
     steps_per_epoch = max(1, math.ceil(m / batch_size))
     for epoch in range(epochs):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(schedule, lr, epoch, epochs)
+        lr_now = _lr_at(schedule, lr, epoch, epochs)
         if method is Method.ITERATIVE_HESSIAN and epoch > 0 and epoch % eta == 0:
             fresh = new_basis()
             var = {k: torch.exp(2.0 * v).double() for k, v in layout.views(log_std).items()}
@@ -226,57 +240,55 @@ def optimize_posterior(
                 var, basis.to(torch.float64, device), fresh.to(torch.float64, device)
             )
             log_std.copy_(0.5 * torch.log(layout.flatten(var).clamp_min(LOG_STD_FLOOR**2)))
-            basis, work = fresh, fresh.to(dtype, device)
+            basis, placement = fresh, Placement(fresh.to(dtype, device), on_act)
             recomputed += 1
         perm = torch.randperm(m, generator=gen, device=device)
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = [0.0, 0.0, 0.0, 0.0]
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
             xi.normal_(generator=gen)
-            res = objective_and_gradients(
-                model,
-                buffers,
-                layout,
-                mean,
-                log_std,
+            smp = backprop_sample(
+                model, buffers, layout, state, xi, x[idx], y[idx], placement, kernels, ws
+            )
+            terms = objective_terms(
+                smp.cross_entropy,
+                *smp.sums,
                 rho,
-                w0,
-                xi,
-                x[idx],
-                y[idx],
-                basis=work,
-                on_activations=on_act,
+                num_params=layout.numel,
                 num_train=m,
                 delta=delta,
                 b=b,
                 c=c,
             )
-            if not torch.isfinite(res.objective):
+            if not math.isfinite(terms.objective):
                 raise MeasureError(
-                    f"the PAC-Bayes objective became {float(res.objective)} at epoch {epoch}; "
-                    "lower --lr"
+                    f"the PAC-Bayes objective became {terms.objective} at epoch {epoch}; lower --lr"
                 )
-            mean.grad, log_std.grad, rho.grad = res.grad_mean, res.grad_log_std, res.grad_rho
-            opt.step()
-            rho.clamp_(max=rho_max)
-            sums += torch.stack([res.objective, res.cross_entropy.double(), res.kl, res.b_re])
-        sums /= steps_per_epoch
+            scalars = step_scalars(terms, lr_now, dtype, device)
+            kernels.update(smp.grads, smp.grads_basis, xi, state, scalars, ws)
+            # RMSprop on the scalar ρ (as torch.optim.RMSprop), then λ back onto the grid
+            g_rho = terms.d_rho
+            sq_rho = RMSPROP_ALPHA * sq_rho + (1.0 - RMSPROP_ALPHA) * (g_rho * g_rho)
+            rho = min(rho + (-lr_now * g_rho) / (math.sqrt(sq_rho) + RMSPROP_EPS), rho_max)
+            for i, v in enumerate((terms.objective, smp.cross_entropy, terms.kl, terms.b_re)):
+                sums[i] += v
+        sums = [v / steps_per_epoch for v in sums]
         curve.append(
             {
                 "epoch": epoch + 1,
-                "objective": float(sums[0]),
-                "cross_entropy": float(sums[1]),
-                "kl": float(sums[2]),
-                "b_re": float(sums[3]),
-                "prior_variance": math.exp(2.0 * float(rho)),
-                "lr": opt.param_groups[0]["lr"],
+                "objective": sums[0],
+                "cross_entropy": sums[1],
+                "kl": sums[2],
+                "b_re": sums[3],
+                "prior_variance": math.exp(2.0 * rho),
+                "lr": lr_now,
             }
         )
         progress(f"{method.value} epoch {epoch + 1}", epoch + 1, epochs)
     post = Posterior(
         mean={k: v.clone() for k, v in layout.views(mean).items()},
         log_std={k: v.clone() for k, v in layout.views(log_std).items()},
-        rho=float(rho),
+        rho=rho,
         basis=basis,
     )
     if curve:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -109,3 +112,35 @@ def test_an_optimisation_still_falling_is_a_warning_line(paths, tmp_path):
     assert res.output.count(line) == 1, res.output
     notes = json.loads(out.read_text())["results"][0]["details"]["notes"]
     assert len(notes) == 1 and "more --epochs" in notes[0]
+
+
+def test_compile_gives_the_eager_numbers(paths, tmp_path):
+    """--compile fuses the step's kernels; in float32 the bound matches the eager run closely."""
+    from tests.pacbayes.test_step import _compiler_works
+
+    if not _compiler_works():
+        pytest.skip("torch.compile has no working C++ compiler")
+    bounds = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        args = ["pacbayes", str(paths["trained"]), *FAST, *extra, "--json", str(out), "-q"]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.read_text())
+        bounds.append(report["results"][0]["metrics"]["bound"])
+    assert report["config"]["compile"] is True
+    assert bounds[1] == pytest.approx(bounds[0], rel=1e-4)
+
+
+def test_compile_without_a_compiler_is_one_line(paths, tmp_path):
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing cached to fall back on
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "flatcli", "pacbayes", str(paths["trained"]), *FAST, "--compile"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "torch.compile could not build" in res.stderr and "drop --compile" in res.stderr
+    assert "Traceback" not in res.stderr
