@@ -35,14 +35,18 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
     torch.set_num_threads(1)
     from flatcli import distributed
 
+    finished = False
     try:
         distributed.init("cpu")
         fn(rank, world, *args)
+        finished = True
     except BaseException:
         traceback.print_exc()
         raise
     finally:
-        distributed.shutdown()
+        # a process that tears its gloo pairs down while a peer still uses them can abort
+        # ("terminate called without an active exception"): finished ranks wait for the rest
+        distributed.shutdown(synchronize=finished)
 
 
 def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[int]:
