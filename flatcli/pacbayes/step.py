@@ -26,6 +26,7 @@ only the order of the products differs.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -373,6 +374,8 @@ class Kernels:
 
 @cache
 def _compiled(fn: Callable) -> Callable:
+    # Inductor's C++ build logs "No CUDA runtime is found" on a CPU-only machine: not news
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(fn, fullgraph=True)  # a second P recompiles with symbolic sizes
 
     def run(*args: object) -> object:
