@@ -7,9 +7,10 @@ devices, per-checkpoint error isolation, tables, JSON reports, gates and exit co
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -220,94 +221,89 @@ def _measure_one(
     the exit code its failure calls for (0 when it was measured; 2 for a usage error while
     loading, such as a spec beside it that cannot be read or built, as for a bad --model;
     else 1)."""
-    inner = bar.add_task(f"  {path.name}", total=None) if bar is not None else None
-
-    def progress(description: str, completed: int, total: int) -> None:
-        if bar is not None:
-            bar.update(
-                inner,
-                description=f"  {path.name}: {description}",
-                completed=completed,
-                total=total,
-            )
-
-    with warnings.catch_warnings(record=True) as caught:
-        # flatcli's own warnings (a dataset that differs from the recorded one, an
-        # optimisation that had not converged) once per checkpoint, as one line each
-        warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
-        try:
-            outcome = _load_and_measure(
-                path, common, model_option, data, device, dtype, measure, progress, environment
-            )
-        finally:
-            if bar is not None:
-                bar.remove_task(inner)
-    if distributed.is_main():
-        for w in caught:
-            if issubclass(w.category, UserWarning):
-                print_warning(f"{path.name}: {w.message}")
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return outcome
-
-
-def _load_and_measure(
-    path: Path,
-    common: CommonOptions,
-    model_option: ModelSpec | None,
-    data: DatasetCache,
-    device: torch.device,
-    dtype: torch.dtype,
-    measure: Measure,
-    progress: ProgressFn,
-    environment: dict[str, Any] | None,
-) -> tuple[dict[str, Any], int]:
-    """The body of :func:`_measure_one`: its result entry and exit code."""
     start = time.perf_counter()
     sha, num_params, loading = None, None, True
+    with _warnings_as_lines(path.name), _progress_task(bar, path.name) as progress:
+        try:
+            ctx, failed = None, None
+            try:
+                ctx = prepare_context(path, common, model_option, data, device, dtype, progress)
+            except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+                failed = e
+            # under torchrun: no process measures (collectives) unless every process loaded
+            distributed.agree(failed, f"loading {path.name}")
+            assert ctx is not None
+            loading = False
+            sha = ctx.checkpoint.sha256
+            num_params = ctx.num_params
+            if environment is not None:
+                environment.update(distributed.environment(int(ctx.x.shape[0])))
+            try:
+                result, failed = measure(ctx), None
+            except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+                failed = e
+            distributed.agree(failed, f"measuring {path.name}")
+            entry = result_entry(
+                str(path),
+                sha256=sha,
+                num_params=num_params,
+                metrics=result.metrics(),
+                details=result.details(),
+                seconds=time.perf_counter() - start,
+            )
+            return entry, 0
+        except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
+            if distributed.is_main():
+                print_error(f"{path}: {describe(e)}", e, common.debug)
+            entry = result_entry(
+                str(path),
+                sha256=sha,
+                num_params=num_params,
+                seconds=time.perf_counter() - start,
+                error=e,
+            )
+            # A spec or dataset that cannot be used is bad usage (2) whether it came
+            # from an option or from beside the checkpoint; a checkpoint that failed to load or
+            # measure otherwise is 1 (even a UsageError of the measure, e.g. too few examples);
+            # ``usage`` marks a peer process's UsageError
+            usage = isinstance(e, UsageError) or getattr(e, "usage", False)
+            return entry, 2 if loading and usage else 1
+
+
+@contextlib.contextmanager
+def _progress_task(bar: Any, name: str) -> Iterator[ProgressFn]:
+    """A sub-task of the progress ``bar`` for one checkpoint (removed afterwards) and the
+    progress callback that drives it; :func:`no_progress` without a bar."""
+    if bar is None:
+        yield no_progress
+        return
+    inner = bar.add_task(f"  {name}", total=None)
+
+    def progress(description: str, completed: int, total: int) -> None:
+        bar.update(inner, description=f"  {name}: {description}", completed=completed, total=total)
+
     try:
-        ctx, failed = None, None
-        try:
-            ctx = prepare_context(path, common, model_option, data, device, dtype, progress)
-        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
-            failed = e
-        # under torchrun: no process measures (collectives) unless every process loaded
-        distributed.agree(failed, f"loading {path.name}")
-        assert ctx is not None
-        loading = False
-        sha = ctx.checkpoint.sha256
-        num_params = ctx.num_params
-        if environment is not None:
-            environment.update(distributed.environment(int(ctx.x.shape[0])))
-        try:
-            result, failed = measure(ctx), None
-        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
-            failed = e
-        distributed.agree(failed, f"measuring {path.name}")
-        entry = result_entry(
-            str(path),
-            sha256=sha,
-            num_params=num_params,
-            metrics=result.metrics(),
-            details=result.details(),
-            seconds=time.perf_counter() - start,
-        )
-        return entry, 0
-    except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        yield progress
+    finally:
+        bar.remove_task(inner)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(name: str) -> Iterator[None]:
+    """flatcli's own warnings inside the block (a dataset that differs from the recorded one,
+    an optimisation that had not converged) printed afterwards as one line each, on rank 0."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
+            yield
+    finally:
         if distributed.is_main():
-            print_error(f"{path}: {describe(e)}", e, common.debug)
-        entry = result_entry(
-            str(path),
-            sha256=sha,
-            num_params=num_params,
-            seconds=time.perf_counter() - start,
-            error=e,
-        )
-        # A spec or dataset that cannot be used is bad usage (2) whether it came
-        # from an option or from beside the checkpoint; a checkpoint that failed to load or
-        # measure otherwise is 1 (even a UsageError of the measure, e.g. too few examples)
-        usage = isinstance(e, UsageError) or getattr(e, "usage", False)  # a peer's UsageError
-        return entry, 2 if loading and usage else 1
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    print_warning(f"{name}: {w.message}")
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def check_gate_metrics(

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 from flatcli.errors import MeasureError
 from flatcli.pacbayes.bound import union_term
+from flatcli.pacbayes.kl import gaussian_kl_isotropic
 from flatcli.pacbayes.posterior import Basis, LayerBasis
 
 __all__ = [
@@ -118,9 +119,7 @@ def objective_from_terms(
     ``mean_dist_sq`` = ‖w − w₀‖², ``var_sum`` = Σ s, ``log_var_sum`` = Σ ln s, λ = exp(2ρ);
     B_RE is Eq. 45 with KL(Q‖P) and the continuous grid index j = b·ln(c/λ), clamped at 1.
     """
-    lam = torch.exp(2.0 * rho)
-    p = float(num_params)
-    kl = 0.5 * ((var_sum + mean_dist_sq) / lam - p + p * 2.0 * rho - log_var_sum)
+    kl = gaussian_kl_isotropic(mean_dist_sq, var_sum, log_var_sum, num_params, torch.exp(2.0 * rho))
     j_cont = (b * (math.log(c) - 2.0 * rho)).clamp_min(1.0)
     bre = (kl + union_term(j_cont, num_train, delta)) / (num_train - 1)
     return ce + torch.sqrt(0.5 * bre.clamp_min(0.0)), kl, bre
@@ -162,7 +161,7 @@ def objective_terms(
     lam = math.exp(2.0 * rho)
     p = float(num_params)
     total = var_sum + mean_dist_sq
-    kl = 0.5 * (total / lam - p + p * 2.0 * rho - log_var_sum)
+    kl = float(gaussian_kl_isotropic(mean_dist_sq, var_sum, log_var_sum, num_params, lam))
     j = b * (math.log(c) - 2.0 * rho)
     j_clamped = max(j, 1.0)
     bre = (kl + union_term(j_clamped, num_train, delta)) / (num_train - 1)
@@ -352,14 +351,13 @@ class Kernels:
     one ``torch.optim.RMSprop`` step (α = 0.99, ε = 1e-8) on w and ς of the
     :class:`FlatState` in place.
 
-    :meth:`eager`: in-place PyTorch ops, a dozen passes over memory. :meth:`compiled`: the
+    :meth:`eager`: in-place PyTorch ops, a dozen passes over memory. :meth:`fused`: the
     same arithmetic through ``torch.compile`` (Inductor), one fused loop per kernel; it may
     round differently in the last bit.
     """
 
     prepare: Callable[..., Tensor]
     update: Callable[..., None]
-    compiled: bool = False
 
     @classmethod
     def eager(cls) -> Kernels:
@@ -369,7 +367,7 @@ class Kernels:
     @classmethod
     def fused(cls) -> Kernels:
         """The kernels compiled by ``torch.compile`` (on a CPU this needs a C++ compiler)."""
-        return cls(_compiled(_prepare_fused), _compiled(_update_fused), compiled=True)
+        return cls(_compiled(_prepare_fused), _compiled(_update_fused))
 
 
 @cache

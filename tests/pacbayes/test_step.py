@@ -88,22 +88,8 @@ def _reference(model, basis, x, y, params, w0, log_std, xi, rho):
     )
 
 
-@pytest.mark.parametrize(
-    ("rotated", "on_act"),
-    [
-        ([], []),
-        (["fc1.weight", "fc2.weight", "fc3.weight"], []),
-        (["fc1.weight", "fc2.weight", "fc3.weight"], ["fc1.weight", "fc2.weight", "fc3.weight"]),
-        (["fc1.weight", "fc3.weight"], ["fc3.weight"]),
-    ],
-    ids=["vanilla", "weights", "activations", "mixed"],
-)
-def test_fused_step_equals_autograd_of_eq_46(rotated, on_act):
-    model = _net()
-    basis = _basis(model, rotated)
-    x, y, params, w0, log_std, xi = _problem(model)
-    rho = -1.7
-    obj, kl, bre, g_mean, g_ls, g_rho = _reference(model, basis, x, y, params, w0, log_std, xi, rho)
+def _fused_step(model, basis, on_act, x, y, params, w0, log_std, xi, rho):
+    """objective_and_gradients on the flat vectors of the problem: (layout, StepResult)."""
     layout = FlatLayout.of(params)
     res = objective_and_gradients(
         model,
@@ -120,6 +106,26 @@ def test_fused_step_equals_autograd_of_eq_46(rotated, on_act):
         on_activations=frozenset(on_act),
         **KW,
     )
+    return layout, res
+
+
+@pytest.mark.parametrize(
+    ("rotated", "on_act"),
+    [
+        ([], []),
+        (["fc1.weight", "fc2.weight", "fc3.weight"], []),
+        (["fc1.weight", "fc2.weight", "fc3.weight"], ["fc1.weight", "fc2.weight", "fc3.weight"]),
+        (["fc1.weight", "fc3.weight"], ["fc3.weight"]),
+    ],
+    ids=["vanilla", "weights", "activations", "mixed"],
+)
+def test_fused_step_equals_autograd_of_eq_46(rotated, on_act):
+    model = _net()
+    basis = _basis(model, rotated)
+    x, y, params, w0, log_std, xi = _problem(model)
+    rho = -1.7
+    obj, kl, bre, g_mean, g_ls, g_rho = _reference(model, basis, x, y, params, w0, log_std, xi, rho)
+    layout, res = _fused_step(model, basis, on_act, x, y, params, w0, log_std, xi, rho)
     assert float(res.objective) == pytest.approx(float(obj.detach()), rel=1e-12)
     assert float(res.kl) == pytest.approx(float(kl.detach()), rel=1e-10)
     assert float(res.b_re) == pytest.approx(float(bre.detach()), rel=1e-10)
@@ -145,22 +151,7 @@ def test_a_wrong_noise_placement_is_caught():
             )
         }
     )
-    layout = FlatLayout.of(params)
-    res = objective_and_gradients(
-        model,
-        {},
-        layout,
-        layout.flatten(params),
-        layout.flatten(log_std),
-        torch.tensor(-1.7, dtype=F64),
-        layout.flatten(w0),
-        layout.flatten(xi),
-        x,
-        y,
-        basis=wrong,
-        on_activations=frozenset({"fc1.weight"}),
-        **KW,
-    )
+    layout, res = _fused_step(model, wrong, ["fc1.weight"], x, y, params, w0, log_std, xi, -1.7)
     diff = max(float((v - g_mean[k]).abs().max()) for k, v in layout.views(res.grad_mean).items())
     assert diff > 1e-6
 
