@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from flatcli.devices import auto_device
+
 __all__ = [
     "Launch",
     "CommStats",
@@ -149,9 +151,9 @@ def init(device: torch.device | str | None = None, *, timeout_s: float | None = 
     """Join the ``torchrun`` process group once (idempotent); True when running data-parallel.
 
     Does nothing (returns False) outside ``torchrun`` or with ``WORLD_SIZE=1``. The backend is
-    NCCL when ``device`` is CUDA (or None and CUDA is available), gloo otherwise; with NCCL the
-    process's CUDA device is set to ``cuda:LOCAL_RANK``. A process group someone else created
-    is used as it is.
+    NCCL when ``device`` is CUDA (None: :func:`flatcli.devices.auto_device`), gloo otherwise;
+    with NCCL the process's CUDA device is set to ``cuda:LOCAL_RANK``. A process group someone
+    else created is used as it is.
     """
     global _OWNED
     dist = _dist()
@@ -160,9 +162,8 @@ def init(device: torch.device | str | None = None, *, timeout_s: float | None = 
     launch = launch_env()
     if launch is None or launch.world_size <= 1 or not dist.is_available():
         return False
-    dev = torch.device(device) if device is not None else None
-    use_cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
-    backend = "nccl" if use_cuda else "gloo"
+    dev = torch.device(device) if device is not None else auto_device()
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
     timeout = timeout_s or float(os.environ.get("FLATCLI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))

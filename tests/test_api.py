@@ -32,9 +32,9 @@ def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def readme_script() -> str:
-    """The Python block of the README's "From Python" section."""
+    """The README's Python block (its "Call it from Python" use)."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    section = text.split("Call it from Python", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -93,7 +94,9 @@ def test_missing_matplotlib_exits_2_before_measuring(setup, tmp_path, monkeypatc
     def boom(*args, **kwargs):
         raise AssertionError("measured although --plot cannot be drawn")
 
-    monkeypatch.setattr("flatcli.cli.spectrum.compute_spectrum", boom)
+    monkeypatch.setattr(
+        importlib.import_module("flatcli.measures.spectrum"), "compute_spectrum", boom
+    )
     report = tmp_path / "r.json"
     res = _invoke(setup, "--top-k", "2", "--plot", str(tmp_path / "x.png"), "--json", str(report))
     assert res.exit_code == 2, res.output
@@ -113,7 +116,8 @@ def test_missing_matplotlib_exits_2_before_measuring(setup, tmp_path, monkeypatc
 def test_plot_usage_errors_exit_2_before_measuring(
     setup, tmp_path, monkeypatch, args, name, message
 ):
-    monkeypatch.setattr("flatcli.cli.spectrum.compute_spectrum", None)  # would fail if called
+    spectrum_module = importlib.import_module("flatcli.measures.spectrum")
+    monkeypatch.setattr(spectrum_module, "compute_spectrum", None)  # would fail if called
     res = _invoke(setup, *args, "--plot", str(tmp_path / name))
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output

@@ -8,10 +8,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from flatcli.errors import UsageError
+from flatcli.measures.invariance import audit_invariance
 from flatcli.measures.sharpness import SharpnessConfig
 from flatcli.reparam import (
     apply_transform,
-    audit_invariance,
     bn_scale,
     default_layer_alphas,
     layer_scale,

@@ -1,11 +1,8 @@
-"""The Typer application: one table of subcommands, each in its own module, imported on use.
+"""The Typer application: a table of subcommands, each module imported only when it runs.
 
-``flatcli --help`` and ``flatcli --version`` must answer at once, so nothing here imports torch:
-:data:`COMMANDS` names each command's module and one-line help, ``--help`` lists the commands
-from that table, and a command's module (and with it torch) is imported only when that command
-runs or shows its own help. A module that is missing (not written yet, or left out of an
-install) drops out of the list without breaking the other commands. To add a command, write
-``flatcli/cli/<name>.py`` with ``register(app)`` and add one line to :data:`COMMANDS`.
+``flatcli --help`` answers at once (no torch import): it lists :data:`COMMANDS`. A missing
+module drops out of the list. To add a command, write ``flatcli/cli/<name>.py`` with
+``register(app)`` and add its line to :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -18,39 +15,27 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from flatcli import __version__
+from flatcli._version import __version__
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": (
-        "flatcli.cli.train",
-        "Train a model and write a .safetensors checkpoint that records everything.",
-    ),
-    "spectrum": (
-        "flatcli.cli.spectrum",
-        "Top eigenvalues (Lanczos), trace (Hutch++) and density (SLQ).",
-    ),
-    "sharpness": (
-        "flatcli.cli.sharpness",
-        "Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic sharpness measures.",
-    ),
-    "reparam": (
-        "flatcli.cli.reparam",
-        "Write a checkpoint computing the same function with rescaled weights; report the "
-        "largest logit difference.",
-    ),
-    "gamma": ("flatcli.cli.gamma", "γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5)."),
-    "pacbayes": (
-        "flatcli.cli.pacbayes",
-        "Optimised, certified PAC-Bayes bound (Dziugaite & Roy; Wu et al.).",
-    ),
-    "rank": ("flatcli.cli.rank", "Rank a sweep of checkpoints by their measures against the gap."),
-    "kfac": ("flatcli.cli.kfac", "Kronecker factors of each layer's Hessian vs the exact block."),
-    "measures": (
-        "flatcli.cli.measures",
-        "List every measure: its metrics, their direction, source and cost.",
-    ),
+COMMANDS: dict[str, str] = {
+    "train": "Train a model and write a .safetensors checkpoint that records everything.",
+    "spectrum": "Top eigenvalues (Lanczos), trace (Hutch++) and density (SLQ).",
+    "sharpness": "Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic "
+    "sharpness measures.",
+    "reparam": "Write a checkpoint computing the same function with rescaled weights; report "
+    "the largest logit difference.",
+    "gamma": "γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5).",
+    "pacbayes": "Optimised, certified PAC-Bayes bound (Dziugaite & Roy; Wu et al.).",
+    "rank": "Rank a sweep of checkpoints by their measures against the gap.",
+    "kfac": "Kronecker factors of each layer's Hessian vs the exact block.",
+    "measures": "List every measure: its metrics, their direction, source and cost.",
 }
-"""Subcommand name -> (module with ``register(app)``, one-line help for ``flatcli --help``)."""
+"""Subcommand name -> its one-line help for ``flatcli --help``; its module is
+``flatcli.cli.<name>``, with ``register(app)``."""
+
+
+def _module(name: str) -> str:
+    return f"flatcli.cli.{name}"
 
 
 def _available(module: str) -> bool:
@@ -63,7 +48,7 @@ def _available(module: str) -> bool:
 
 def available_commands() -> list[str]:
     """The names of :data:`COMMANDS` whose module exists, in the table's order."""
-    return [name for name, (module, _) in COMMANDS.items() if _available(module)]
+    return [name for name in COMMANDS if _available(_module(name))]
 
 
 class LazyGroup(TyperGroup):
@@ -78,10 +63,10 @@ class LazyGroup(TyperGroup):
         return available_commands()
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name not in COMMANDS or not _available(COMMANDS[cmd_name][0]):
+        if cmd_name not in COMMANDS or not _available(_module(cmd_name)):
             return None
         if self._listing:  # the group's own --help: the table's line, nothing imported
-            help_line = COMMANDS[cmd_name][1]
+            help_line = COMMANDS[cmd_name]
             return typer.core.TyperCommand(name=cmd_name, help=help_line, short_help=help_line)
         if cmd_name not in self._loaded:
             self._loaded[cmd_name] = _load(cmd_name)
@@ -104,7 +89,7 @@ class LazyGroup(TyperGroup):
 
 def _load(name: str) -> Any:
     """The click command ``name``, from its module's ``register(app)``."""
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(_module(name))
     holder = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @holder.callback()
@@ -115,7 +100,7 @@ def _load(name: str) -> Any:
     group = typer.main.get_group(holder)
     command = group.commands.get(name)
     if command is None:
-        raise RuntimeError(f"{COMMANDS[name][0]}.register(app) did not add a command '{name}'")
+        raise RuntimeError(f"{_module(name)}.register(app) did not add a command '{name}'")
     return command
 
 
@@ -155,10 +140,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     try:
         app()
-    finally:
-        # Under torchrun, leave the process group together and before interpreter teardown:
-        # a rank that destroys it while a peer is still in a collective, or gloo's threads
-        # torn down by the interpreter, abort the process ("terminate called ...").
+    finally:  # under torchrun, leave the process group together, before interpreter teardown
         import sys
 
         if "flatcli.distributed" in sys.modules:

@@ -1,20 +1,31 @@
-"""Options shared by the analysis commands, defined once (README "Common options").
+"""A command's options, from the dataclasses that declare them (:mod:`flatcli.options`).
 
-:func:`analysis_command` registers a command function whose signature is extended with the
-CHECKPOINT argument and every common option; the function receives them bundled as ``common``.
+A command is a function whose parameters are annotated with option dataclasses:
+
+    @command(app, "spectrum", help="...")
+    def spectrum(checkpoints: Checkpoints, config: SpectrumConfig, cli: SpectrumCli,
+                 load: LoadOptions, gates: Gates, output: OutputOptions) -> None: ...
+
+:func:`command` builds the Typer signature from the fields of those dataclasses (flag, type,
+default, help, bounds), and calls the function with each dataclass built from what was parsed.
+A field that is not an option (``seed``, ``batch_size`` of a measure config) takes the value of
+the option of the same name. Errors inside the function go through the one error map.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from flatcli.errors import UsageError
+from flatcli.options import Flag, field_types, flags_of, from_flags, option
 
 Checkpoints = Annotated[
     list[Path],
@@ -24,190 +35,111 @@ Checkpoints = Annotated[
         metavar="CHECKPOINT...",
     ),
 ]
-Model = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        help="Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME. Default: the spec in the checkpoint, else <stem>.yaml / model.yaml beside it.",
-    ),
-]
-Dataset = Annotated[
-    str | None,
-    typer.Option(
-        "--dataset",
-        help="mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
-    ),
-]
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Where dataset files live. Default: $FLATCLI_DATA, else ~/.cache/flatcli/data.",
-    ),
-]
-Download = Annotated[
-    bool, typer.Option("--download", help="Let torchvision download a missing dataset.")
-]
-Split = Annotated[
-    str,
-    typer.Option(
-        "--split",
-        help="Data the measure is computed on: train, test, trained (the training data exactly as "
-        "flatcli train used them: its subset, random labels and confusion set) or trained-clean "
-        "(the same without the confusion set).",
-    ),
-]
-MaxExamples = Annotated[
-    int | None,
-    typer.Option(
-        "--max-examples",
-        min=1,
-        help="Use only the first N examples of the split, after a seeded shuffle.",
-    ),
-]
-BatchSize = Annotated[
-    int | None,
-    typer.Option(
-        "--batch-size", min=1, help="Examples per forward/backward. Default: chosen to fit memory."
-    ),
-]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
-Seed = Annotated[int, typer.Option("--seed", help="Every random draw derives from it.")]
-JsonOut = Annotated[
-    str | None,
-    typer.Option(
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where a command's table and report go."""
+
+    json: str | None = option(
+        None,
         "--json",
-        help="Write the JSON report to PATH ('-' for stdout; the table then goes to stderr).",
-    ),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress bar.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-UnsafeLoad = Annotated[
-    bool,
-    typer.Option(
-        "--unsafe-load", help="Unpickle arbitrary objects from .pt files (runs code from the file)."
-    ),
-]
-FailAbove = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--fail-above",
-        help="Gate METRIC=VALUE: exit 3 if METRIC > VALUE for any checkpoint. Repeatable.",
-    ),
-]
-FailBelow = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--fail-below",
-        help="Gate METRIC=VALUE: exit 3 if METRIC < VALUE for any checkpoint. Repeatable.",
-    ),
-]
-
-_COMMON = {
-    "model": (Model, None),
-    "dataset": (Dataset, None),
-    "data_dir": (DataDir, None),
-    "download": (Download, False),
-    "split": (Split, "train"),
-    "max_examples": (MaxExamples, None),
-    "batch_size": (BatchSize, None),
-    "device": (Device, "auto"),
-    "dtype": (Dtype, "float32"),
-    "seed": (Seed, 0),
-    "json": (JsonOut, None),
-    "quiet": (Quiet, False),
-    "debug": (Debug, False),
-    "unsafe_load": (UnsafeLoad, False),
-    "fail_above": (FailAbove, None),
-    "fail_below": (FailBelow, None),
-}
+        "Write the JSON report to PATH ('-' for stdout; the table then goes to stderr).",
+    )
+    quiet: bool = option(False, "--quiet", "No table, no progress bar.", short="-q")
+    debug: bool = option(False, "--debug", "Show tracebacks for errors.")
 
 
-@dataclass
-class CommonOptions:
-    """The common options of an analysis command, parsed."""
-
-    checkpoints: list[Path]
-    model: str | None = None
-    dataset: str | None = None
-    data_dir: Path | None = None
-    download: bool = False
-    split: str = "train"
-    max_examples: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    json: str | None = None
-    quiet: bool = False
-    debug: bool = False
-    unsafe_load: bool = False
-    fail_above: list[str] = field(default_factory=list)
-    fail_below: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        """Check option values that Typer cannot check by type alone."""
-        if self.split not in ("train", "test", "trained", "trained-clean"):
-            raise UsageError(
-                f"--split must be train, test, trained or trained-clean; got '{self.split}'"
-            )
-        if self.dtype not in ("float32", "float64"):
-            raise UsageError(f"--dtype must be 'float32' or 'float64'; got '{self.dtype}'")
-
-    def to_config(self) -> dict:
-        """The options as they go into a report's ``config``."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "data_dir": str(self.data_dir) if self.data_dir else None,
-            "download": self.download,
-            "split": self.split,
-            "max_examples": self.max_examples,
-            "batch_size": self.batch_size,
-            "device": self.device,
-            "dtype": self.dtype,
-            "seed": self.seed,
-            "fail_above": list(self.fail_above),
-            "fail_below": list(self.fail_below),
-        }
+def _cli_type(hint: Any, meta: Flag) -> Any:
+    """The type Typer parses for a field annotated ``hint``."""
+    if meta.parse is not None:
+        return list[str] | None if meta.repeatable else str | None
+    if meta.choices is not None:
+        return list[meta.choices] | None if meta.repeatable else meta.choices
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if meta.repeatable:
+        inner = typing.get_args(args[0])[0] if args and typing.get_args(args[0]) else str
+        return list[inner] | None
+    if len(args) > 1:  # e.g. ``Optimizer | str``: the text the library reads
+        return str | None if type(None) in typing.get_args(hint) else str
+    return hint
 
 
-def analysis_command(app: typer.Typer, name: str, **command_kwargs):
-    """Register ``fn(common: CommonOptions, **own_options)`` as an analysis command of ``app``.
+def _parameter(f: dataclasses.Field, meta: Flag, hint: Any) -> inspect.Parameter:
+    names = [meta.flag] + ([meta.short] if meta.short else [])
+    default = f.default
+    if meta.repeatable or meta.parse is not None:
+        default = None
+    elif meta.choices is not None and default is not None:
+        default = meta.choices(default)
+    elif isinstance(default, Enum):
+        default = default.value
+    annotation = Annotated[
+        _cli_type(hint, meta), typer.Option(*names, help=meta.help, min=meta.min)
+    ]
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
 
-    The registered signature is: CHECKPOINT..., the command's own options, then the common
-    options, so ``--help`` lists them all.
-    """
+
+def _groups(fn: Any) -> dict[str, type]:
+    hints = typing.get_type_hints(fn)
+    return {
+        name: hint
+        for name, hint in hints.items()
+        if name != "return" and isinstance(hint, type) and dataclasses.is_dataclass(hint)
+    }
+
+
+def build(config_type: type, values: dict[str, Any]) -> Any:
+    """``config_type`` from parsed values: its options, and its other fields (``seed``,
+    ``batch_size``) from the options of the same name."""
+    flagged = {f.name for f, _ in flags_of(config_type)}
+    fixed = {
+        f.name: values[f.name]
+        for f in dataclasses.fields(config_type)
+        if f.name not in flagged and f.name in values and f.init
+    }
+    return from_flags(config_type, values, **fixed)
+
+
+def command(app: typer.Typer, name: str, help: str, **command_kwargs: Any):
+    """Register ``fn`` as the command ``name``, its options read from its parameters' types."""
+    from flatcli.cli.errors import handle_errors
 
     def decorator(fn):
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.name != "common"]
-        checkpoints = inspect.Parameter(
-            "checkpoints", inspect.Parameter.KEYWORD_ONLY, annotation=Checkpoints
-        )
-        common = [
-            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
-            for n, (ann, default) in _COMMON.items()
-        ]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        groups = _groups(fn)
+        takes_checkpoints = "checkpoints" in inspect.signature(fn).parameters
+        params: list[inspect.Parameter] = []
+        if takes_checkpoints:
+            params.append(
+                inspect.Parameter(
+                    "checkpoints", inspect.Parameter.KEYWORD_ONLY, annotation=Checkpoints
+                )
+            )
+        seen: set[str] = set()
+        for config_type in groups.values():
+            hints = field_types(config_type)
+            for f, meta in flags_of(config_type):
+                if f.name not in seen:
+                    seen.add(f.name)
+                    params.append(_parameter(f, meta, hints[f.name]))
 
         @functools.wraps(fn)
-        def wrapper(**kwargs):
-            from flatcli.cli.errors import handle_errors
+        def wrapper(**kwargs: Any) -> Any:
+            with handle_errors(bool(kwargs.get("debug"))):
+                args = {p: build(t, kwargs) for p, t in groups.items()}
+                if takes_checkpoints:
+                    args["checkpoints"] = kwargs["checkpoints"]
+                return fn(**args)
 
-            opts = {n: kwargs.pop(n) for n in _COMMON}
-            opts["fail_above"] = opts["fail_above"] or []
-            opts["fail_below"] = opts["fail_below"] or []
-            common = CommonOptions(checkpoints=kwargs.pop("checkpoints"), **opts)
-            with handle_errors(common.debug):
-                return fn(common=common, **kwargs)
-
-        params = [checkpoints, *own, *common]
-        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__signature__ = inspect.Signature(params)
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         del wrapper.__wrapped__
-        app.command(name, **command_kwargs)(wrapper)
+        app.command(name, help=help, **command_kwargs)(wrapper)
         return fn
 
     return decorator
+
+
+__all__ = ["Checkpoints", "OutputOptions", "build", "command"]

@@ -8,44 +8,20 @@ is not a terminal or ``NO_COLOR`` is set. :class:`Output` is where each of those
 from __future__ import annotations
 
 import math
-import os
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
-from flatcli.errors import UsageError
-
-
-def no_color() -> bool:
-    """True when ``NO_COLOR`` is set to anything non-empty (https://no-color.org)."""
-    return bool(os.environ.get("NO_COLOR"))
-
-
-def console(stderr: bool = False) -> Console:
-    """A console on stdout or stderr; no colour off a terminal or with NO_COLOR set."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(
-        file=stream,
-        no_color=no_color() or not stream.isatty(),
-        highlight=False,
-        soft_wrap=False,
-        width=None if stream.isatty() else 160,
-    )
+from flatcli.cli.progress import (  # noqa: F401 - re-exported
+    Bars,
+    bars_enabled,
+    console,
+    no_color,
+    progress_bar,
+)
+from flatcli.io.writable import check_writable
 
 
 def fmt(value: Any) -> str:
@@ -85,63 +61,39 @@ def render_table(
     console(stderr).print(table)
 
 
-def bars_enabled(enabled: bool = True) -> bool:
-    """Whether progress bars are drawn: asked for, stderr is a terminal and NO_COLOR is unset."""
-    return enabled and sys.stderr.isatty() and not no_color()
+class Output(Bars):
+    """Where a command's table, JSON report, messages and progress go; the runner's sink.
 
-
-@contextmanager
-def progress_bar(enabled: bool) -> Iterator[Progress | None]:
-    """A Rich progress display on stderr (with the time left), or ``None`` when bars are off."""
-    if not bars_enabled(enabled):
-        yield None
-        return
-    bar = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console(stderr=True),
-        transient=True,
-    )
-    with bar:
-        yield bar
-
-
-def check_writable(target: str | Path, option: str = "--json") -> None:
-    """Fail early (exit 2, naming ``option`` and the path) when ``target`` cannot be written.
-
-    Creates the missing parent folders, as writing the file later would.
-    """
-    if str(target) == "-":
-        return
-    path = Path(target)
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(f"{path} is not writable")
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
-            pass
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise UsageError(f"{option} {target}: cannot write there ({reason})") from e
-
-
-class Output:
-    """Where a command's table, JSON report, messages and progress go.
+    Under ``torchrun`` only rank 0 prints and writes (asked at each call: the process group is
+    joined by the runner).
 
     Args:
         json_target: ``--json``: a path, ``-`` (stdout; the table then goes to stderr) or None.
         quiet: ``--quiet``: no table, no progress bar.
+        debug: ``--debug``: tracebacks with the error lines.
     """
 
-    def __init__(self, json_target: str | None = None, quiet: bool = False) -> None:
-        self.json_target = json_target
-        self.quiet = quiet
+    def __init__(
+        self, json_target: str | None = None, quiet: bool = False, debug: bool = False
+    ) -> None:
+        self._json = json_target
+        self._quiet = quiet
+        self.debug = debug
+        self._bar = None
+
+    @property
+    def json_target(self) -> str | None:
+        """``--json`` on the main process, else None."""
+        from flatcli import distributed
+
+        return self._json if distributed.is_main() else None
+
+    @property
+    def quiet(self) -> bool:
+        """``--quiet``, or a process other than the main one."""
+        from flatcli import distributed
+
+        return self._quiet or not distributed.is_main()
 
     @property
     def json_to_stdout(self) -> bool:
@@ -177,7 +129,3 @@ class Output:
         if not self.json_target or (partial and self.json_to_stdout):
             return
         write_report(report, self.json_target)
-
-    def progress(self):
-        """A progress display on stderr, or ``None`` (quiet, not a terminal, NO_COLOR)."""
-        return progress_bar(not self.quiet)

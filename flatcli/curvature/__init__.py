@@ -2,7 +2,9 @@
 
 Every curvature measure in flatcli is composed from these pieces, each written once:
 
-- operators: Hessian, generalized Gauss-Newton and Fisher products of the mean loss;
+- operators: Hessian, generalized Gauss-Newton and Fisher products of the mean loss (the base
+  class and factory in ``operators``, each kind in ``hessian`` / ``gauss_newton``; importing
+  this package registers every kind with the factory);
 - lanczos / trace / density: eigenvalues, trace (Hutchinson, Hutch++) and spectral density
   of any :class:`LinearOperator`;
 - gram: per-example-gradient Gram matrices (ghost or materialised);
@@ -12,7 +14,9 @@ Every curvature measure in flatcli is composed from these pieces, each written o
 
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.diagonal import curvature_diagonal, ggn_diagonal
+from flatcli.curvature.gauss_newton import FisherOperator, GGNOperator
 from flatcli.curvature.gram import gram_spectrum, per_example_gram, per_example_sq_norms
+from flatcli.curvature.hessian import HessianOperator
 from flatcli.curvature.kfac import LayerFactors, kfac_factors
 from flatcli.curvature.lanczos import EigenResult, lanczos
 from flatcli.curvature.linop import DenseOperator, LinearOperator, to_dense
@@ -33,6 +37,9 @@ __all__ = [
     # operators
     "make_operator",
     "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
     "eval_mode",
     "select_parameters",
     "LinearOperator",

@@ -118,6 +118,7 @@ from flatcli.curvature.params import (
     select_parameters,
     unflatten_columns,
 )
+from flatcli.dtypes import dtype_name
 from flatcli.errors import UsageError
 
 __all__ = [
@@ -131,8 +132,8 @@ __all__ = [
     "eval_mode",
 ]
 
-# HessianOperator, GGNOperator and FisherOperator are importable from here too (module
-# __getattr__ below); they live in flatcli.curvature.hessian and flatcli.curvature.gauss_newton.
+# HessianOperator, GGNOperator and FisherOperator live in flatcli.curvature.hessian and
+# flatcli.curvature.gauss_newton (they import this module) and are exported by flatcli.curvature.
 
 Params = dict[str, Tensor]
 """``{parameter name: tensor}``; as columns, each tensor is ``(k, *shape)``."""
@@ -277,7 +278,9 @@ class CurvatureOperator(_Products):
 
     def __new__(cls, kind: Kind | str, *args: Any, **kwargs: Any) -> CurvatureOperator:
         if cls is CurvatureOperator:
-            cls = _kind_class(_choice(Kind, kind, "kind"))
+            # every kind's module is imported by flatcli/curvature/__init__.py, which Python
+            # runs before this module: the subclass of each kind is registered by now
+            cls = CurvatureOperator._classes[_choice(Kind, kind, "kind")]
         return super().__new__(cls)
 
     def __init__(
@@ -380,10 +383,8 @@ class CurvatureOperator(_Products):
             "num_examples": self.num_examples,
             "num_outputs": self.num_outputs,
             "batch_size": self.batch_size,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "head_dtype": None
-            if self.head_dtype is None
-            else str(self.head_dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
+            "head_dtype": None if self.head_dtype is None else dtype_name(self.head_dtype),
             "hvp_method": self.hvp_method,
             "matmat_method": self.matmat_method,
             "fallback_reason": self.fallback_reason,
@@ -840,29 +841,3 @@ class OperatorCache:
         """Free every cached graph (the operators stay usable)."""
         for op in self._ops.values():
             op.release()
-
-
-_KIND_MODULES = {
-    "HessianOperator": "flatcli.curvature.hessian",
-    "GGNOperator": "flatcli.curvature.gauss_newton",
-    "FisherOperator": "flatcli.curvature.gauss_newton",
-}
-
-
-def _kind_class(kind: str) -> type[CurvatureOperator]:
-    """The subclass of ``kind``; its module registers it on import."""
-    if kind not in CurvatureOperator._classes:
-        import importlib
-
-        for module in dict.fromkeys(_KIND_MODULES.values()):
-            importlib.import_module(module)
-    return CurvatureOperator._classes[kind]
-
-
-def __getattr__(name: str) -> Any:
-    # the subclasses live in their own modules, which import this one: load them lazily
-    if name in _KIND_MODULES:
-        import importlib
-
-        return getattr(importlib.import_module(_KIND_MODULES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from flatcli.errors import CheckpointError, UsageError
+from flatcli.io.atomic import atomic_path
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEY = "flatcli.spec"
@@ -322,6 +323,7 @@ def save_checkpoint(
     named by path (in ``spec`` or ``meta``, relative to the working directory or absolute) is
     recorded relative to the checkpoint's folder, and ``meta`` gains ``dataset_source``
     (relative and absolute path, fingerprint; :func:`flatcli.data.paths.record_dataset`).
+    The file is written atomically (:func:`flatcli.io.atomic.atomic_path`).
     """
     from safetensors.torch import save_file
 
@@ -345,6 +347,6 @@ def save_checkpoint(
     metadata = {META_KEY: json.dumps(meta)}
     if spec is not None:
         metadata[SPEC_KEY] = json.dumps(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:  # an interrupted save leaves no half-written checkpoint
+        save_file(tensors, str(tmp), metadata=metadata)
     return path

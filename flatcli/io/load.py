@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatcli.devices import resolve_device
+from flatcli.dtypes import DTYPES, dtype_of
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.io.checkpoint import Checkpoint, check_finite, load_checkpoint, match_state_dict
 from flatcli.io.spec import (
@@ -25,11 +27,19 @@ from flatcli.io.spec import (
     resolve_spec,
 )
 
+__all__ = [
+    "SPLITS",
+    "DTYPES",
+    "Run",
+    "DatasetCache",
+    "load",
+    "check_fits",
+    "resolve_device",
+    "resolve_dtype",
+]
+
 SPLITS = ("train", "test", "trained", "trained-clean")
 """Splits :func:`load` can take: a dataset split, or the training data exactly as trained on."""
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-"""dtypes a model can be measured in."""
 
 
 @dataclass
@@ -62,46 +72,9 @@ class Run:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto``: CUDA if available, else MPS, else CPU; an unavailable device is an error."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got '{name}'") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu"
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise UsageError(
-            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(
-            "--device mps asked for Apple MPS, which is not available here; use --device cpu"
-        )
-    return device
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"float64"`` (or that torch dtype) as a torch dtype; else a UsageError."""
-    if isinstance(name, torch.dtype) and name in DTYPES.values():
-        return name
-    if name in DTYPES:
-        return DTYPES[name]
-    raise UsageError(f"--dtype must be 'float32' or 'float64'; got '{name}'")
+resolve_dtype = dtype_of
+"""``"float32"``/``"float64"`` (or that torch dtype) as a torch dtype; else a UsageError
+(:func:`flatcli.dtypes.dtype_of`, importable from here as before)."""
 
 
 class DatasetCache:
@@ -174,7 +147,7 @@ def load(
 
     if split not in SPLITS:
         raise UsageError(f"--split must be train, test, trained or trained-clean; got '{split}'")
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = dtype_of(dtype)
     torch_device = resolve_device(device)
     if datasets is None:
         datasets = DatasetCache(data_dir, download)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import flatcli
+from flatcli._version import __version__
+from flatcli.dtypes import dtype_name
+from flatcli.io.atomic import write_text_atomic
 
 SCHEMA = "flatcli/report-v1"
 REPORT_KEYS = (
@@ -86,7 +86,7 @@ def build_report(
     report = {
         "schema": SCHEMA,
         "command": command,
-        "flatcli_version": flatcli.__version__,
+        "flatcli_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": _jsonable(config),
         "environment": _jsonable(environment),
@@ -105,7 +105,7 @@ def environment_info(
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "world_size": world_size,
     }
 
@@ -118,25 +118,6 @@ def write_report(report: dict[str, Any], target: str | Path) -> None:
         sys.stdout.flush()
     else:
         write_text_atomic(Path(target), text + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -153,8 +134,10 @@ def _jsonable(obj: Any) -> Any:
         return None
     if hasattr(obj, "value") and isinstance(obj.value, str):  # str Enums
         return obj.value
-    if isinstance(obj, torch.dtype | torch.device):
-        return str(obj).replace("torch.", "")
+    if isinstance(obj, torch.dtype):
+        return dtype_name(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return obj.item()
     return obj

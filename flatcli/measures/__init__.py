@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# Each import registers its measures (a block at the bottom of the module). A new measure
-# module adds its import here, so that the registry is complete after `import flatcli.measures`.
+# Each import registers its measures (a block at the bottom of the module), in this order. The
+# registry also finds a measure module that is not imported here (registry._ensure_loaded).
 from flatcli.measures import invariance as invariance  # noqa: PLC0414 - registers it
 from flatcli.measures import pacbayes as pacbayes  # noqa: PLC0414 - registers pacbayes
 from flatcli.measures.gamma import GammaConfig, GammaResult, compute_gamma

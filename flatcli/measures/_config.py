@@ -6,13 +6,21 @@ import math
 from enum import Enum
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from flatcli.dtypes import DTYPES, dtype_name
 from flatcli.errors import UsageError
 
-HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-"""Loss-head dtypes a user can name."""
+HEAD_DTYPES = DTYPES
+"""Loss-head dtypes a user can name: :data:`flatcli.dtypes.DTYPES`."""
+
+
+def head_dtype_name(value: Any) -> str:
+    """A loss-head dtype (``"float64"`` or ``torch.float64``) by name; else a UsageError."""
+    name = dtype_name(value)
+    if name not in DTYPES:
+        raise UsageError(f"Unknown head dtype {value!r}; choose float32 or float64.")
+    return name
 
 
 def choice(enum: type[Enum], value: Any, what: str) -> str:

@@ -67,11 +67,14 @@ from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.gram import GramEngine, GramMethod, GramSpectrum, gram_spectrum
 from flatcli.curvature.losses import cross_entropy, output_hessian
 from flatcli.curvature.operators import eval_mode
+from flatcli.dtypes import DTYPES, dtype_name
 from flatcli.errors import UsageError
 from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
+from flatcli.measures._config import head_dtype_name
 from flatcli.measures._config import require as _require
+from flatcli.options import option
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = [
@@ -117,15 +120,38 @@ class GammaConfig:
         robustness_max_iter: power iterations at most.
     """
 
-    samples: int = 100
-    trials: int = 100
-    logit_scale: float | None = None
-    baselines: bool = False
-    bn_mode: str = "eval"
+    samples: int = option(100, "--samples", "N': examples per sample S^t (the paper: 100).", min=1)
+    trials: int = option(100, "--trials", "T: samples drawn (the paper: 100).", min=1)
+    logit_scale: float | None = option(
+        None,
+        "--logit-scale",
+        "Rescale the logits to this norm before the softmax (the authors' code: 25 = 1/0.04).",
+    )
+    baselines: bool = option(
+        False,
+        "--baselines",
+        "Also the robustness baseline (mean squared spectral norm of d softmax / d input, "
+        "by power iteration over every example). The Gram-based baselines are always reported.",
+    )
+    bn_mode: str = option(
+        "eval",
+        "--bn-mode",
+        "BatchNorm statistics: eval (running) or train (of each sample, as the authors' "
+        "code; exact but N' backward passes per sample).",
+        choices=BNMode,
+    )
     seed: int = 0
     batch_size: int | None = None
-    method: str = "auto"
-    head_dtype: str = "float64"
+    method: str = option(
+        "auto",
+        "--method",
+        "Gram engine: ghost (one forward+backward per chunk, never forms J), materialize "
+        "(vmap per-example gradients) or auto (ghost where it applies).",
+        choices=GramMethod,
+    )
+    head_dtype: str = option(
+        "float64", "--head-dtype", "dtype of the loss head (float64 keeps confident examples)."
+    )
     robustness_tol: float = 1e-4
     robustness_max_iter: int = 200
 
@@ -133,10 +159,7 @@ class GammaConfig:
         set_ = object.__setattr__
         set_(self, "bn_mode", _choice(BNMode, self.bn_mode, "bn_mode"))
         set_(self, "method", _choice(GramMethod, self.method, "method"))
-        head = str(self.head_dtype).removeprefix("torch.")
-        if head not in ("float32", "float64"):
-            raise UsageError(f"Unknown head dtype {self.head_dtype!r}; choose float32 or float64.")
-        set_(self, "head_dtype", head)
+        set_(self, "head_dtype", head_dtype_name(self.head_dtype))
         checks = [
             (self.samples >= 1, f"samples must be >= 1. Got {self.samples}."),
             (self.trials >= 1, f"trials must be >= 1. Got {self.trials}."),
@@ -325,7 +348,7 @@ def compute_gamma(
     N, n, T = int(x.shape[0]), config.samples, config.trials
     if n > N:
         raise UsageError(f"samples N' = {n} exceeds the {N} examples of the split.")
-    head_dtype = torch.float64 if config.head_dtype == "float64" else torch.float32
+    head_dtype = DTYPES[config.head_dtype]
 
     def loss_fn(z: Tensor, labels: Tensor) -> Tensor:
         return cross_entropy(scaled_logits(z, config.logit_scale), labels)
@@ -381,7 +404,7 @@ def compute_gamma(
             "fallback_reason": engine.fallback_reason,
             "layers": engine.layer_strategies(),
             "head_dtype": config.head_dtype,
-            "network_dtype": str(engine.functional.dtype).removeprefix("torch."),
+            "network_dtype": dtype_name(engine.functional.dtype),
         },
     )
 

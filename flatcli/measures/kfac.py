@@ -56,6 +56,7 @@ from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.measures._config import require as _require
+from flatcli.options import option
 from flatcli.progress import ProgressFn
 
 __all__ = [
@@ -107,16 +108,41 @@ class KfacConfig:
         batch_size: examples per forward/backward (None: chosen to fit memory).
     """
 
-    layers: tuple[str, ...] | None = None
-    top_k: int = 20
-    fisher: str = "exact"
-    mc_samples: int = 1
-    matrix: str = "hessian"
-    tol: float = 1e-4
-    lanczos_steps: int | None = None
-    probes: int = 20
-    corr_rows: int = 20
-    compare: str | None = None
+    layers: tuple[str, ...] | None = option(
+        None,
+        "--layer",
+        "Linear/Conv2d module name or glob to analyse. Repeatable.",
+        repeatable=True,
+    )
+    top_k: int = option(
+        20, "--top-k", "K: eigenpairs of each exact block and overlaps k = 1..K.", min=1
+    )
+    fisher: str = option(
+        "exact",
+        "--fisher",
+        "E[M]: exact (all c rows of the output-Hessian root) or mc (sampled).",
+        choices=FisherMode,
+    )
+    mc_samples: int = option(
+        1, "--mc-samples", "Sampled labels per example with --fisher mc.", min=1
+    )
+    matrix: str = option("hessian", "--matrix", "Exact block of the hessian (default) or the ggn.")
+    tol: float = option(1e-4, "--tol", "Lanczos tolerance, relative to |λ_max|.")
+    lanczos_steps: int | None = option(
+        None, "--lanczos-steps", "Lanczos budget per layer (default 3K + 20).", min=1
+    )
+    probes: int = option(
+        20, "--probes", "Rademacher probes of the decoupling error (per layer).", min=2
+    )
+    corr_rows: int = option(
+        20, "--corr-rows", "Factor eigenvectors in each correspondence matrix.", min=1
+    )
+    compare: str | None = option(
+        None,
+        "--compare",
+        "A second checkpoint: per layer, the overlap of the two top-k eigenspaces (Fig. 5 "
+        "of Wu et al. 2020) on the same examples.",
+    )
     seed: int = 0
     batch_size: int | None = None
 
@@ -240,7 +266,7 @@ class KfacResult:
         return {k: _finite_or_none(v) for k, v in out.items()}
 
     def details(self) -> dict[str, Any]:
-        """Per-layer entries (``details.layers``, CONTRACTS keys) and the conventions used."""
+        """Per-layer entries (``details.layers``, the documented report keys) and the conventions used."""
         return {
             "layers": [layer.to_dict() for layer in self.layers],
             "conventions": CONVENTIONS,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import require as _require
+from flatcli.options import option
 from flatcli.pacbayes.bound import Certificate, best_grid_point, certify
 from flatcli.pacbayes.montecarlo import deterministic_error, snn_errors
 from flatcli.pacbayes.optimize import Method, Posterior, Schedule, optimize_posterior
@@ -50,25 +51,63 @@ class PacBayesConfig:
     Dziugaite & Roy 2017 evaluate with 150,000 weight samples.
     """
 
-    method: str = "vanilla"
-    epochs: int = 40  # passes of the bound optimisation over the training set
-    lr: float = 0.01  # RMSprop learning rate τ (0.001 needs ~10x the steps)
-    opt_batch_size: int = 64  # mini-batch: more steps per epoch (one weight sample each)
-    schedule: str = "step"  # lr ÷ 10 for the last quarter of the epochs
-    mc_samples: int = 1000  # n, weight samples of the final Monte-Carlo evaluation
-    test_mc_samples: int | None = None  # samples for snn_test_error (None: mc_samples; 0: skip)
-    delta: float = 0.025
-    delta_prime: float = 0.01
-    b: float = 100.0
-    c: float = 0.1
-    eta: int = 10  # iterative-hessian: recompute the eigenbasis every η epochs
+    method: str = option(
+        "vanilla",
+        "--method",
+        "Posterior covariance: diagonal in the standard basis (vanilla, Dziugaite & Roy) or in "
+        "each layer's K-FAC eigenbasis, fixed at the trained weights (approx-hessian) or "
+        "recomputed every --eta epochs (iterative-hessian).",
+        choices=Method,
+    )
+    # 40 passes; RMSprop lr τ = 0.01 (0.001 needs ~10x the steps); mini-batch 64: more steps per
+    # epoch (one weight sample each); step schedule: lr ÷ 10 for the last quarter of the epochs
+    epochs: int = option(40, "--epochs", "Epochs of the bound optimisation.", min=0)
+    lr: float = option(0.01, "--lr", "RMSprop learning rate of the bound optimisation.")
+    opt_batch_size: int = option(
+        64, "--opt-batch-size", "Mini-batch of the bound optimisation.", min=1
+    )
+    schedule: str = option(
+        "step",
+        "--schedule",
+        "constant, step (lr/10 for the last quarter) or cosine.",
+        choices=Schedule,
+    )
+    mc_samples: int = option(
+        1000, "--mc-samples", "n: weight samples of the certificate's Monte-Carlo step.", min=1
+    )
+    test_mc_samples: int | None = option(
+        None,
+        "--test-mc-samples",
+        "Weight samples for snn_test_error (default: --mc-samples; 0: skip).",
+        min=0,
+    )
+    delta: float = option(0.025, "--delta", "δ of the PAC-Bayes step.")
+    delta_prime: float = option(0.01, "--delta-prime", "δ′ of the Monte-Carlo step.")
+    b: float = option(100.0, "--b", "Prior grid λ = c·exp(−j/b): b.")
+    c: float = option(0.1, "--c", "Prior grid λ = c·exp(−j/b): c.")
+    eta: int = option(
+        10, "--eta", "iterative-hessian: recompute the eigenbasis every η epochs.", min=1
+    )
     rho_init: float = -3.0
-    kfac_examples: int = 4096  # examples the K-FAC factors are estimated on
-    prior_init: str | None = None  # a checkpoint with the prior's centre w₀
+    kfac_examples: int = option(
+        4096, "--kfac-examples", "Training examples the K-FAC factors are estimated on.", min=1
+    )
+    prior_init: str | None = option(
+        None,
+        "--prior-init",
+        "Checkpoint holding the prior's centre w₀ (the network's initialisation). Default: the "
+        "initial weights flatcli train recorded in the checkpoint.",
+    )
     unsafe_load: bool = False
     seed: int = 0
     batch_size: int | None = None  # examples per forward of the Monte-Carlo evaluation
-    compile: bool = False  # fuse the optimisation step's elementwise work with torch.compile
+    compile: bool = option(
+        False,
+        "--compile/--no-compile",
+        "Fuse the bound optimisation's elementwise work with torch.compile: faster steps; the "
+        "last bits of the numbers may differ. Needs a C++ compiler on a CPU; the first run "
+        "compiles (about 20 s), later runs reuse the cache (about 3 s).",
+    )
 
     def __post_init__(self) -> None:
         self.method = _choice(Method, self.method, "--method")

@@ -1,8 +1,9 @@
 """The measure registry: every measure's name, config, compute function and the metrics it reports.
 
-Each measure module registers itself at import (a block at the bottom of the module), and
-:mod:`flatcli.measures` imports every measure module, so after ``import flatcli.measures`` the
-registry is complete. Commands use it to know which metric keys a run reports (a gate on any
+Each measure module registers itself at import (a block at the bottom of the module). The
+lookups below first import every module of the :mod:`flatcli.measures` package, found on disk,
+so the registry is complete whichever measure modules were imported before (a new measure is a
+new module and nothing else). Commands use it to know which metric keys a run reports (a gate on any
 other key is a usage error before any work), ``flatcli measures`` prints it, and commands that
 rank measures read each metric's :class:`Direction`.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import pkgutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatcli.errors import UsageError
@@ -107,8 +111,24 @@ def register(measure: Measure) -> Measure:
     return measure
 
 
+_LOADED = False
+
+
 def _ensure_loaded() -> None:
-    import flatcli.measures  # noqa: F401 - importing it registers every measure
+    """Import every module below this package (each registers its measures at import).
+
+    The modules are found on disk (``pkgutil``) rather than through the package's
+    ``__init__``, which imports this module: the registry imports only what it lists. A module
+    already imported (normally all of them, by ``import flatcli.measures``) costs nothing, so
+    the registration order stays that of the package's imports.
+    """
+    global _LOADED
+    if _LOADED:
+        return
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.walk_packages([str(Path(__file__).parent)], prefix=f"{package}."):
+        importlib.import_module(info.name)
+    _LOADED = True
 
 
 def get_measure(name: str) -> Measure:

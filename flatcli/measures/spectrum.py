@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,12 +40,13 @@ from flatcli.curvature.operators import (
 )
 from flatcli.curvature.params import select_parameters
 from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
-from flatcli.errors import UsageError
-from flatcli.measures._config import HEAD_DTYPES as _HEAD_DTYPES
+from flatcli.dtypes import DTYPES
 from flatcli.measures._config import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
+from flatcli.measures._config import head_dtype_name
 from flatcli.measures._config import require as _require
+from flatcli.options import option
 from flatcli.progress import ProgressFn
 
 __all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "compute_spectrum"]
@@ -92,24 +94,49 @@ class SpectrumConfig:
         eigenvectors: keep the Ritz vectors in the result (``SpectrumResult.eigenvectors``).
     """
 
-    matrix: str = "hessian"
-    top_k: int = 10
-    which: str = "largest"
-    tol: float = DEFAULT_TOL
-    lanczos_steps: int | None = None
-    trace: bool = False
-    trace_method: str = "hutchpp"
-    probes: int = 100
-    trace_rel_stderr: float | None = None
-    density: bool = False
-    density_runs: int = 1
-    layers: tuple[str, ...] | None = None
-    per_layer: bool = False
+    matrix: str = option("hessian", "--matrix", "Curvature matrix of the mean loss.", choices=Kind)
+    top_k: int = option(10, "--top-k", "Eigenvalues to compute (0: none).", min=0)
+    which: str = option("largest", "--which", "End of the spectrum to look at.", choices=Which)
+    tol: float = option(DEFAULT_TOL, "--tol", "Lanczos residual tolerance, relative to |λ_max|.")
+    lanczos_steps: int | None = option(
+        None,
+        "--lanczos-steps",
+        "Most Lanczos steps for the eigenvalues; steps per density run (default 90).",
+        min=1,
+    )
+    trace: bool = option(False, "--trace", "Estimate the trace, with a standard error.")
+    trace_method: str = option(
+        "hutchpp",
+        "--trace-method",
+        "hutchpp (fewer products when a few eigenvalues dominate).",
+        choices=TraceMethod,
+    )
+    probes: int = option(100, "--probes", "Products the trace may spend.", min=2)
+    trace_rel_stderr: float | None = option(
+        None,
+        "--trace-rel-stderr",
+        "Stop the trace once its standard error is below this fraction of it.",
+    )
+    density: bool = option(
+        False, "--density", "Spectral density by stochastic Lanczos quadrature (JSON)."
+    )
+    density_runs: int = option(1, "--density-runs", "Random start vectors.", min=1)
+    layers: tuple[str, ...] | None = option(
+        None,
+        "--layer",
+        "Module name or glob: restrict to its parameters. Repeatable.",
+        repeatable=True,
+    )
+    per_layer: bool = option(
+        False, "--per-layer", "Also a row per parameterised module (its diagonal block)."
+    )
     seed: int = 0
     batch_size: int | None = None
-    head_dtype: str | None = "float64"
-    loss: str = "ce"
-    hvp_method: str = "auto"
+    head_dtype: str | None = option(
+        "float64", "--head-dtype", "dtype of the loss head (float64 keeps confident examples)."
+    )
+    loss: str = option("ce", "--loss", "Loss head (nsce: normalized softmax CE).", choices=LossName)
+    hvp_method: str = option("auto", "--hvp-method", "How products are formed.", choices=HvpMethod)
     eigenvectors: bool = False
 
     def __post_init__(self) -> None:
@@ -124,12 +151,7 @@ class SpectrumConfig:
         elif self.layers is not None:
             set_(self, "layers", tuple(self.layers))
         if self.head_dtype is not None:
-            name = str(self.head_dtype).removeprefix("torch.")
-            if name not in _HEAD_DTYPES:
-                raise UsageError(
-                    f"Unknown head dtype {self.head_dtype!r}; choose float32 or float64."
-                )
-            set_(self, "head_dtype", name)
+            set_(self, "head_dtype", head_dtype_name(self.head_dtype))
         checks = [
             (self.top_k >= 0, f"top_k must be >= 0. Got {self.top_k}."),
             (0 < self.tol < 1, f"tol must be in (0, 1). Got {self.tol}."),
@@ -313,7 +335,7 @@ def compute_spectrum(
         UsageError: a bad option or a layer pattern that matches nothing.
     """
     config = config or SpectrumConfig()
-    head_dtype = None if config.head_dtype is None else _HEAD_DTYPES[config.head_dtype]
+    head_dtype = None if config.head_dtype is None else DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
     blocks = _layer_blocks(model, selected) if config.per_layer else []
     stages = [
@@ -410,6 +432,32 @@ def compute_spectrum(
 
 # --- registration (flatcli.measures.registry) -------------------------------------------------
 from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
+
+
+def save_eigenvectors(result: SpectrumResult, run: Any, folder: Path) -> str:
+    """Write ``<folder>/<checkpoint stem>.eigenvectors.safetensors``: one ``(k, *shape)`` tensor
+    per parameter (row i is eigenvector i) and ``eigenvalues`` (k,); returns the path.
+
+    Under ``torchrun`` every process holds the same (replicated) eigenvectors and only rank 0
+    writes the file; the others return the same path.
+    """
+    from safetensors.torch import save_file
+
+    from flatcli import distributed
+    from flatcli.curvature.params import unflatten_columns
+    from flatcli.io.atomic import atomic_path
+
+    assert result.eigen is not None and result.eigenvectors is not None
+    shapes = {n: p.shape for n, p in run.model.named_parameters() if n in result.slices}
+    tensors = unflatten_columns(result.eigenvectors.detach(), shapes)
+    tensors = {n: t.contiguous().cpu() for n, t in tensors.items()}
+    tensors["eigenvalues"] = result.eigen.eigenvalues.clone()
+    path = Path(folder) / f"{Path(run.checkpoint.path).stem}.eigenvectors.safetensors"
+    if distributed.is_main():
+        meta = {"flatcli.matrix": result.config.matrix, "flatcli.which": result.config.which}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    return str(path)
 
 
 def _spectrum_on_run(run: Any, config: SpectrumConfig, progress: ProgressFn) -> SpectrumResult:

@@ -4,7 +4,7 @@ An entry is keyed by the checkpoint file's SHA-256, the measure's name and its w
 and a fingerprint of the examples it was computed on (their SHA-256, plus dtype, device type
 and flatcli version), so a changed file, option or dataset is a miss, never a stale hit. Every
 write goes to a temporary file in the same folder that is then renamed over the entry
-(``os.replace``, atomic on POSIX and Windows): an interrupted run leaves whole entries or none.
+(:func:`flatcli.io.atomic.write_text_atomic`): an interrupted run leaves whole entries or none.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import flatcli
+from flatcli._version import __version__
+from flatcli.dtypes import dtype_name
+from flatcli.io.atomic import write_text_atomic
 
 __all__ = ["default_cache_dir", "config_dict", "data_fingerprint", "ResultCache"]
 
@@ -83,8 +84,8 @@ class ResultCache:
             "config": config_dict(config),
             "data": fingerprint,
             "device": str(device).split(":")[0],
-            "dtype": str(dtype).replace("torch.", ""),
-            "flatcli_version": flatcli.__version__,
+            "dtype": dtype_name(dtype),
+            "flatcli_version": __version__,
         }
 
     def _path(self, key: dict[str, Any]) -> Path:
@@ -116,17 +117,5 @@ class ResultCache:
         """Store ``value`` (JSON-ready) for ``key``, atomically."""
         if self.root is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"key": key, "value": value}, allow_nan=False)  # keeps the value's order
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_text_atomic(self._path(key), text)

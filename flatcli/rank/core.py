@@ -11,27 +11,27 @@ failures: a checkpoint that fails becomes an error row and the others are still 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flatcli import distributed
 from flatcli.errors import CheckpointError, UsageError
+from flatcli.evaluation import EVAL_BATCH_SIZE
 from flatcli.measures.registry import (
     Direction,
     Measure,
-    compute,
     find_metric,
     make_config,
     reported_keys,
 )
-from flatcli.progress import ProgressFn, no_progress
+from flatcli.options import option
 from flatcli.rank import stats
 from flatcli.rank.cache import ResultCache, config_dict, data_fingerprint
 from flatcli.rank.sweep import (
@@ -44,6 +44,14 @@ from flatcli.rank.sweep import (
     record_generalization,
     record_hyperparameters,
 )
+from flatcli.run import (
+    Gates,
+    LoadOptions,
+    Outcome,
+    Sink,
+    compute_cached,
+    run_checkpoints,
+)
 
 __all__ = [
     "LoadOptions",
@@ -55,23 +63,6 @@ __all__ = [
     "sweep_statistics",
     "metric_sign",
 ]
-
-
-@dataclass
-class LoadOptions:
-    """How each checkpoint is loaded (the arguments of :func:`flatcli.load`)."""
-
-    model: str | None = None
-    dataset: str | None = None
-    split: str = "train"
-    max_examples: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    data_dir: str | Path | None = None
-    download: bool = False
-    unsafe_load: bool = False
-    batch_size: int | None = None
 
 
 @dataclass
@@ -94,23 +85,69 @@ class RankConfig:
         seed: the seed of the bootstrap resamples (the CLI passes ``--seed``).
     """
 
-    metrics: tuple[str, ...]
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    gap: str = "acc"
-    evaluate: bool = False
-    table: str | Path | None = None
-    axes: tuple[str, ...] | None = None
-    tau: str = "a"
-    bootstrap: int = 1000
-    level: float = 0.95
-    test_size: int | None = None
-    min_ess: float = 1.0
+    metrics: tuple[str, ...] = option(
+        (),
+        "--measures",
+        "Comma-separated metric keys to rank (any of `flatcli measures`), e.g. "
+        "gamma_hat,normalized_sharpness,top_eigenvalue.",
+        parse=lambda text: tuple(_csv(text)),
+    )
+    options: dict[str, dict[str, Any]] | None = option(
+        None,
+        "--option",
+        "A measure's option MEASURE.FIELD=VALUE (e.g. gamma.samples=50, eps_sharpness.eps=1e-3). "
+        "Repeatable.",
+        repeatable=True,
+        parse=lambda specs: parse_measure_options(specs),
+    )
+    gap: str = option("acc", "--gap", "acc: train − test accuracy; loss: test − train loss.")
+    evaluate: bool = option(
+        False,
+        "--evaluate",
+        "Measure accuracy and loss on the training data and the test split instead of reading "
+        "the training record.",
+    )
+    table: Path | None = option(
+        None,
+        "--table",
+        "CSV of runs trained elsewhere: a checkpoint column, gap (or train_acc,test_acc / "
+        "train_loss,test_loss) and hyperparameter columns.",
+    )
+    axes: tuple[str, ...] | None = option(
+        None,
+        "--axes",
+        "Comma-separated hyperparameter axes of Ψ and the environments. Default: every "
+        "hyperparameter that varies, except seed.",
+        parse=lambda text: tuple(_csv(text)) or None,
+    )
+    tau: str = option("a", "--tau", "Kendall τ: a (Jiang et al. 2020; ties count 0) or b.")
+    bootstrap: int = option(
+        1000, "--bootstrap", "Bootstrap resamples of τ's interval (0: none).", min=0
+    )
+    level: float = option(0.95, "--level", "Confidence level of the interval.")
+    test_size: int | None = option(
+        None,
+        "--test-size",
+        "Test examples behind each accuracy (robust sign-error's noise filter). Default: the "
+        "dataset's test split.",
+        min=1,
+    )
+    min_ess: float = option(
+        1.0,
+        "--min-ess",
+        "Smallest effective sample size of an environment of the robust sign-error (the "
+        "paper: 12, with many seeds).",
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = tuple(dict.fromkeys(self.metrics))
+        self.options = dict(self.options or {})
         if not self.metrics:
-            raise UsageError("--measures needs at least one metric, e.g. --measures gamma_hat")
+            raise UsageError(
+                "--measures is required: the metric keys to rank, e.g. "
+                "--measures gamma_hat,normalized_sharpness (`flatcli measures` lists them)"
+            )
         if self.gap not in GAP_KINDS:
             raise UsageError(f"--gap must be acc or loss; got {self.gap!r}")
         if self.tau not in stats.TAU_VARIANTS:
@@ -230,20 +267,7 @@ class RankResult:
     interrupted: bool = False
     cache_hits: int = 0
     cache_misses: int = 0
-    timings: list[dict[str, float]] = field(default_factory=list)
-
-
-def _jsonable_value(value: dict[str, Any]) -> dict[str, Any]:
-    """A measure's output through JSON and back: cached and fresh values compare equal."""
-    from flatcli.io.report import _jsonable, finite_metrics
-
-    details = _jsonable(dict(value["details"]))
-    metrics = finite_metrics(dict(value["metrics"]), details)
-    text = json.dumps(
-        {"metrics": _jsonable(metrics), "details": details, "seconds": value["seconds"]},
-        allow_nan=False,
-    )
-    return json.loads(text)
+    outcome: Outcome | None = None
 
 
 class _Fingerprints:
@@ -300,14 +324,14 @@ def _generalization(
         key = cache.key(
             run.checkpoint.sha256,
             "evaluate",
-            {"batch": 1024},
+            {"batch": run.batch_size or EVAL_BATCH_SIZE},
             prints.of_dataset(run),
             str(run.device),
             str(run.dtype),
         )
         value = cache.get(key)
         if value is None:
-            value = evaluate_generalization(run)
+            value = evaluate_generalization(run, run.batch_size)
             cache.put(key, value)
         return {**value, "source": "evaluate", "test_size": test_size}, hparams
     gen = record_generalization(run.record or {})
@@ -319,103 +343,54 @@ def _generalization(
     return {**gen, "source": "record", "test_size": test_size}, hparams
 
 
-def _measure_one(
-    path: Path,
+def _rank_measure(
     plans: Sequence[MeasurePlan],
     config: RankConfig,
-    opts: LoadOptions,
     table: SweepTable | None,
     cache: ResultCache,
     prints: _Fingerprints,
-    datasets: Any,
-    progress: ProgressFn,
     *,
     need_gap: bool = True,
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """One checkpoint's row (report-entry shaped, plus ``gap`` and ``hyperparameters``)."""
-    from flatcli.io.load import load
+) -> Callable[[Any], Any]:
+    """The runner's ``measure(ctx)`` of a sweep: the checkpoint's gap and hyperparameters (kept
+    in its row even when a measure fails later), then every planned measure, cached."""
 
-    start = time.perf_counter()
-    timing = {"load": 0.0, "measure": 0.0, "total": 0.0}
-    row: dict[str, Any] = {
-        "checkpoint": str(path),
-        "sha256": None,
-        "num_params": None,
-        "metrics": {},
-        "details": {},
-        "seconds": 0.0,
-        "error": None,
-        "gap": None,
-        "hyperparameters": {},
-    }
-    metrics: dict[str, Any] = {}
-    details: dict[str, Any] = {}
-    seconds = 0.0
-    try:
-        run = load(
-            path,
-            model=opts.model,
-            dataset=opts.dataset,
-            split=opts.split,
-            max_examples=opts.max_examples,
-            seed=opts.seed,
-            device=opts.device,
-            dtype=opts.dtype,
-            unsafe_load=opts.unsafe_load,
-            batch_size=opts.batch_size,
-            datasets=datasets,
-        )
-        row["sha256"] = run.checkpoint.sha256
-        row["num_params"] = run.num_params
+    def measure(ctx: Any) -> Any:
+        ctx.row.update(gap=None, hyperparameters={}, details={}, seconds=0.0)
+        details, metrics, seconds = ctx.row["details"], {}, 0.0
         if need_gap:
-            gen, hparams = _generalization(run, path, config, table, cache, prints)
-            row["hyperparameters"] = hparams
+            gen, hparams = _generalization(ctx, ctx.path, config, table, cache, prints)
+            ctx.row["hyperparameters"] = hparams
             details["generalization"] = gen
-            row["gap"] = gap_of(gen, config.gap)
-            if row["gap"] is None:
+            ctx.row["gap"] = gap_of(gen, config.gap)
+            if ctx.row["gap"] is None:
                 raise CheckpointError(
-                    f"no {config.gap} gap for {path.name}: its {gen['source']} lacks "
+                    f"no {config.gap} gap for {ctx.path.name}: its {gen['source']} lacks "
                     + ("train_acc/test_acc" if config.gap == "acc" else "train_loss/test_loss")
                 )
-        timing["load"] = time.perf_counter() - start
-        fingerprint = prints.of_run(run)
+        fingerprint = prints.of_run(ctx)
         for plan in plans:
-            cfg = make_config(plan.measure, run, **plan.options)
-            key = cache.key(
-                run.checkpoint.sha256,
-                plan.measure.name,
-                cfg,
-                fingerprint,
-                str(run.device),
-                str(run.dtype),
-            )
-            value = cache.get(key)
-            if value is None:
-                t0 = time.perf_counter()
-                result = compute(plan.measure, run, cfg, progress=progress)
-                took = time.perf_counter() - t0
-                timing["measure"] += took
-                value = _jsonable_value(
-                    {"metrics": result.metrics(), "details": result.details(), "seconds": took}
-                )
-                cache.put(key, value)
+            cfg = make_config(plan.measure, ctx, **plan.options)
+            value = compute_cached(plan.measure, ctx, cfg, cache, fingerprint)
             metrics.update(value["metrics"])
             details[plan.measure.name] = {**value["details"], "config": config_dict(cfg)}
             seconds += float(value["seconds"])
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the sweep
-        row["error"] = {"type": type(e).__name__, "message": str(e) or type(e).__name__}
-        row["metrics"] = {}
-        row["details"] = details
-        row["seconds"] = round(seconds, 4)
-        timing["total"] = time.perf_counter() - start
-        return row, timing
-    row["metrics"] = metrics
-    row["details"] = details
-    row["seconds"] = round(seconds, 4)
-    timing["total"] = time.perf_counter() - start
-    return row, timing
+            ctx.row["seconds"] = round(seconds, 4)
+        return _Row(metrics, details)
+
+    return measure
+
+
+@dataclass
+class _Row:
+    values: dict[str, Any]
+    info: dict[str, Any]
+
+    def metrics(self) -> dict[str, Any]:
+        return self.values
+
+    def details(self) -> dict[str, Any]:
+        return self.info
 
 
 def _finite(v: Any) -> bool:
@@ -555,92 +530,179 @@ def rank_checkpoints(
     *,
     cache: ResultCache | None = None,
     baseline: str | Path | None = None,
-    progress: ProgressFn | None = None,
-    on_start: Callable[[Path], None] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    sink: Sink | None = None,
+    gates: Gates | None = None,
+    report_config: dict[str, Any] | None = None,
 ) -> RankResult:
-    """Measure every checkpoint of ``paths``, read its gap, and rank the sweep.
+    """Measure every checkpoint of ``paths`` through the one runner, read its gap, and rank.
 
     Args:
-        paths: checkpoint files (directories already expanded).
+        paths: checkpoint files and directories.
         config: what to rank and how (:class:`RankConfig`).
-        load_options: how to load each checkpoint (:class:`LoadOptions`).
+        load_options: how to load each checkpoint (:class:`~flatcli.run.LoadOptions`).
         cache: the result cache (default: none; every measure is computed).
         baseline: a checkpoint measured the same way for relative gates; it is not ranked.
-        progress: ``progress(description, done, total)`` of the measure being computed.
-        on_start: called with each checkpoint's path before it is measured.
-        on_row: called with each finished row.
+        sink: where progress, messages and partial reports go (:class:`flatcli.run.Sink`).
+        gates: absolute gates, checked against the planned metrics before any work.
+        report_config: more of the report's ``config`` (the command line's own options).
 
     Returns:
         A :class:`RankResult`. A Ctrl-C during the sweep returns the rows finished so far with
-        ``interrupted=True`` (every finished measure is already in the cache).
+        ``interrupted=True`` (every finished measure is already in the cache). Under torchrun
+        each process measures its own share of the checkpoints.
 
     Raises:
         UsageError: an unknown metric or option, or an unreadable ``--table`` (before any work).
     """
-    from flatcli.io.load import DatasetCache
-
     opts = load_options or LoadOptions()
     cache = cache or ResultCache(None)
-    progress = progress or no_progress
     plans, directions = plan_measures(config.metrics, config.options)
     table = read_table(config.table) if config.table is not None else None
-    datasets = DatasetCache(opts.data_dir, opts.download)
-    if opts.dataset is not None:
-        datasets.get(opts.dataset)  # an unknown or missing dataset stops the whole run early
     prints = _Fingerprints(opts)
-    rows: list[dict[str, Any]] = []
-    timings: list[dict[str, float]] = []
+    metrics = ["gap"] + [k for p in plans for k in p.measure.keys]
     base_row = None
-    interrupted = False
-    # under torchrun each process measures its contiguous share of the checkpoints alone (its
-    # results go into the shared cache as they finish); the rows are gathered below
-    sharded = distributed.active()
-    if sharded:
-        paths = distributed.split_items(list(paths))
-    alone = distributed.local_work() if sharded else contextlib.nullcontext()
-    with alone:
-        try:
-            if baseline is not None:
-                base_row, _ = _measure_one(
-                    Path(baseline),
-                    plans,
-                    config,
-                    opts,
-                    None,
-                    cache,
-                    prints,
-                    datasets,
-                    progress,
-                    need_gap=False,
-                )
-            for path in paths:
-                if on_start is not None:
-                    on_start(Path(path))
-                row, timing = _measure_one(
-                    Path(path), plans, config, opts, table, cache, prints, datasets, progress
-                )
-                rows.append(row)
-                timings.append(timing)
-                if on_row is not None:
-                    on_row(row)
-        except KeyboardInterrupt:
-            interrupted = True
+    if baseline is not None:
+        base = run_checkpoints(
+            "rank",
+            [baseline],
+            _rank_measure(plans, config, None, cache, prints, need_gap=False),
+            load_options=opts,
+            sink=sink,
+            shard="checkpoints",
+            row_keys={"gap": None, "hyperparameters": {}},
+        )
+        base_row = base.results[0] if base.results else None
+    outcome = run_checkpoints(
+        "rank",
+        paths,
+        _rank_measure(plans, config, table, cache, prints),
+        load_options=opts,
+        config={**config.to_dict(), **(report_config or {})},
+        gates=gates,
+        metrics=metrics,
+        sink=sink,
+        shard="checkpoints",
+        row_keys={"gap": None, "hyperparameters": {}},
+    )
     hits, misses = cache.hits, cache.misses
-    if sharded:
-        shares = distributed.gather_objects((rows, timings, hits, misses, interrupted))
-        rows = [row for share in shares for row in share[0]]
-        timings = [t for share in shares for t in share[1]]
-        hits, misses = sum(sh[2] for sh in shares), sum(sh[3] for sh in shares)
-        interrupted = any(sh[4] for sh in shares)
-    statistics, sweep = sweep_statistics(rows, directions, config)
+    if distributed.active():
+        counts = distributed.gather_objects((hits, misses))
+        hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    statistics, sweep = sweep_statistics(outcome.results, directions, config)
     return RankResult(
-        rows=rows,
+        rows=outcome.results,
         statistics=statistics,
         sweep=sweep,
         baseline=base_row,
-        interrupted=interrupted,
+        interrupted=outcome.interrupted,
         cache_hits=hits,
         cache_misses=misses,
-        timings=timings,
+        outcome=outcome,
     )
+
+
+def parse_measure_options(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``MEASURE.FIELD=VALUE`` options as ``{measure: {field: value}}`` (values read as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        lhs, sep, value = s.partition("=")
+        measure, dot, name = lhs.strip().partition(".")
+        if not sep or not dot or not measure or not name:
+            raise UsageError(
+                f"--option takes MEASURE.FIELD=VALUE (e.g. --option gamma.samples=50); got '{s}'"
+            )
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        out.setdefault(measure, {})[name] = parsed
+    return out
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """How a sweep is cached, and the baseline its relative gates compare with."""
+
+    cache_dir: Path | None = option(
+        None,
+        "--cache-dir",
+        "Where measured results are cached. Default: $FLATCLI_CACHE/rank, else "
+        "~/.cache/flatcli/rank.",
+    )
+    no_cache: bool = option(False, "--no-cache", "Compute everything; read and write no cache.")
+    baseline: Path | None = option(
+        None, "--baseline", "A reference checkpoint, measured the same way, for the baseline gates."
+    )
+    fail_above_baseline: tuple[str, ...] | None = option(
+        None,
+        "--fail-above-baseline",
+        "Gate METRIC=F: exit 3 if METRIC > baseline + F·|baseline| (F=0.2: 20 % above). "
+        "Repeatable.",
+        repeatable=True,
+    )
+    fail_below_baseline: tuple[str, ...] | None = option(
+        None,
+        "--fail-below-baseline",
+        "Gate METRIC=F: exit 3 if METRIC < baseline − F·|baseline|. Repeatable.",
+        repeatable=True,
+    )
+
+    def relative_gates(self, reported: Sequence[str]) -> tuple[list, list]:
+        """(above, below) baseline gates, checked against the ``reported`` metric keys."""
+        from flatcli.rank.gates import check_gate_names
+        from flatcli.run import parse_gates
+
+        above = parse_gates(self.fail_above_baseline or (), "--fail-above-baseline")
+        below = parse_gates(self.fail_below_baseline or (), "--fail-below-baseline")
+        flagged = [("--fail-above-baseline", g) for g in above]
+        check_gate_names(flagged + [("--fail-below-baseline", g) for g in below], reported)
+        if (above or below) and self.baseline is None:
+            raise UsageError("--fail-above-baseline/--fail-below-baseline need --baseline CKPT")
+        return above, below
+
+    def cache(self) -> ResultCache:
+        """The result cache these options name (none with ``no_cache``)."""
+        from flatcli.rank.cache import default_cache_dir
+
+        return ResultCache(None if self.no_cache else (self.cache_dir or default_cache_dir()))
+
+    def to_config(self, cache: ResultCache) -> dict[str, Any]:
+        """The options as a report's ``config`` holds them."""
+        return {
+            "cache_dir": None if cache.root is None else str(cache.root),
+            "baseline": str(self.baseline) if self.baseline else None,
+            "fail_above_baseline": list(self.fail_above_baseline or ()),
+            "fail_below_baseline": list(self.fail_below_baseline or ()),
+        }
+
+
+def sort_rows(rows: list[dict[str, Any]], sort: str | None, known: list[str]) -> list[dict]:
+    """``rows`` sorted by the column ``sort`` (``-KEY``: largest first); rows without a finite
+    value last. UsageError for a column not in ``known``."""
+    if sort is None:
+        return rows
+    key, reverse = (sort[1:], True) if sort.startswith("-") else (sort, False)
+    if key not in known:
+        raise UsageError(f"--sort {key}: not a column of this table; columns: {', '.join(known)}")
+    ok = [r for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return sorted(ok, key=lambda r: r[key], reverse=reverse) + [r for r in rows if r not in ok]
+
+
+def statistics_notes(statistics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per reason a statistic is undefined, naming the metrics it concerns."""
+    notes: dict[str, list[str]] = {}
+    for key, st in statistics.items():
+        for stat, why in st["reasons"].items():
+            if stat in ("psi", "pgdl_cmi", "robust_sign_error", "excluded"):
+                notes.setdefault(why, []).append(key)
+    every = len(statistics)
+    return [
+        f"note ({'every metric' if len(who) == every > 1 else ', '.join(who)}): {why}"
+        for why, who in notes.items()
+    ]

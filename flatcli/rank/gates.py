@@ -1,4 +1,5 @@
-"""CI gates of ``flatcli rank``: absolute limits and limits relative to a baseline checkpoint."""
+"""CI gates of ``flatcli rank`` relative to a baseline checkpoint (the absolute ones are every
+command's: :class:`flatcli.run.Gates`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from flatcli.errors import UsageError
 
-__all__ = ["check_gate_names", "absolute_failures", "relative_failures"]
+__all__ = ["check_gate_names", "relative_failures"]
 
 Gate = tuple[str, float]
 
@@ -27,26 +28,6 @@ def check_gate_names(gates: Iterable[tuple[str, Gate]], known: Sequence[str]) ->
 
 def _value(row: Mapping[str, Any], name: str) -> Any:
     return row.get("gap") if name == "gap" else row["metrics"].get(name)
-
-
-def absolute_failures(
-    rows: Sequence[Mapping[str, Any]], above: Sequence[Gate], below: Sequence[Gate]
-) -> list[str]:
-    """Messages for every checkpoint whose metric is above/below an absolute limit (or null)."""
-    out = []
-    for name, limit, sign in [(n, v, ">") for n, v in above] + [(n, v, "<") for n, v in below]:
-        for r in rows:
-            if r.get("error") is not None:
-                continue
-            value = _value(r, name)
-            if value is None:
-                out.append(
-                    f"gate {name}{sign}{limit:g} cannot be checked for {r['checkpoint']}: "
-                    "value is null"
-                )
-            elif (sign == ">" and value > limit) or (sign == "<" and value < limit):
-                out.append(f"gate failed: {r['checkpoint']}: {name} = {value:.6g} {sign} {limit:g}")
-    return out
 
 
 def relative_failures(

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 from flatcli.errors import CheckpointError, UsageError
+from flatcli.evaluation import EVAL_BATCH_SIZE, evaluate
 
 __all__ = [
     "GAP_KINDS",
@@ -108,30 +107,21 @@ def record_hyperparameters(record: Mapping[str, Any], spec: Any = None) -> dict[
     return out
 
 
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-@torch.no_grad()
-def _accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> tuple[float, float]:
-    correct, total = 0, 0.0
-    for sl in _batches(x.shape[0], batch):
-        out = model(x[sl])
-        correct += int((out.argmax(1) == y[sl]).sum())
-        total += float(F.cross_entropy(out.double(), y[sl], reduction="sum"))
-    n = max(x.shape[0], 1)
-    return correct / n, total / n
-
-
 def evaluate_generalization(run: Any, batch_size: int | None = None) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``run.model`` on its training data and test split.
 
     The training data are those the record says the network was trained on (subset, random
     labels, confusion set: :func:`flatcli.train.prepare.rebuild_train_split`) when it is a
     ``flatcli train`` record of this dataset, else the dataset's training split; the whole
-    splits are used (``--max-examples`` limits only the measures' data). The loss is summed in
-    float64.
+    splits are used (``--max-examples`` limits only the measures' data). The loss is computed
+    and summed in float64 (:func:`flatcli.evaluation.evaluate`).
+
+    Args:
+        run: a loaded checkpoint (:class:`flatcli.io.load.Run`).
+        batch_size: examples per forward (``--batch-size``); None: ``EVAL_BATCH_SIZE`` (1,024).
+
+    Returns:
+        ``{"train_acc", "train_loss", "test_acc", "test_loss"}``.
 
     Raises:
         CheckpointError: the dataset has no test split.
@@ -147,12 +137,12 @@ def evaluate_generalization(run: Any, batch_size: int | None = None) -> dict[str
         from flatcli.train.prepare import rebuild_train_split
 
         train = rebuild_train_split(data.train, data.num_classes, record)
-    batch = batch_size or 1024
+    batch = batch_size or EVAL_BATCH_SIZE
     out: dict[str, float] = {}
     for name, split in (("train", train), ("test", data.test)):
         x = split.x.to(device=run.device, dtype=run.dtype)
         y = split.y.to(device=run.device)
-        acc, loss = _accuracy_and_loss(run.model, x, y, batch)
+        loss, acc = evaluate(run.model, x, y, batch, head_dtype=torch.float64)
         out[f"{name}_acc"], out[f"{name}_loss"] = acc, loss
     return out
 

@@ -6,14 +6,12 @@
   :func:`neuron_scale` (Tsuzuku et al. 2020, Eqs. 15-16), :func:`bn_scale`,
   :func:`apply_transform` by name and :func:`max_logit_difference` to check one.
 
-Which sharpness measures such a transform changes is a measure of its own,
-:func:`flatcli.measures.invariance.audit_invariance` (``flatcli sharpness --invariance``);
-``AuditRow``, ``InvarianceAudit`` and ``audit_invariance`` are importable from here too.
+Which sharpness measures such a transform changes is a measure of its own, built on this
+package: :func:`flatcli.measures.invariance.audit_invariance` (``flatcli sharpness
+--invariance``). This package imports no measure.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from flatcli.reparam.chain import ChainOp, trace_chain, weight_layers
 from flatcli.reparam.transforms import (
@@ -38,14 +36,3 @@ __all__ = [
     "apply_transform",
     "max_logit_difference",
 ]
-
-_AUDIT = ("AuditRow", "InvarianceAudit", "audit_invariance")
-
-
-def __getattr__(name: str) -> Any:
-    # the audit lives with the measures (it computes them); import it only when asked for
-    if name in _AUDIT:
-        from flatcli.measures import invariance
-
-        return getattr(invariance, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

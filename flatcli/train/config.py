@@ -7,13 +7,16 @@ be offered as choices on the command line. Every default says why it is what it 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
 import torch
 
+from flatcli.devices import auto_device
+from flatcli.dtypes import DTYPES
 from flatcli.errors import UsageError
+from flatcli.options import option
 
 
 class Optimizer(str, Enum):
@@ -58,8 +61,6 @@ class Augment(str, Enum):
 DEFAULT_LR = {Optimizer.SGD: 0.05, Optimizer.ADAM: 1e-3}
 """Learning rate used when ``lr`` is left as None (measured on mlp/mnist5k; see the README part)."""
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def _enum(cls: type[Enum], value: Any, name: str) -> Any:
     try:
@@ -82,6 +83,16 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def parse_milestones(text: str) -> list[int]:
+    """``"30,45"`` as ``[30, 45]``; UsageError when it is not comma-separated epochs."""
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(
+            f"--milestones takes comma-separated epochs, e.g. 30,45; got '{text}'"
+        ) from None
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run; stored in the checkpoint record via ``to_dict()``.
@@ -92,35 +103,67 @@ class TrainConfig:
     """
 
     # --- optimiser
-    optimizer: Optimizer | str = Optimizer.SGD
-    lr: float | None = None  # None: DEFAULT_LR of the optimiser
-    momentum: float = 0.9  # SGD only; the papers' SGD+Momentum
-    nesterov: bool = False  # SGD only; fisher-gamma Appendix E trains its plain CNN with Nesterov
-    weight_decay: float = 0.0  # L2 coefficient added to the gradient (coupled, also for Adam)
+    optimizer: Optimizer | str = option(Optimizer.SGD, "--optimizer", "sgd or adam.")
+    lr: float | None = option(  # None: DEFAULT_LR of the optimiser
+        None, "--lr", "Learning rate. Default: 0.05 for sgd, 1e-3 for adam."
+    )
+    # SGD only; the papers' SGD+Momentum
+    momentum: float = option(0.9, "--momentum", "SGD momentum.")
+    # SGD only; fisher-gamma Appendix E trains its plain CNN with Nesterov
+    nesterov: bool = option(False, "--nesterov", "Nesterov momentum (SGD).")
+    # L2 coefficient added to the gradient (coupled, also for Adam)
+    weight_decay: float = option(0.0, "--weight-decay", "L2 coefficient.")
     # --- schedule, per epoch
-    schedule: Schedule | str = Schedule.CONSTANT
-    milestones: list[int] = field(default_factory=list)  # "step": 0-based epochs where lr drops
-    gamma: float = 0.1  # "step": factor applied at each milestone
+    schedule: Schedule | str = option(Schedule.CONSTANT, "--schedule", "constant, step or cosine.")
+    milestones: list[int] = option(  # "step": 0-based epochs where lr drops
+        (),
+        "--milestones",
+        "Epochs where a step schedule multiplies the lr by --lr-gamma, e.g. 30,45.",
+        parse=parse_milestones,
+    )
+    gamma: float = option(0.1, "--lr-gamma", "Factor of a step schedule.")
     # --- length and batches
-    epochs: int = 30  # mlp/mnist5k reaches 100 % train acc in 9-14 (SGD, lr 0.05, batch 64)
-    batch_size: int = 64
+    # mlp/mnist5k reaches 100 % train acc in 9-14 (SGD, lr 0.05, batch 64)
+    epochs: int = option(30, "--epochs", "Epochs (an upper bound with --target-train-acc).")
+    batch_size: int = option(
+        64, "--batch-size", "Mini-batch size (large values: the large-batch scenario)."
+    )
     # --- data
-    augment: Augment | str = Augment.NONE
-    random_labels: float = 0.0  # fraction F of training labels replaced by uniform random ones
-    train_subset: int | None = None  # train on N examples drawn (seeded) from the training split
-    confusion_size: int = 0  # extra examples with random labels (fisher-gamma §7.1 Scenario I)
+    augment: Augment | str = option(
+        Augment.NONE, "--augment", "none, flip, crop1-flip or crop4-flip."
+    )
+    random_labels: float = option(
+        0.0,
+        "--random-labels",
+        "Fraction of training labels replaced at random (fixed by the seed).",
+    )
+    train_subset: int | None = option(
+        None, "--train-subset", "Train on N examples of the training split."
+    )
+    confusion_size: int = option(
+        0,
+        "--confusion-size",
+        "N extra training examples with random labels (Fisher paper, Scenario I).",
+    )
     # --- objective
-    label_smoothing: float = 0.0
-    fisher_reg: bool = False  # fisher-gamma-local-minima.md Algorithm 1
-    reg_beta: float = 10.0  # beta of Eq. 6; the paper searched {10, ..., 125}
-    reg_alpha: float = 1e-4  # alpha of Eq. 6; the paper's fixed value
-    reg_subbatches: int = 4  # M of Eq. 6; the paper searched {4, 8, 16}
-    clip: float | None = None  # tau: clip the gradient to this global norm; None = no clipping
+    label_smoothing: float = option(0.0, "--label-smoothing", "Label smoothing ε.")
+    fisher_reg: bool = option(  # Jia & Su 2020, Algorithm 1
+        False, "--fisher-reg", "Add the Fisher-trace regulariser of Algorithm 1 / Eq. 6."
+    )
+    # Eq. 6: beta (the paper searched {10, ..., 125}), alpha (its fixed value), M ({4, 8, 16})
+    reg_beta: float = option(10.0, "--reg-beta", "β of Eq. 6.")
+    reg_alpha: float = option(1e-4, "--reg-alpha", "α of Eq. 6.")
+    reg_subbatches: int = option(4, "--reg-subbatches", "M sub-batches of Eq. 6.")
+    clip: float | None = option(  # tau; None = no clipping
+        None, "--clip", "Clip the gradient to this global norm τ."
+    )
     # --- run
-    seed: int = 0
+    seed: int = option(0, "--seed", "Seed for initialisation, batches, labels and augmentation.")
     device: str = "cpu"  # "auto" resolves on construction: "cuda" if available, else "cpu"
-    dtype: str = "float32"
-    target_train_acc: float | None = None  # stop once train accuracy >= this (e.g. 1.0)
+    dtype: str = option("float32", "--dtype", "float32 or float64.")
+    target_train_acc: float | None = option(
+        None, "--target-train-acc", "Stop once the training accuracy reaches this (e.g. 1.0)."
+    )
     log_every: int = 1  # evaluate (and report) every this many epochs, and after the last one
 
     def __post_init__(self) -> None:
@@ -223,11 +266,11 @@ class TrainConfig:
             f"seed must be a whole number >= 0. Got {self.seed!r}.",
         )
         _check(
-            self.dtype in _DTYPES,
-            f"dtype must be one of {', '.join(repr(d) for d in _DTYPES)}. Got {self.dtype!r}.",
+            self.dtype in DTYPES,
+            f"dtype must be one of {', '.join(repr(d) for d in DTYPES)}. Got {self.dtype!r}.",
         )
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = str(auto_device(mps=False))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -248,7 +291,7 @@ class TrainConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype the model and inputs are trained in."""
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

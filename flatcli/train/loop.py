@@ -18,15 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flatcli.data import Split, iter_batches
+from flatcli.data import Split
 from flatcli.errors import FlatcliError, UsageError
+from flatcli.evaluation import evaluate
 from flatcli.train.augment import augment_batch, check_augmentable
 from flatcli.train.config import Augment, Optimizer, TrainConfig
 from flatcli.train.fisher_reg import fisher_penalty
 from flatcli.train.schedule import lr_at
-
-EVAL_BATCH_SIZE = 1024
-"""Examples per forward when evaluating (no graph is kept, so larger than a training batch)."""
 
 
 @dataclass(frozen=True)
@@ -105,27 +103,6 @@ def build_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torc
             weight_decay=config.weight_decay,
         )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode, no augmentation.
-
-    The model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for xb, yb in iter_batches((x, y), batch_size):
-        logits = model(xb)
-        loss += F.cross_entropy(logits, yb, reduction="sum").double()
-        correct += (logits.argmax(-1) == yb).sum()
-    model.train(was_training)
-    n = max(int(x.shape[0]), 1)
-    return float(loss) / n, int(correct) / n
 
 
 def _check_labels(y: Tensor, num_classes: int, which: str) -> None:

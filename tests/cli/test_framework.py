@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from flatcli.cli.options import analysis_command
-from flatcli.cli.runner import AnalysisContext, run_analysis
+from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.render import analyse
 from flatcli.io.checkpoint import save_checkpoint
+from flatcli.run import Context, Gates, LoadOptions
 from tests.io.test_report import validate_report
 
 FACTORY = """
@@ -48,16 +50,21 @@ def _app() -> typer.Typer:
     def _cb() -> None:
         pass
 
-    @analysis_command(app, "loss")
-    def loss(common) -> None:
-        def measure(ctx: AnalysisContext):
+    @command(app, "loss", help="Mean loss and accuracy.")
+    def loss(
+        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
+    ) -> None:
+        def measure(ctx: Context):
             with torch.no_grad():
                 out = ctx.model(ctx.x)
             return _Loss(
                 F.cross_entropy(out, ctx.y).item(), (out.argmax(1) == ctx.y).float().mean().item()
             )
 
-        run_analysis("loss", common, {}, measure, columns=[("loss", "loss"), ("accuracy", "acc")])
+        columns = [("loss", "loss"), ("accuracy", "acc")]
+        analyse(
+            "loss", checkpoints, measure, columns, load=load, gates=gates, output=output, config={}
+        )
 
     return app
 
@@ -285,13 +292,24 @@ def test_float64_weights_are_not_rounded_through_float32(setup):
     def _cb() -> None:
         pass
 
-    @analysis_command(app, "peek")
-    def peek(common) -> None:
-        def measure(ctx: AnalysisContext):
+    @command(app, "peek", help="Look at the loaded weights.")
+    def peek(
+        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
+    ) -> None:
+        def measure(ctx: Context):
             seen.update({k: v.detach().clone() for k, v in ctx.model.state_dict().items()})
             return _Loss(0.0, 0.0)
 
-        run_analysis("peek", common, {}, measure, columns=[("loss", "loss")])
+        analyse(
+            "peek",
+            checkpoints,
+            measure,
+            [("loss", "loss")],
+            load=load,
+            gates=gates,
+            output=output,
+            config={},
+        )
 
     res = _run(app, ["peek", str(path), *_common(tmp, data), "--dtype", "float64", "--quiet"])
     assert res.exit_code == 0, res.output

@@ -152,7 +152,7 @@ def test_usage_errors_exit_2(tmp_path, toy):
     write_sweep(tmp_path)
     for args, message in [
         (["--measures", "nope"], "unknown metric 'nope'"),
-        (["--measures", "toy_norm", "--fail-above", "other=1"], "not a metric of this run"),
+        (["--measures", "toy_norm", "--fail-above", "other=1"], "this run does not report other"),
         (["--measures", "toy_norm", "--fail-above-baseline", "toy_norm=0.2"], "need --baseline"),
         (["--measures", "toy_norm", "--option", "toy-scale"], "MEASURE.FIELD=VALUE"),
         (["--measures", "toy_norm", "--option", "toy.scale=-1"], "scale must be > 0"),

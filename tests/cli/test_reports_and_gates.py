@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import typer
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
-from flatcli.cli.options import analysis_command
-from flatcli.cli.runner import AnalysisContext, run_analysis
+from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.render import analyse
+from flatcli.run import Context, Gates, LoadOptions
 from tests.cases import write_cli_problem
 from tests.io.test_report import validate_report
 
@@ -56,9 +58,11 @@ def _stopping_app(report_path, stop: type[BaseException], seen: list):
     def _cb() -> None:
         pass
 
-    @analysis_command(sub, "value")
-    def value(common) -> None:
-        def measure(ctx: AnalysisContext):
+    @command(sub, "value", help="A value per checkpoint.")
+    def value(
+        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
+    ) -> None:
+        def measure(ctx: Context):
             n = len(seen)
             if n == 1:
                 seen.append(json.loads(report_path.read_text()))
@@ -68,7 +72,17 @@ def _stopping_app(report_path, stop: type[BaseException], seen: list):
                 raise stop()
             return _Value(float(n))
 
-        run_analysis("value", common, {}, measure, [("value", "value")], metrics=["value"])
+        analyse(
+            "value",
+            checkpoints,
+            measure,
+            [("value", "value")],
+            load=load,
+            gates=gates,
+            output=output,
+            config={},
+            metrics=["value"],
+        )
 
     return sub
 

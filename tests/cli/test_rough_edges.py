@@ -211,7 +211,7 @@ def test_root_help_lists_every_command_from_the_table():
     assert set(available) >= {"train", "spectrum", "sharpness", "reparam", "gamma"}
     for name in available:
         assert name in res.output
-        assert COMMANDS[name][1].split()[0] in res.output
+        assert COMMANDS[name].split()[0] in res.output
 
 
 def test_every_command_has_working_help():
@@ -222,7 +222,7 @@ def test_every_command_has_working_help():
 
 
 def test_a_missing_command_module_breaks_nothing(monkeypatch):
-    monkeypatch.setitem(COMMANDS, "ghost", ("flatcli.cli.no_such_module", "Not written yet."))
+    monkeypatch.setitem(COMMANDS, "ghost", "Not written yet.")  # no flatcli/cli/ghost.py
     res = _run("--help")
     assert res.exit_code == 0 and "ghost" not in res.output and "gamma" in res.output
     assert _run("gamma", "--help").exit_code == 0

@@ -116,9 +116,8 @@ def test_fill_data_kwargs_only_fills_what_is_unset():
 
 def test_split_trained_rebuilds_the_training_labels(tmp_path):
     """--split trained measures on the subset, random labels and confusion set trained on."""
-    from flatcli.cli.options import CommonOptions
-    from flatcli.cli.runner import _DataCache, prepare_context
     from flatcli.data import load_dataset
+    from flatcli.io.load import load
     from flatcli.train import TrainConfig, prepare_train_split
 
     data = tmp_path / "blobs.safetensors"
@@ -145,19 +144,13 @@ def test_split_trained_rebuilds_the_training_labels(tmp_path):
         "--quiet",
     ]
     assert CliRunner().invoke(app, args).exit_code == 0
-    common = CommonOptions(checkpoints=[out], split="trained")
-    ctx = prepare_context(
-        out, common, None, _DataCache(common), torch.device("cpu"), torch.float32, lambda *a: None
-    )
+    ctx = load(out, split="trained", device="cpu")
     ds = load_dataset(f"tensors:{data}")
     config = TrainConfig(train_subset=50, confusion_size=20, random_labels=0.5, seed=4)
     expected, _ = prepare_train_split(ds.train, ds.num_classes, config)
     assert torch.equal(ctx.y, expected.y) and torch.equal(ctx.x, expected.x)
     assert not torch.equal(ctx.y[:50], ds.train.y[:50])  # really not the stored labels
-    common = CommonOptions(checkpoints=[out], split="trained-clean")
-    ctx = prepare_context(
-        out, common, None, _DataCache(common), torch.device("cpu"), torch.float32, lambda *a: None
-    )
+    ctx = load(out, split="trained-clean", device="cpu")
     assert torch.equal(ctx.y, expected.y[:50]) and torch.equal(ctx.x, expected.x[:50])
     res = CliRunner().invoke(
         app, ["spectrum", str(out), "--split", "trained", "--top-k", "1", "--quiet"]

@@ -60,7 +60,7 @@ def test_iter_chunks_covers_examples_and_casts_floats_only() -> None:
 
 
 def test_one_subclass_per_kind() -> None:
-    from flatcli.curvature.operators import FisherOperator, GGNOperator, HessianOperator
+    from flatcli.curvature import FisherOperator, GGNOperator, HessianOperator
 
     model, x, y = make_case("mlp_tanh")
     expected = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": FisherOperator}

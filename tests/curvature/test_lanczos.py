@@ -97,8 +97,9 @@ def test_invariant_subspace_breakdown_continues_with_a_fresh_vector():
     A = matrix_with_spectrum(lam)
     res = lanczos(DenseOperator(A), 5, "largest", tol=1e-10, return_vectors=True)
     assert res.converged and torch.isfinite(res.eigenvalues).all()
-    torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 1.0, 0.0, 0.0, 0.0]).double(),
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        res.eigenvalues, torch.tensor([5.0, 1.0, 0.0, 0.0, 0.0]).double(), atol=1e-10, rtol=0
+    )
     assert bool((_true_residuals(A, res) < 1e-10).all())
     # the negative eigenvalue at the other end, and a breakdown at step 1 (A = 0)
     assert abs(float(lanczos(DenseOperator(A), 1, "smallest").eigenvalues[0]) + 2.0) < 1e-10

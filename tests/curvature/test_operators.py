@@ -159,7 +159,7 @@ def test_fisher_of_non_likelihood_loss_is_refused():
     assert_close(op.to_dense(), dense_ggn(model, x, y, op.param_names, squared))
 
 
-# ---------------------------------------------------------------- Hessian vs GGN (NOTES.md)
+# ---------------------------------------------------------------- Hessian vs GGN (measured)
 
 
 def test_relu_hessian_and_ggn_share_the_diagonal_but_tanh_does_not():

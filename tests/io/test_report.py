@@ -1,4 +1,4 @@
-"""JSON reports follow the CONTRACTS.md shape."""
+"""JSON reports follow the documented shape (docs/index.md, "JSON reports")."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from flatcli.curvature.losses import normalized_cross_entropy
-from flatcli.measures.normalized_sharpness import (
+from flatcli.measures.sharpness._solver import (
     layer_terms,
     lower_bound,
     objective,

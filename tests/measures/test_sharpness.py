@@ -15,7 +15,7 @@ from flatcli.measures.sharpness import (
     SharpnessResult,
     compute_sharpness,
 )
-from flatcli.measures.worst_case import adaptive_sharpness, eps_sharpness, mean_loss
+from flatcli.measures.sharpness._worst_case import adaptive_sharpness, eps_sharpness, mean_loss
 from tests.cases import make_case
 
 EXACT = dict(diag_method="exact", batch_size=12, eps_steps=5, adaptive_steps=5)

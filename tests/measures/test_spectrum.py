@@ -45,9 +45,7 @@ def test_eigenvalues_match_the_dense_hessian(mlp, which):
     res = compute_spectrum(model, x, y, SpectrumConfig(top_k=5, which=which, tol=1e-10))
     lam = torch.linalg.eigvalsh(H)
     assert bool((lam < -1e-6).any())  # a Hessian with negative eigenvalues
-    torch.testing.assert_close(
-        _eig(res), _sorted(lam, which, 5), rtol=1e-8, atol=1e-12
-    )
+    torch.testing.assert_close(_eig(res), _sorted(lam, which, 5), rtol=1e-8, atol=1e-12)
     m = res.metrics()
     assert m["top_eigenvalue"] == res.eigenvalues[0]
     assert m["num_params"] == H.shape[0] == 74
@@ -71,8 +69,14 @@ def test_ggn_spectrum_and_exact_trace(mlp):
 def test_trace_within_its_stderr_and_density_moments(mlp):
     model, x, y, H = mlp
     cfg = SpectrumConfig(
-        top_k=0, trace=True, trace_method="hutchinson", probes=60, density=True,
-        density_runs=20, lanczos_steps=12, seed=3,
+        top_k=0,
+        trace=True,
+        trace_method="hutchinson",
+        probes=60,
+        density=True,
+        density_runs=20,
+        lanczos_steps=12,
+        seed=3,
     )
     res = compute_spectrum(model, x, y, cfg)
     exact = float(torch.trace(H))
@@ -94,13 +98,16 @@ def test_per_layer_blocks_are_the_dense_diagonal_blocks(mlp):
     assert [b["name"] for b in layers] == ["1", "3", "5"]
     assert [b["num_params"] for b in layers] == [35, 24, 15]
     for block in layers:
-        idx = torch.cat([
-            torch.arange(op.slices[n].start, op.slices[n].stop)
-            for n in (f"{block['name']}.weight", f"{block['name']}.bias")
-        ])
+        idx = torch.cat(
+            [
+                torch.arange(op.slices[n].start, op.slices[n].stop)
+                for n in (f"{block['name']}.weight", f"{block['name']}.bias")
+            ]
+        )
         sub = H[idx][:, idx]
-        assert block["top_eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(sub)[-1]),
-                                                        rel=1e-8)
+        assert block["top_eigenvalue"] == pytest.approx(
+            float(torch.linalg.eigvalsh(sub)[-1]), rel=1e-8
+        )
         assert block["trace"] == pytest.approx(float(torch.trace(sub)), rel=1e-9, abs=1e-12)
     # total products: the full operator's plus every block's
     assert res.metrics()["matvecs"] == res.eigen.matvecs + 3 * 35 + sum(
@@ -113,9 +120,7 @@ def test_layers_restrict_the_operator(mlp):
     res = compute_spectrum(model, x, y, SpectrumConfig(top_k=2, tol=1e-10, layers=("5",)))
     sub = H[-15:, -15:]  # the last Linear's weight and bias come last in the flat vector
     assert res.num_params == 15
-    torch.testing.assert_close(
-        _eig(res), torch.linalg.eigvalsh(sub).flip(0)[:2], rtol=1e-8, atol=0
-    )
+    torch.testing.assert_close(_eig(res), torch.linalg.eigvalsh(sub).flip(0)[:2], rtol=1e-8, atol=0)
     with pytest.raises(UsageError, match="nonexistent"):
         compute_spectrum(model, x, y, SpectrumConfig(layers=("nonexistent",)))
 
@@ -151,9 +156,7 @@ def test_float32_model_with_a_float64_head(mlp):
         copy.deepcopy(model).float(), x.float(), y, SpectrumConfig(top_k=2, head_dtype="float64")
     )
     assert res.operator["dtype"] == "float32" and res.operator["head_dtype"] == "float64"
-    torch.testing.assert_close(
-        _eig(res), torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0
-    )
+    torch.testing.assert_close(_eig(res), torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0)
 
 
 def test_progress_reports_each_stage(mlp):

@@ -103,12 +103,12 @@ def test_no_inplace_modules(name: str) -> None:
 # (name, kwargs, count we build, figure the paper quotes, relative tolerance, source)
 # A quoted figure of None means the count is exact arithmetic from the paper's layer table.
 PARAM_COUNTS = [
-    ("lenet5", {"in_channels": 1}, 61_706, 61_706, 0.0, "NOTES.md: LeNet-5 on MNIST"),
+    ("lenet5", {"in_channels": 1}, 61_706, 61_706, 0.0, "LeNet-5 on MNIST"),
     ("lenet5-bn", {"in_channels": 1}, 61_706, 61_706, 0.0, "BN without affine adds none"),
     ("lenet5", {"in_channels": 3}, 62_006, None, 0.0, "K-FAC paper Table 4 (CIFAR-10)"),
     ("lenet5-bn", {"in_channels": 3}, 62_006, None, 0.0, "K-FAC paper Table 5 (CIFAR-10)"),
     ("mlp", {}, 199_210, None, 0.0, "K-FAC paper Table 3: F-200^2 on MNIST"),
-    ("mlp", {"hidden": [32, 32]}, 26_506, 26_506, 0.0, "NOTES.md: 784-32-32-10 MLP"),
+    ("mlp", {"hidden": [32, 32]}, 26_506, 26_506, 0.0, "784-32-32-10 MLP"),
     ("cnn6", {"in_channels": 3}, 815_434, None, 0.0, "gamma paper App. E (no count quoted)"),
     ("resnet20", {"in_channels": 3}, 269_722, 270_000, 0.02, "He et al. 2016: 0.27M"),
     ("wrn", {"in_channels": 3}, 1_467_610, 1_470_000, 0.02, "WRN-28-2: 1.47M"),

@@ -31,10 +31,12 @@ from torch import Tensor, nn
 
 from flatcli.curvature._functional import FunctionalModel, head_loss
 from flatcli.curvature.data import iter_chunks
+from flatcli.curvature.losses import get_loss
 from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
+from flatcli.measures.sharpness._definition import Outcome, Shared
 
-__all__ = ["WorstCaseResult", "eps_sharpness", "adaptive_sharpness", "mean_loss"]
+__all__ = ["WorstCaseResult", "eps_sharpness", "adaptive_sharpness", "mean_loss", "outcome"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,29 @@ def adaptive_sharpness(
         "method": "projected ascent in delta/|w| from 0, best iterate",
     }
     return WorstCaseResult(best - base, base, best, steps + 1, settings, hist)
+
+
+def outcome(shared: Shared, ascent: Callable[..., WorstCaseResult], **kwargs: Any) -> Outcome:
+    """``ascent`` (:func:`eps_sharpness` or :func:`adaptive_sharpness`) with ``kwargs`` on the
+    shared model and examples, with the config's classic loss, batch size, head and step size."""
+    config = shared.config
+    res = ascent(
+        shared.model,
+        shared.x,
+        shared.y,
+        step_size=config.step_size,
+        loss_fn=get_loss(config.classic_loss),
+        batch_size=config.batch_size,
+        head_dtype=config.head,
+        **kwargs,
+    )
+    settings = {
+        **res.settings,
+        "loss": config.classic_loss,
+        "base_loss": res.base_loss,
+        "max_loss": res.max_loss,
+    }
+    return Outcome(value=res.value, settings=settings)
 
 
 def _norm(p: float | str) -> float:

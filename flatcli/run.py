@@ -1,0 +1,557 @@
+"""The one runner: every checkpoint argument → load → measure → report row → gates.
+
+:func:`run_checkpoints` is the path every analysis command (and ``rank``) takes a checkpoint
+through. Directories are expanded; each checkpoint is loaded (:func:`flatcli.io.load.load`) and
+measured in isolation, so one that fails becomes an error row and the others still run; the
+report is rewritten after every checkpoint (``"interrupted": true`` until the run ends), so
+Ctrl-C keeps every finished row; under ``torchrun`` every process either shares each
+checkpoint's examples (``shard="data"``) or measures its own share of the checkpoints
+(``shard="checkpoints"``, as ``rank`` does); registered measures can be read from and written
+to a :class:`~flatcli.rank.cache.ResultCache` (:func:`compute_cached`). Gates turn the rows into
+an exit code. Nothing here prints: a :class:`Sink` receives progress, warnings, errors and the
+partial reports, and the command line renders them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from flatcli import distributed
+from flatcli.devices import resolve_device
+from flatcli.dtypes import dtype_of
+from flatcli.errors import UsageError
+from flatcli.io.checkpoint import expand_checkpoints
+from flatcli.io.load import SPLITS, DatasetCache, Run, load
+from flatcli.io.report import build_report, environment_info, result_entry
+from flatcli.io.spec import parse_model_option
+from flatcli.options import option
+from flatcli.progress import ProgressFn, no_progress
+
+__all__ = [
+    "LoadOptions",
+    "Gates",
+    "Context",
+    "Sink",
+    "Outcome",
+    "run_checkpoints",
+    "registered",
+    "compute_cached",
+]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How each checkpoint is loaded: the arguments of :func:`flatcli.io.load.load`, and the
+    common options of every analysis command."""
+
+    model: str | None = option(
+        None,
+        "--model",
+        "Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME. "
+        "Default: the spec in the checkpoint, else <stem>.yaml / model.yaml beside it.",
+    )
+    dataset: str | None = option(
+        None,
+        "--dataset",
+        "mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, "
+        "imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
+    )
+    data_dir: Path | None = option(
+        None,
+        "--data-dir",
+        "Where dataset files live. Default: $FLATCLI_DATA, else ~/.cache/flatcli/data.",
+    )
+    download: bool = option(False, "--download", "Let torchvision download a missing dataset.")
+    split: str = option(
+        "train",
+        "--split",
+        "Data the measure is computed on: train, test, trained (the training data exactly as "
+        "flatcli train used them: its subset, random labels and confusion set) or trained-clean "
+        "(the same without the confusion set).",
+    )
+    max_examples: int | None = option(
+        None,
+        "--max-examples",
+        "Use only the first N examples of the split, after a seeded shuffle.",
+        min=1,
+    )
+    batch_size: int | None = option(
+        None, "--batch-size", "Examples per forward/backward. Default: chosen to fit memory.", min=1
+    )
+    device: str = option("auto", "--device", "auto, cpu, cuda, cuda:N or mps.")
+    dtype: str = option("float32", "--dtype", "float32 or float64.")
+    seed: int = option(0, "--seed", "Every random draw derives from it.")
+    unsafe_load: bool = option(
+        False,
+        "--unsafe-load",
+        "Unpickle arbitrary objects from .pt files (runs code from the file).",
+    )
+
+    def validate(self) -> None:
+        """Check the values a type alone cannot (UsageError: exit 2 before any work)."""
+        if self.split not in SPLITS:
+            raise UsageError(
+                f"--split must be train, test, trained or trained-clean; got '{self.split}'"
+            )
+        dtype_of(self.dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The options as a report's ``config`` holds them."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "data_dir": str(self.data_dir) if self.data_dir else None,
+            "download": self.download,
+            "split": self.split,
+            "max_examples": self.max_examples,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "dtype": self.dtype,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Gates:
+    """CI gates on the reported metrics: exit 3 when a checkpoint crosses one."""
+
+    fail_above: tuple[str, ...] | None = option(
+        None,
+        "--fail-above",
+        "Gate METRIC=VALUE: exit 3 if METRIC > VALUE for any checkpoint. Repeatable.",
+        repeatable=True,
+    )
+    fail_below: tuple[str, ...] | None = option(
+        None,
+        "--fail-below",
+        "Gate METRIC=VALUE: exit 3 if METRIC < VALUE for any checkpoint. Repeatable.",
+        repeatable=True,
+    )
+
+    @property
+    def above(self) -> list[tuple[str, float]]:
+        """``--fail-above`` as (metric, limit) pairs."""
+        return parse_gates(self.fail_above or (), "--fail-above")
+
+    @property
+    def below(self) -> list[tuple[str, float]]:
+        """``--fail-below`` as (metric, limit) pairs."""
+        return parse_gates(self.fail_below or (), "--fail-below")
+
+    def to_config(self) -> dict[str, Any]:
+        """The gates as a report's ``config`` holds them."""
+        return {
+            "fail_above": list(self.fail_above or ()),
+            "fail_below": list(self.fail_below or ()),
+        }
+
+    def check(self, metrics: Sequence[str] | None, command: str) -> None:
+        """A gate on a metric this run does not report is a usage error, before any work.
+
+        Raises:
+            UsageError: naming the gate, the metrics the run reports and, when another measure
+                reports the gate's metric, where it comes from.
+        """
+        from flatcli.measures.registry import find_metric
+
+        parsed = self.above, self.below  # a malformed gate is an error even without metrics
+        if metrics is None:
+            return
+        for flag, specs in zip(("--fail-above", "--fail-below"), parsed, strict=True):
+            for name, _ in specs:
+                if name in metrics:
+                    continue
+                try:
+                    owner, _ = find_metric(name)
+                except UsageError:
+                    hint = "no flatcli measure reports it"
+                else:
+                    hint = (
+                        f"other options of `flatcli {command}` compute it"
+                        if owner.command == command
+                        else f"`flatcli {owner.command}` reports it"
+                    )
+                raise UsageError(
+                    f"{flag} {name}: this run does not report {name} ({hint}); "
+                    f"its metrics: {', '.join(metrics)}"
+                )
+
+    def failures(self, results: Sequence[dict[str, Any]]) -> tuple[int, list[str]]:
+        """(exit code, one message per failed gate): 3 when a gate failed, 2 when a gate's
+        metric is in no row, else 0."""
+        messages: list[str] = []
+        pairs = [(n, v, ">") for n, v in self.above] + [(n, v, "<") for n, v in self.below]
+        for name, limit, sign in pairs:
+            if results and all(name not in r["metrics"] and name not in r for r in results):
+                known = sorted({k for r in results for k in r["metrics"]})
+                return 2, [
+                    f"gate metric '{name}' is not in this report; metrics: {', '.join(known)}"
+                ]
+            for r in results:  # a metric, or a key of the row itself (rank's gap)
+                value = r["metrics"][name] if name in r["metrics"] else r.get(name)
+                if value is None:
+                    messages.append(
+                        f"gate {name}{sign}{limit:g} cannot be checked for {r['checkpoint']}: "
+                        "value is null"
+                    )
+                elif (sign == ">" and value > limit) or (sign == "<" and value < limit):
+                    messages.append(
+                        f"gate failed: {r['checkpoint']}: {name} = {value:.6g} {sign} {limit:g}"
+                    )
+        return (3 if messages else 0), messages
+
+
+def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
+    """``METRIC=VALUE`` gate options as (metric, value) pairs; UsageError when malformed."""
+    gates = []
+    for s in specs:
+        name, sep, value = s.partition("=")
+        try:
+            gates.append((name.strip(), float(value)))
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UsageError(
+                f"{flag} takes METRIC=VALUE (e.g. {flag} top_eigenvalue=50); got '{s}'"
+            )
+    return gates
+
+
+@dataclass
+class Context(Run):
+    """One loaded checkpoint (a :class:`~flatcli.io.load.Run`) as a measure receives it: the
+    progress callback of its row, and ``row``: keys a measure adds to its report entry (kept
+    when it fails later, e.g. ``rank``'s gap)."""
+
+    progress: ProgressFn = no_progress
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Where a run's progress, messages and partial reports go (the command line's output)."""
+
+    def overall(
+        self, command: str, total: int
+    ) -> contextlib.AbstractContextManager[Callable[[], None]]:
+        """A context whose value advances the run's overall progress by one checkpoint."""
+        ...
+
+    def checkpoint(self, name: str) -> contextlib.AbstractContextManager[ProgressFn]:
+        """A context whose value is the progress callback of one checkpoint."""
+        ...
+
+    def warning(self, text: str) -> None:
+        """A warning line."""
+        ...
+
+    def failed(self, path: Path, error: BaseException) -> None:
+        """Checkpoint ``path`` failed with ``error`` (the run goes on)."""
+        ...
+
+    def partial(self, report: dict[str, Any]) -> None:
+        """The report so far (rewritten after every checkpoint)."""
+        ...
+
+
+class SilentSink:
+    """A :class:`Sink` that shows nothing: the Python API's default."""
+
+    @contextlib.contextmanager
+    def overall(self, command: str, total: int) -> Iterator[Callable[[], None]]:
+        yield lambda: None
+
+    @contextlib.contextmanager
+    def checkpoint(self, name: str) -> Iterator[ProgressFn]:
+        yield no_progress
+
+    def warning(self, text: str) -> None:
+        warnings.warn(text, stacklevel=2)
+
+    def failed(self, path: Path, error: BaseException) -> None:
+        pass
+
+    def partial(self, report: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    """What a run produced: its report rows, whether it finished, and its exit code."""
+
+    command: str
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    results: list[dict[str, Any]]
+    interrupted: bool = False
+    failure: int = 0
+    """The largest exit code of a failed checkpoint (2: a usage error found while loading it)."""
+
+    def report(self, *, interrupted: bool | None = None, **extra: Any) -> dict[str, Any]:
+        """The JSON report (``flatcli/report-v1``), with ``extra`` top-level keys;
+        ``interrupted`` overrides the outcome's own flag (True while the run goes on)."""
+        from flatcli.io.report import _jsonable
+
+        stopped = self.interrupted if interrupted is None else interrupted
+        rep = build_report(
+            self.command, self.config, self.environment, self.results, interrupted=stopped
+        )
+        rep.update({k: _jsonable(v) for k, v in extra.items() if v is not None})
+        return rep
+
+
+Measure = Callable[[Context], Any]
+"""``measure(ctx) -> result`` with ``result.metrics()`` and ``result.details()``."""
+
+
+def run_checkpoints(
+    command: str,
+    checkpoints: Sequence[str | Path],
+    measure: Measure,
+    *,
+    load_options: LoadOptions | None = None,
+    config: dict[str, Any] | None = None,
+    gates: Gates | None = None,
+    metrics: Sequence[str] | None = None,
+    sink: Sink | None = None,
+    shard: str = "data",
+    row_keys: dict[str, Any] | None = None,
+) -> Outcome:
+    """Take every checkpoint of ``checkpoints`` (directories expanded) through ``measure``.
+
+    Args:
+        command: the command's name (the report's ``command``).
+        checkpoints: files and directories.
+        measure: ``measure(ctx) -> result`` for one loaded checkpoint (:class:`Context`).
+        load_options: how to load each checkpoint.
+        config: the command's own options, for the report's ``config``.
+        gates: CI gates, checked against ``metrics`` before any work.
+        metrics: the metric keys this run reports (None: gates are checked after the run).
+        sink: where progress, messages and partial reports go (default: nowhere).
+        shard: under torchrun, ``"data"`` (every process measures every checkpoint on its
+            share of the examples) or ``"checkpoints"`` (every process measures its own share of
+            the checkpoints alone; the rows are gathered at the end).
+        row_keys: keys every row has beyond the report's (with these defaults; a measure sets
+            them through ``ctx.row``), e.g. ``rank``'s gap, also on a checkpoint that failed.
+
+    Returns:
+        The :class:`Outcome`. Ctrl-C ends the run early with ``interrupted=True`` and every
+        finished row.
+
+    Raises:
+        UsageError: bad options, an unknown or missing dataset, a gate on a metric the run
+            does not report (before any work).
+    """
+    opts = load_options or LoadOptions()
+    gates = gates or Gates()
+    sink = sink or SilentSink()
+    opts.validate()
+    gates.check(metrics, command)
+    device = setup_device(opts.device)
+    dtype = dtype_of(opts.dtype)
+    model = parse_model_option(opts.model) if opts.model else None
+    paths = expand_checkpoints([Path(p) for p in checkpoints])
+    datasets = DatasetCache(opts.data_dir, opts.download)
+    if opts.dataset is not None:
+        datasets.get(opts.dataset)  # an unknown or missing dataset is a usage error for the run
+    environment = environment_info(device, dtype, world_size=distributed.world_size())
+    outcome = Outcome(
+        command, {**(config or {}), **opts.to_config(), **gates.to_config()}, environment, []
+    )
+    sharded = shard == "checkpoints" and distributed.active()
+    mine = distributed.split_items(list(paths)) if sharded else paths
+
+    def one(path: Path) -> tuple[dict[str, Any], int]:
+        with _warnings_as_lines(path.name, sink), sink.checkpoint(path.name) as progress:
+            return _measure_one(
+                path,
+                opts,
+                model,
+                datasets,
+                device,
+                dtype,
+                measure,
+                progress,
+                sink,
+                environment if not sharded else None,
+                collective=not sharded,
+            )
+
+    with distributed.local_work() if sharded else contextlib.nullcontext():
+        try:
+            with sink.overall(command, len(mine)) as advance:
+                for path in mine:
+                    entry, code = one(path)
+                    entry = {**entry, **{k: entry.get(k, v) for k, v in (row_keys or {}).items()}}
+                    outcome.failure = max(outcome.failure, code)
+                    outcome.results.append(entry)
+                    sink.partial(outcome.report(interrupted=True))
+                    advance()
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+    if sharded:
+        shares = distributed.gather_objects((outcome.results, outcome.failure, outcome.interrupted))
+        outcome.results = [row for share in shares for row in share[0]]
+        outcome.failure = max(share[1] for share in shares)
+        outcome.interrupted = any(share[2] for share in shares)
+    return outcome
+
+
+def setup_device(name: str) -> Any:
+    """The device ``name`` stands for (``auto``: CUDA when there is one), after joining the
+    torchrun process group (a no-op in one process): ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    device = resolve_device(name)
+    distributed.init(device)
+    return distributed.device_for(device)
+
+
+def _measure_one(
+    path: Path,
+    opts: LoadOptions,
+    model: Any,
+    datasets: DatasetCache,
+    device: Any,
+    dtype: Any,
+    measure: Measure,
+    progress: ProgressFn,
+    sink: Sink,
+    environment: dict[str, Any] | None,
+    *,
+    collective: bool,
+) -> tuple[dict[str, Any], int]:
+    """Load and measure one checkpoint: its report entry (with the error, if it failed) and
+    the exit code its failure calls for (0 when measured; 2 for a usage error while loading,
+    such as a spec beside it that cannot be built; else 1)."""
+    start = time.perf_counter()
+    sha, num_params, loading, ctx = None, None, True, None
+    agree = distributed.agree if collective else _raise_if
+    try:
+        failed = None
+        try:
+            run = load(
+                path,
+                model=model,
+                dataset=opts.dataset,
+                split=opts.split,
+                max_examples=opts.max_examples,
+                seed=opts.seed,
+                device=device,
+                dtype=dtype,
+                unsafe_load=opts.unsafe_load,
+                batch_size=opts.batch_size,
+                datasets=datasets,
+            )
+            ctx = Context(**{f.name: getattr(run, f.name) for f in fields(Run)}, progress=progress)
+        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+            failed = e
+        # under torchrun: no process measures (collectives) unless every process loaded
+        agree(failed, f"loading {path.name}")
+        assert ctx is not None
+        loading = False
+        sha, num_params = ctx.checkpoint.sha256, ctx.num_params
+        if environment is not None:
+            environment.update(distributed.environment(int(ctx.x.shape[0])))
+        try:
+            result, failed = measure(ctx), None
+        except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+            failed = e
+        agree(failed, f"measuring {path.name}")
+        entry = result_entry(
+            str(path),
+            sha256=sha,
+            num_params=num_params,
+            metrics=result.metrics(),
+            details=result.details(),
+            seconds=time.perf_counter() - start,
+        )
+        return {**entry, **ctx.row}, 0
+    except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        if distributed.is_main() or not collective:
+            sink.failed(path, e)
+        entry = result_entry(
+            str(path),
+            sha256=sha,
+            num_params=num_params,
+            seconds=time.perf_counter() - start,
+            error=e,
+        )
+        if ctx is not None:
+            entry = {**entry, **ctx.row, "metrics": {}, "error": entry["error"]}
+        # A spec or dataset that cannot be used is bad usage (2) whether it came from an
+        # option or from beside the checkpoint; a checkpoint that failed to load or measure
+        # otherwise is 1; ``usage`` marks a peer process's UsageError
+        usage = isinstance(e, UsageError) or getattr(e, "usage", False)
+        return entry, 2 if loading and usage else 1
+
+
+def _raise_if(error: BaseException | None, what: str) -> None:
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(name: str, sink: Sink) -> Iterator[None]:
+    """flatcli's own warnings inside the block (a dataset that differs from the recorded one,
+    an optimisation that had not converged) passed to the sink afterwards, one line each."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
+            yield
+    finally:
+        if distributed.is_main():
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    sink.warning(f"{name}: {w.message}")
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def compute_cached(measure: Any, ctx: Run, config: Any, cache: Any, fingerprint: str) -> dict:
+    """A registered measure's ``{"metrics", "details", "seconds"}`` on ``ctx``, from ``cache``
+    when it holds this (checkpoint, measure, config, data, device, dtype), else computed and
+    stored. Values pass through JSON either way, so cached and fresh ones compare equal."""
+    from flatcli.io.report import _jsonable, finite_metrics
+    from flatcli.measures.registry import compute
+
+    key = cache.key(
+        ctx.checkpoint.sha256, measure.name, config, fingerprint, str(ctx.device), str(ctx.dtype)
+    )
+    value = cache.get(key)
+    if value is None:
+        t0 = time.perf_counter()
+        result = compute(measure, ctx, config, progress=getattr(ctx, "progress", None))
+        took = time.perf_counter() - t0
+        details = _jsonable(dict(result.details()))
+        metrics = finite_metrics(dict(result.metrics()), details)
+        value = json.loads(
+            json.dumps(
+                {"metrics": _jsonable(metrics), "details": details, "seconds": took},
+                allow_nan=False,
+            )
+        )
+        cache.put(key, value)
+    return value
+
+
+def registered(measure: Any, config: Any) -> Measure:
+    """The runner's ``measure(ctx)`` for a registered measure (a name or a
+    :class:`~flatcli.measures.registry.Measure`) with ``config``; the config's ``seed`` and
+    ``batch_size``, where it has them, are the run's."""
+    from flatcli.measures.registry import compute, get_measure
+
+    measure = get_measure(measure) if isinstance(measure, str) else measure
+    names = {f.name for f in fields(config)}
+    own = {k: None for k in ("seed", "batch_size") if k in names}
+
+    def on_checkpoint(ctx: Context) -> Any:
+        cfg = replace(config, **{k: getattr(ctx, k) for k in own}) if own else config
+        return compute(measure, ctx, cfg, progress=ctx.progress)
+
+    return on_checkpoint
