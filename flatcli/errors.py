@@ -1,6 +1,10 @@
-"""Exceptions that carry a one-line, actionable message and a documented exit code."""
+"""Exceptions that carry a one-line, actionable message and a documented exit code, and
+:func:`choice`, the one check of a value against a fixed set of choices."""
 
 from __future__ import annotations
+
+from enum import Enum
+from typing import Any
 
 
 class FlatcliError(Exception):
@@ -41,3 +45,25 @@ class CheckpointError(FlatcliError):
 
 class MeasureError(FlatcliError):
     """A measure that cannot be computed on this checkpoint (exit 1)."""
+
+
+def choice(enum: type[Enum], value: Any, what: str) -> str:
+    """``value`` as the string of a member of the ``str`` Enum ``enum``; else a UsageError
+    that names ``what`` and lists the members.
+
+    >>> from enum import Enum
+    >>> class Fisher(str, Enum):
+    ...     MC = "mc"
+    ...     EXACT = "exact"
+    >>> choice(Fisher, Fisher.MC, "fisher_type"), choice(Fisher, "exact", "fisher_type")
+    ('mc', 'exact')
+    >>> choice(Fisher, "emp", "fisher_type")
+    Traceback (most recent call last):
+    ...
+    flatcli.errors.UsageError: Unknown fisher_type 'emp'; choose one of 'mc', 'exact'.
+    """
+    try:
+        return enum(value).value
+    except ValueError:
+        valid = ", ".join(repr(e.value) for e in enum)
+        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None

@@ -102,7 +102,12 @@ class LoadOptions:
             )
         dtype_of(self.dtype)
 
-    def to_config(self) -> dict[str, Any]:
+    def data(self) -> dict[str, Any]:
+        """The arguments of :func:`flatcli.io.load.load` that pick the examples."""
+        names = ("dataset", "split", "max_examples", "seed", "unsafe_load", "batch_size")
+        return {name: getattr(self, name) for name in names}
+
+    def load_config(self) -> dict[str, Any]:
         """The options as a report's ``config`` holds them."""
         return {
             "model": self.model,
@@ -145,7 +150,7 @@ class Gates:
         """``--fail-below`` as (metric, limit) pairs."""
         return parse_gates(self.fail_below or (), "--fail-below")
 
-    def to_config(self) -> dict[str, Any]:
+    def gate_config(self) -> dict[str, Any]:
         """The gates as a report's ``config`` holds them."""
         return {
             "fail_above": list(self.fail_above or ()),
@@ -194,18 +199,25 @@ class Gates:
                 return 2, [
                     f"gate metric '{name}' is not in this report; metrics: {', '.join(known)}"
                 ]
-            for r in results:  # a metric, or a key of the row itself (rank's gap)
-                value = r["metrics"][name] if name in r["metrics"] else r.get(name)
-                if value is None:
-                    messages.append(
-                        f"gate {name}{sign}{limit:g} cannot be checked for {r['checkpoint']}: "
-                        "value is null"
-                    )
-                elif (sign == ">" and value > limit) or (sign == "<" and value < limit):
-                    messages.append(
-                        f"gate failed: {r['checkpoint']}: {name} = {value:.6g} {sign} {limit:g}"
-                    )
+            label = f"gate {name}{sign}{limit:g}"
+            found = (
+                gate_failure(r, name, sign, limit, label, f"{sign} {limit:g}") for r in results
+            )
+            messages += [m for m in found if m is not None]
         return (3 if messages else 0), messages
+
+
+def gate_failure(
+    row: dict[str, Any], name: str, sign: str, limit: float, label: str, beyond: str
+) -> str | None:
+    """The message when ``row``'s value of ``name`` (a metric, or a key of the row itself such
+    as ``rank``'s gap) is null, or lies beyond ``limit`` (``sign`` ``>`` or ``<``); else None."""
+    value = row["metrics"][name] if name in row["metrics"] else row.get(name)
+    if value is None:
+        return f"{label} cannot be checked for {row['checkpoint']}: value is null"
+    if (sign == ">" and value > limit) or (sign == "<" and value < limit):
+        return f"gate failed: {row['checkpoint']}: {name} = {value:.6g} {beyond}"
+    return None
 
 
 def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
@@ -362,7 +374,7 @@ def run_checkpoints(
         datasets.get(opts.dataset)  # an unknown or missing dataset is a usage error for the run
     environment = environment_info(device, dtype, world_size=distributed.world_size())
     outcome = Outcome(
-        command, {**(config or {}), **opts.to_config(), **gates.to_config()}, environment, []
+        command, {**(config or {}), **opts.load_config(), **gates.gate_config()}, environment, []
     )
     sharded = shard == "checkpoints" and distributed.active()
     mine = distributed.split_items(list(paths)) if sharded else paths
@@ -434,19 +446,7 @@ def _measure_one(
     try:
         failed = None
         try:
-            run = load(
-                path,
-                model=model,
-                dataset=opts.dataset,
-                split=opts.split,
-                max_examples=opts.max_examples,
-                seed=opts.seed,
-                device=device,
-                dtype=dtype,
-                unsafe_load=opts.unsafe_load,
-                batch_size=opts.batch_size,
-                datasets=datasets,
-            )
+            run = load(path, model, device=device, dtype=dtype, datasets=datasets, **opts.data())
             ctx = Context(**{f.name: getattr(run, f.name) for f in fields(Run)}, progress=progress)
         except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
             failed = e

@@ -26,6 +26,15 @@ def _cnn(bn: bool) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def randomize_batchnorm(bn: nn.modules.batchnorm._BatchNorm, g: torch.Generator) -> None:
+    """Give ``bn`` non-trivial running statistics and affine parameters, drawn from ``g``."""
+    bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+    bn.running_var.uniform_(0.5, 2.0, generator=g)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.5, 0.5, generator=g)
+
+
 def make_case(
     name: str, n: int = 12, seed: int = 0
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -43,13 +52,8 @@ def make_case(
     else:
         raise KeyError(name)
     model = model.double()
-    if name == "cnn_bn":  # non-trivial running statistics and affine parameters
-        bn = model[1]
-        bn.running_mean.uniform_(-0.5, 0.5, generator=g)
-        bn.running_var.uniform_(0.5, 2.0, generator=g)
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5, generator=g)
-            bn.bias.uniform_(-0.5, 0.5, generator=g)
+    if name == "cnn_bn":
+        randomize_batchnorm(model[1], g)
     model.eval()
     x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)

@@ -56,6 +56,7 @@ __all__ = [
     "confident_mlp",
     "trained_confident_mlp",
     "rel_err",
+    "extreme_eigenvalues",
     "margins",
 ]
 
@@ -69,6 +70,16 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """Normwise relative error ‖a - b‖ / ‖b‖ (Frobenius / Euclidean over all entries)."""
     a, b = a.double(), b.double()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def extreme_eigenvalues(lam: Tensor, which: str, k: int) -> Tensor:
+    """The ``k`` eigenvalues of ``lam`` a ``which`` search (largest, smallest, magnitude) finds."""
+    lam = torch.sort(lam).values
+    if which == "largest":
+        return lam.flip(0)[:k]
+    if which == "smallest":
+        return lam[:k]
+    return lam[torch.argsort(lam.abs(), descending=True)][:k]
 
 
 # ---------------------------------------------------------------- autograd references
@@ -143,41 +154,51 @@ def dense_jacobian(
     return torch.cat([J[k].reshape(len(x), -1) for k in params], dim=1)
 
 
-def dense_hessian(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    names: Sequence[str] | None = None,
-    loss_fn: LossFn = cross_entropy,
-) -> Tensor:
+Logits = Callable[[Tensor], Tensor]
+
+
+def _on_flat_parameters(
+    reference: Callable[[Tensor, Logits, Tensor, LossFn], Tensor],
+) -> Callable[..., Tensor]:
+    """Give ``reference(theta0, logits, y, loss_fn)`` the signature of the autograd references.
+
+    The returned function takes ``(model, x, y, names=None, loss_fn=cross_entropy)`` and calls
+    ``reference`` on :func:`flat_logits` of ``model`` at ``x`` (``y`` may be labels (N,) or
+    sampled labels (N, S)).
+    """
+
+    def dense(
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        names: Sequence[str] | None = None,
+        loss_fn: LossFn = cross_entropy,
+    ) -> Tensor:
+        theta0, logits = flat_logits(model, x, names)
+        return reference(theta0, logits, y, loss_fn)
+
+    dense.__name__ = dense.__qualname__ = reference.__name__
+    dense.__doc__ = reference.__doc__
+    return dense
+
+
+@_on_flat_parameters
+def dense_hessian(theta0: Tensor, logits: Logits, y: Tensor, loss_fn: LossFn) -> Tensor:
     """(D, D) Hessian of the mean loss by ``torch.func.hessian``."""
-    theta0, logits = flat_logits(model, x, names)
     return hessian(lambda t: loss_fn(logits(t), y).mean())(theta0)
 
 
-def dense_ggn(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    names: Sequence[str] | None = None,
-    loss_fn: LossFn = cross_entropy,
-) -> Tensor:
+@_on_flat_parameters
+def dense_ggn(theta0: Tensor, logits: Logits, y: Tensor, loss_fn: LossFn) -> Tensor:
     """(D, D) GGN 1/N sum_n J_n^T H_n J_n, H_n the autograd head Hessian wrt the logits."""
-    theta0, logits = flat_logits(model, x, names)
     J = jacrev(logits)(theta0)
     M = head_hessians(logits(theta0).detach(), y, loss_fn)
-    return torch.einsum("nkd,nkl,nle->de", J, M, J) / len(x)
+    return torch.einsum("nkd,nkl,nle->de", J, M, J) / len(y)
 
 
-def dense_exact_fisher(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    names: Sequence[str] | None = None,
-    loss_fn: LossFn = cross_entropy,
-) -> Tensor:
+@_on_flat_parameters
+def dense_exact_fisher(theta0: Tensor, logits: Logits, y: Tensor, loss_fn: LossFn) -> Tensor:
     """1/N sum_n sum_c p_c g_c g_c^T, g_c the gradient of loss(x_n, c), p_c = exp(-loss(z_n, c))."""
-    theta0, logits = flat_logits(model, x, names)
     z = logits(theta0).detach()
     total = torch.zeros(len(theta0), len(theta0), dtype=theta0.dtype)
     for c in range(z.shape[1]):
@@ -185,19 +206,13 @@ def dense_exact_fisher(
         G = jacrev(lambda t, labels=labels: loss_fn(logits(t), labels))(theta0)  # (N, D)
         p = torch.exp(-loss_fn(z, labels))
         total = total + torch.einsum("n,nd,ne->de", p, G, G)
-    return total / len(x)
+    return total / len(y)
 
 
-def dense_mc_fisher(
-    model: nn.Module,
-    x: Tensor,
-    labels: Tensor,
-    names: Sequence[str] | None = None,
-    loss_fn: LossFn = cross_entropy,
-) -> Tensor:
+@_on_flat_parameters
+def dense_mc_fisher(theta0: Tensor, logits: Logits, labels: Tensor, loss_fn: LossFn) -> Tensor:
     """1/(N S) sum_{n,s} g g^T, g the gradient of loss(x_n, labels[n, s]); labels (N, S)."""
     N, S = labels.shape
-    theta0, logits = flat_logits(model, x, names)
     G = jacrev(lambda t: loss_fn(logits(t).repeat_interleave(S, 0), labels.reshape(-1)))(theta0)
     return G.T @ G / (N * S)
 
@@ -248,21 +263,27 @@ def exact_head(logits: Tensor, labels: Tensor, dps: int = 50) -> ExactHead:
     return ExactHead(loss, probs, residual, resid, hess)
 
 
+def _jacobian_and_head(
+    model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str] | None
+) -> tuple[Tensor, ExactHead]:
+    """The logit Jacobian (N, K, D) and the :func:`exact_head` at ``model(x)`` for labels ``y``."""
+    J = logit_jacobian(model, x, names)
+    with torch.no_grad():
+        head = exact_head(model(x), y)
+    return J, head
+
+
 def exact_gradients(
     model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str] | None = None
 ) -> Tensor:
     """(N, D) per-example gradients J_n^T r_n of the cross-entropy, r_n from :func:`exact_head`."""
-    J = logit_jacobian(model, x, names)
-    with torch.no_grad():
-        head = exact_head(model(x), y)
+    J, head = _jacobian_and_head(model, x, y, names)
     return torch.einsum("nkd,nk->nd", J, head.residual)
 
 
 def exact_ggn(model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str] | None = None) -> Tensor:
     """(D, D) GGN of the mean cross-entropy, 1/N sum_n J_n^T Lambda_n J_n, Lambda_n exact."""
-    J = logit_jacobian(model, x, names)
-    with torch.no_grad():
-        head = exact_head(model(x), y)
+    J, head = _jacobian_and_head(model, x, y, names)
     return torch.einsum("nkd,nkl,nle->de", J, head.hessian, J) / len(x)
 
 
@@ -270,9 +291,7 @@ def exact_exact_fisher(
     model: nn.Module, x: Tensor, y: Tensor, names: Sequence[str] | None = None
 ) -> Tensor:
     """1/N sum_n sum_c p_c g_c g_c^T with exact p_c and residuals (equals :func:`exact_ggn`)."""
-    J = logit_jacobian(model, x, names)
-    with torch.no_grad():
-        head = exact_head(model(x), y)
+    J, head = _jacobian_and_head(model, x, y, names)
     G = torch.einsum("nkd,nck->ncd", J, head.class_residuals)  # (N, K, D)
     return torch.einsum("nc,ncd,nce->de", head.probs, G, G) / len(x)
 
@@ -282,9 +301,7 @@ def exact_mc_fisher(
 ) -> Tensor:
     """1/(N S) sum_{n,s} g g^T for the given sampled labels (N, S), exact residuals."""
     N, S = labels.shape
-    J = logit_jacobian(model, x, names)
-    with torch.no_grad():
-        head = exact_head(model(x), labels[:, 0])
+    J, head = _jacobian_and_head(model, x, labels[:, 0], names)
     rows = head.class_residuals[torch.arange(N).unsqueeze(1), labels]  # (N, S, K)
     G = torch.einsum("nkd,nsk->nsd", J, rows).reshape(N * S, -1)
     return G.T @ G / (N * S)

@@ -20,7 +20,7 @@ from flatcli.reparam import (
     trace_chain,
     weight_layers,
 )
-from tests.cases import make_case
+from tests.cases import make_case, randomize_batchnorm
 
 
 def _mlp() -> nn.Module:
@@ -86,11 +86,7 @@ def _build(factory, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.5, 0.5, generator=g)
+            randomize_batchnorm(m, g)
     model.eval()
     shape = (6,) if factory is _mlp or factory is _Residual else (2, 4, 4)
     x = torch.randn((24, *shape), generator=g, dtype=torch.float64)

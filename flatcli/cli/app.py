@@ -1,8 +1,8 @@
 """The Typer application: a table of subcommands, each module imported only when it runs.
 
 ``flatcli --help`` answers at once (no torch import): it lists :data:`COMMANDS`. A missing
-module drops out of the list. To add a command, write ``flatcli/cli/<name>.py`` with
-``register(app)`` and add its line to :data:`COMMANDS`.
+module drops out of the list. To add a command, write ``flatcli/cli/<name>.py`` with a function
+made by :func:`flatcli.cli.options.command` and add its line to :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ COMMANDS: dict[str, str] = {
     "measures": "List every measure: its metrics, their direction, source and cost.",
 }
 """Subcommand name -> its one-line help for ``flatcli --help``; its module is
-``flatcli.cli.<name>``, with ``register(app)``."""
+``flatcli.cli.<name>``."""
 
 
 def _module(name: str) -> str:
@@ -88,19 +88,22 @@ class LazyGroup(TyperGroup):
 
 
 def _load(name: str) -> Any:
-    """The click command ``name``, from its module's ``register(app)``."""
+    """The click command ``name``, from the command function its module defines."""
+    from flatcli.cli.options import add
+
     module = importlib.import_module(_module(name))
     holder = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @holder.callback()
-    def _holder() -> None:  # a callback makes the holder a group, whatever it registers
-        """Holder of one module's commands."""
+    def _holder() -> None:  # a callback makes the holder a group, whatever it holds
+        """Holder of one module's command."""
 
-    module.register(holder)
-    group = typer.main.get_group(holder)
-    command = group.commands.get(name)
+    for fn in vars(module).values():
+        if getattr(fn, "flatcli_command", (None,))[0] == name:
+            add(holder, fn)
+    command = typer.main.get_group(holder).commands.get(name)
     if command is None:
-        raise RuntimeError(f"{_module(name)}.register(app) did not add a command '{name}'")
+        raise RuntimeError(f"{_module(name)} defines no command '{name}'")
     return command
 
 

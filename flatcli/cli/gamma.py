@@ -1,14 +1,10 @@
 """``flatcli gamma``: the Fisher log-determinant γ̂ (Jia & Su 2020, Eq. 5) and its baselines."""
 
-from pathlib import Path
-
-import typer
-
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.render import analyse
 from flatcli.measures.gamma import GammaConfig
 from flatcli.measures.registry import get_measure, reported_keys
-from flatcli.run import Gates, LoadOptions, registered
+from flatcli.run import registered
 
 COLUMNS = [
     ("gamma_hat", "γ̂"),
@@ -20,27 +16,17 @@ COLUMNS = [
 ]
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``gamma`` to the app."""
-
-    @command(app, "gamma", help="γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5).")
-    def gamma(
-        checkpoints: list[Path],
-        config: GammaConfig,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        measure = get_measure("gamma")
-        columns = [*COLUMNS, *([("robustness", "robustness")] if config.baselines else [])]
-        analyse(
-            "gamma",
-            checkpoints,
-            registered(measure, config),
-            [*columns, ("num_params", "params")],
-            load=load,
-            gates=gates,
-            output=output,
-            config=config.to_dict(),
-            metrics=reported_keys(measure, config),
-        )
+@command("gamma", help="γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5).")
+def gamma(checkpoints: Paths, config: GammaConfig, common: Common) -> None:
+    """Measure γ̂ on every checkpoint."""
+    measure = get_measure("gamma")
+    robustness = [("robustness", "robustness")] if config.baselines else []
+    analyse(
+        "gamma",
+        checkpoints,
+        registered(measure, config),
+        [*COLUMNS, *robustness, ("num_params", "params")],
+        common=common,
+        config=config.to_dict(),
+        metrics=reported_keys(measure, config),
+    )

@@ -4,15 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import typer
-
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.render import analyse
 from flatcli.errors import UsageError
 from flatcli.measures.kfac import KfacConfig
-from flatcli.measures.registry import get_measure
+from flatcli.measures.registry import get_measure, reported_keys
 from flatcli.options import option
-from flatcli.run import Gates, LoadOptions, registered
+from flatcli.run import registered
 
 COLUMNS = [
     ("shape", "shape"),
@@ -74,45 +72,34 @@ def layer_rows(name: str, entry: dict[str, Any], compare: bool) -> list[dict[str
     return out
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``kfac`` to the app."""
+@command(
+    "kfac",
+    help="Kronecker factors E[M] ⊗ E\\[xxᵀ] of each layer's Hessian against the exact block "
+    "(Wu et al. 2020): overlaps, correspondences, E\\[xxᵀ] structure, decoupling error.",
+)
+def kfac(checkpoints: Paths, config: KfacConfig, files: KfacFiles, common: Common) -> None:
+    """Compare every layer's Hessian block with its Kronecker factors, per checkpoint."""
+    compare = config.compare is not None
+    if compare and not Path(config.compare).is_file():
+        raise UsageError(f"--compare: no checkpoint file {config.compare}")
+    if files.plot is not None:  # before any measuring: a missing extra costs nothing
+        from flatcli.io.plot import require_matplotlib
 
-    @command(
-        app,
+        require_matplotlib()
+
+    def draw(entries: list[dict[str, Any]]) -> None:
+        from flatcli.io.plot_kfac import plot_kfac
+
+        plot_kfac(entries, files.plot)
+
+    analyse(
         "kfac",
-        help="Kronecker factors E[M] ⊗ E\\[xxᵀ] of each layer's Hessian against the exact block "
-        "(Wu et al. 2020): overlaps, correspondences, E\\[xxᵀ] structure, decoupling error.",
+        checkpoints,
+        registered(get_measure("kfac"), config),
+        COLUMNS + (COMPARE_COLUMNS if compare else []),
+        common=common,
+        config={**config.to_dict(), "plot": str(files.plot) if files.plot else None},
+        metrics=reported_keys(get_measure("kfac"), config),
+        rows=lambda name, entry: layer_rows(name, entry, compare),
+        after=draw if files.plot is not None else None,
     )
-    def kfac(
-        checkpoints: list[Path],
-        config: KfacConfig,
-        files: KfacFiles,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        compare = config.compare is not None
-        if compare and not Path(config.compare).is_file():
-            raise UsageError(f"--compare: no checkpoint file {config.compare}")
-        if files.plot is not None:  # before any measuring: a missing extra costs nothing
-            from flatcli.io.plot import require_matplotlib
-
-            require_matplotlib()
-
-        def draw(entries: list[dict[str, Any]]) -> None:
-            from flatcli.io.plot_kfac import plot_kfac
-
-            plot_kfac(entries, files.plot)
-
-        analyse(
-            "kfac",
-            checkpoints,
-            registered(get_measure("kfac"), config),
-            COLUMNS + (COMPARE_COLUMNS if compare else []),
-            load=load,
-            gates=gates,
-            output=output,
-            config={**config.to_dict(), "plot": str(files.plot) if files.plot else None},
-            rows=lambda name, entry: layer_rows(name, entry, compare),
-            after=draw if files.plot is not None else None,
-        )

@@ -1,8 +1,6 @@
 """``flatcli measures``: every registered measure (:func:`flatcli.measures.listing.listing`)
 as a table or as JSON."""
 
-import typer
-
 from flatcli.cli.options import OutputOptions, command
 from flatcli.cli.output import Output
 
@@ -16,32 +14,28 @@ COLUMNS = [
 ]
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``measures`` to the app."""
+@command(
+    "measures",
+    help="List every measure: its metrics, their direction (sharper: larger means a "
+    "sharper minimum), source (paper, equation) and cost.",
+)
+def measures(output: OutputOptions) -> None:
+    """Print the measure registry."""
+    from flatcli.measures.listing import listing
 
-    @command(
-        app,
-        "measures",
-        help="List every measure: its metrics, their direction (sharper: larger means a "
-        "sharper minimum), source (paper, equation) and cost.",
-    )
-    def measures(output: OutputOptions) -> None:
-        from flatcli.measures.listing import listing
-
-        out = Output(output.json, output.quiet, output.debug)
-        out.check()
-        data = listing()
-        rows = [
-            {
-                "command": m["command"] if i == 0 else "",
-                "measure": m["name"] if i == 0 else "",
-                "metric": k["key"],
-                "direction": k["direction"],
-                "source": k["source"],
-                "cost": m["cost"] if i == 0 else "",
-            }
-            for m in data["measures"]
-            for i, k in enumerate(m["metrics"])
-        ]
-        out.table("flatcli measures", COLUMNS, rows, numeric=False)
-        out.report(data)
+    out = Output.of(output)
+    data = listing()
+    rows = [
+        {
+            "command": m["command"] if i == 0 else "",
+            "measure": m["name"] if i == 0 else "",
+            "metric": k["key"],
+            "direction": k["direction"],
+            "source": k["source"],
+            "cost": m["cost"] if i == 0 else "",
+        }
+        for m in data["measures"]
+        for i, k in enumerate(m["metrics"])
+    ]
+    out.table("flatcli measures", COLUMNS, rows, numeric=False)
+    out.report(data)

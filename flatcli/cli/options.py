@@ -2,14 +2,13 @@
 
 A command is a function whose parameters are annotated with option dataclasses:
 
-    @command(app, "spectrum", help="...")
-    def spectrum(checkpoints: Checkpoints, config: SpectrumConfig, cli: SpectrumCli,
-                 load: LoadOptions, gates: Gates, output: OutputOptions) -> None: ...
+    @command("spectrum", help="...")
+    def spectrum(checkpoints: Paths, config: SpectrumConfig, files: SpectrumFiles,
+                 common: Common) -> None: ...
 
-:func:`command` builds the Typer signature from the fields of those dataclasses (flag, type,
-default, help, bounds), and calls the function with each dataclass built from what was parsed.
-A field that is not an option (``seed``, ``batch_size`` of a measure config) takes the value of
-the option of the same name. Errors inside the function go through the one error map.
+:func:`command` builds the Typer signature from those dataclasses' fields and calls the
+function with each dataclass built from what was parsed; a field that is not an option
+(``seed``, ``batch_size``) takes the option of the same name. :func:`add` puts it on an app.
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ from typing import Annotated, Any
 import typer
 
 from flatcli.options import Flag, field_types, flags_of, from_flags, option
+from flatcli.run import Gates, LoadOptions
 
+Paths = list[Path]  # the checkpoint arguments of a command function
 Checkpoints = Annotated[
     list[Path],
     typer.Argument(
@@ -48,6 +49,11 @@ class OutputOptions:
     )
     quiet: bool = option(False, "--quiet", "No table, no progress bar.", short="-q")
     debug: bool = option(False, "--debug", "Show tracebacks for errors.")
+
+
+@dataclass(frozen=True)
+class Common(OutputOptions, Gates, LoadOptions):
+    """The common options of every analysis command: loading, gates and output."""
 
 
 def _cli_type(hint: Any, meta: Flag) -> Any:
@@ -83,12 +89,8 @@ def _parameter(f: dataclasses.Field, meta: Flag, hint: Any) -> inspect.Parameter
 
 
 def _groups(fn: Any) -> dict[str, type]:
-    hints = typing.get_type_hints(fn)
-    return {
-        name: hint
-        for name, hint in hints.items()
-        if name != "return" and isinstance(hint, type) and dataclasses.is_dataclass(hint)
-    }
+    hints = typing.get_type_hints(fn).items()
+    return {k: t for k, t in hints if isinstance(t, type) and dataclasses.is_dataclass(t)}
 
 
 def build(config_type: type, values: dict[str, Any]) -> Any:
@@ -103,27 +105,20 @@ def build(config_type: type, values: dict[str, Any]) -> Any:
     return from_flags(config_type, values, **fixed)
 
 
-def command(app: typer.Typer, name: str, help: str, **command_kwargs: Any):
-    """Register ``fn`` as the command ``name``, its options read from its parameters' types."""
+def command(name: str, help: str) -> Any:
+    """Make ``fn`` the command ``name``: its Typer signature read from its parameters' types."""
     from flatcli.cli.errors import handle_errors
 
-    def decorator(fn):
+    def decorator(fn: Any) -> Any:
         groups = _groups(fn)
         takes_checkpoints = "checkpoints" in inspect.signature(fn).parameters
         params: list[inspect.Parameter] = []
         if takes_checkpoints:
-            params.append(
-                inspect.Parameter(
-                    "checkpoints", inspect.Parameter.KEYWORD_ONLY, annotation=Checkpoints
-                )
-            )
-        seen: set[str] = set()
+            kind = inspect.Parameter.KEYWORD_ONLY
+            params.append(inspect.Parameter("checkpoints", kind, annotation=Checkpoints))
         for config_type in groups.values():
             hints = field_types(config_type)
-            for f, meta in flags_of(config_type):
-                if f.name not in seen:
-                    seen.add(f.name)
-                    params.append(_parameter(f, meta, hints[f.name]))
+            params += [_parameter(f, meta, hints[f.name]) for f, meta in flags_of(config_type)]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
@@ -136,10 +131,16 @@ def command(app: typer.Typer, name: str, help: str, **command_kwargs: Any):
         wrapper.__signature__ = inspect.Signature(params)
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         del wrapper.__wrapped__
-        app.command(name, help=help, **command_kwargs)(wrapper)
-        return fn
+        wrapper.flatcli_command = (name, help)
+        return wrapper
 
     return decorator
 
 
-__all__ = ["Checkpoints", "OutputOptions", "build", "command"]
+def add(app: typer.Typer, fn: Any) -> None:
+    """Put the command function ``fn`` (made by :func:`command`) on ``app``."""
+    name, help = fn.flatcli_command
+    app.command(name, help=help)(fn)
+
+
+__all__ = ["Paths", "Checkpoints", "OutputOptions", "Common", "build", "command", "add"]

@@ -81,6 +81,14 @@ class Output(Bars):
         self.debug = debug
         self._bar = None
 
+    @classmethod
+    def of(cls, options: Any) -> Output:
+        """The output the ``--json``, ``--quiet`` and ``--debug`` of ``options`` ask for,
+        checked (an unwritable report path is exit 2 before any work)."""
+        out = cls(options.json, options.quiet, options.debug)
+        out.check()
+        return out
+
     @property
     def json_target(self) -> str | None:
         """``--json`` on the main process, else None."""

@@ -1,17 +1,13 @@
 """``flatcli pacbayes``: optimised, certified PAC-Bayes bounds (Dziugaite & Roy 2017; Wu et al.
 2020)."""
 
-from pathlib import Path
-
-import typer
-
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.render import analyse
 from flatcli.io.checkpoint import expand_checkpoints
 from flatcli.measures.pacbayes import PacBayesConfig
-from flatcli.measures.registry import get_measure
+from flatcli.measures.registry import get_measure, reported_keys
 from flatcli.pacbayes.prior import check_prior_available
-from flatcli.run import Gates, LoadOptions, registered
+from flatcli.run import registered
 
 COLUMNS = [
     ("bound", "bound"),
@@ -33,32 +29,23 @@ def _rows(name: str, entry: dict) -> list[dict]:
     return [{"checkpoint": name, **entry["metrics"], "vacuous": "yes" if vacuous else "no"}]
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``pacbayes`` to the app."""
-
-    @command(
-        app,
+@command(
+    "pacbayes",
+    help="Optimise a Gaussian posterior and certify its error (Dziugaite & Roy 2017; "
+    "Wu et al. 2020, Eq. 43).",
+)
+def pacbayes(checkpoints: Paths, config: PacBayesConfig, common: Common) -> None:
+    """Certify every checkpoint."""
+    for path in expand_checkpoints(checkpoints):  # no prior anywhere: exit 2 before work
+        check_prior_available(path, config.prior_init, unsafe=common.unsafe_load)
+    measure = get_measure("pacbayes")
+    analyse(
         "pacbayes",
-        help="Optimise a Gaussian posterior and certify its error (Dziugaite & Roy 2017; "
-        "Wu et al. 2020, Eq. 43).",
+        checkpoints,
+        registered(measure, config),
+        COLUMNS,
+        common=common,
+        config=config.to_dict(),
+        metrics=reported_keys(measure, config),
+        rows=_rows,
     )
-    def pacbayes(
-        checkpoints: list[Path],
-        config: PacBayesConfig,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        for path in expand_checkpoints(checkpoints):  # no prior anywhere: exit 2 before work
-            check_prior_available(path, config.prior_init, unsafe=load.unsafe_load)
-        analyse(
-            "pacbayes",
-            checkpoints,
-            registered(get_measure("pacbayes"), config),
-            COLUMNS,
-            load=load,
-            gates=gates,
-            output=output,
-            config=config.to_dict(),
-            rows=_rows,
-        )

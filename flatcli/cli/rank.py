@@ -4,10 +4,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
 from flatcli.cli.errors import describe, print_error
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.output import Output
 from flatcli.cli.render import finish, table_rows
 from flatcli.options import option
@@ -19,7 +17,6 @@ from flatcli.rank.core import (
     sort_rows,
     statistics_notes,
 )
-from flatcli.run import Gates, LoadOptions
 
 STATS = [
     ("metric", "metric"),
@@ -53,97 +50,87 @@ class SweepView:
     )
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``rank`` to the app."""
+@command(
+    "rank",
+    help="Rank a sweep of checkpoints by flatness measures against their generalization gap "
+    "(Kendall τ, Ψ, PGDL score, robust sign-error), resumable, with CI gates.",
+)
+def rank(
+    checkpoints: Paths, config: RankConfig, view: SweepView, sweep: SweepRun, common: Common
+) -> None:
+    """Measure and rank the sweep; gate it."""
+    from flatcli.rank.gates import relative_failures
 
-    @command(
-        app,
-        "rank",
-        help="Rank a sweep of checkpoints by flatness measures against their generalization gap "
-        "(Kendall τ, Ψ, PGDL score, robust sign-error), resumable, with CI gates.",
+    plans, _ = plan_measures(config.metrics, config.options)  # usage errors before any work
+    above, below = sweep.relative_gates(["gap"] + [k for p in plans for k in p.measure.keys])
+    if view.plot is not None:
+        from flatcli.io.plot import require_matplotlib
+
+        require_matplotlib()
+    out = Output.of(common)
+    cache = sweep.cache()
+    shown = {k: None if v is None else str(v) for k, v in vars(view).items()}
+    result = rank_checkpoints(
+        checkpoints,
+        config,
+        common,
+        cache=cache,
+        baseline=sweep.baseline,
+        sink=out,
+        gates=common,
+        report_config={**shown, **sweep.to_config(cache)},
     )
-    def rank(
-        checkpoints: list[Path],
-        config: RankConfig,
-        view: SweepView,
-        sweep: SweepRun,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        from flatcli.rank.gates import relative_failures
-
-        plans, _ = plan_measures(config.metrics, config.options)  # usage errors before any work
-        above, below = sweep.relative_gates(["gap"] + [k for p in plans for k in p.measure.keys])
-        if view.plot is not None:
-            from flatcli.io.plot import require_matplotlib
-
-            require_matplotlib()
-        out = Output(output.json, output.quiet, output.debug)
-        out.check()
-        cache = sweep.cache()
-        shown = {k: None if v is None else str(v) for k, v in vars(view).items()}
-        result = rank_checkpoints(
-            checkpoints,
-            config,
-            load,
-            cache=cache,
-            baseline=sweep.baseline,
-            sink=out,
-            gates=gates,
-            report_config={**shown, **sweep.to_config(cache)},
+    keys = list(config.metrics)
+    cols = [(k, k) for k in keys]
+    rows = [{**r, "gap": e["gap"]} for e in result.rows for r in table_rows([e], cols, None)]
+    columns = [("checkpoint", "checkpoint"), ("gap", f"{config.gap} gap")]
+    out.table(
+        "flatcli rank",
+        columns + [(k, k) for k in keys],
+        sort_rows(rows, view.sort, ["gap", *keys]),
+    )
+    ci = "[{:.3f}, {:.3f}]"
+    stats = [
+        {
+            **st,
+            "metric": key,
+            "ci": "-" if st["kendall_tau_ci"] is None else ci.format(*st["kendall_tau_ci"]),
+        }
+        for key, st in result.statistics.items()
+    ]
+    axes = ", ".join(result.sweep["axes"]) or "none"
+    headers = [(k, h.format(tau=config.tau, level=config.level)) for k, h in STATS]
+    out.table(f"statistics against the {config.gap} gap (axes: {axes})", headers, stats)
+    for line in statistics_notes(result.statistics):
+        out.message(line)
+    if cache.root is not None:
+        out.message(
+            f"cache {cache.root}: {result.cache_hits} result(s) reused, "
+            f"{result.cache_misses} computed"
         )
-        keys = list(config.metrics)
-        cols = [(k, k) for k in keys]
-        rows = [{**r, "gap": e["gap"]} for e in result.rows for r in table_rows([e], cols, None)]
-        columns = [("checkpoint", "checkpoint"), ("gap", f"{config.gap} gap")]
-        out.table(
-            "flatcli rank",
-            columns + [(k, k) for k in keys],
-            sort_rows(rows, view.sort, ["gap", *keys]),
+    out.report(
+        result.outcome.report(
+            statistics=result.statistics, sweep=result.sweep, baseline=result.baseline
         )
-        ci = "[{:.3f}, {:.3f}]"
-        stats = [
-            {
-                **st,
-                "metric": key,
-                "ci": "-" if st["kendall_tau_ci"] is None else ci.format(*st["kendall_tau_ci"]),
-            }
-            for key, st in result.statistics.items()
-        ]
-        axes = ", ".join(result.sweep["axes"]) or "none"
-        headers = [(k, h.format(tau=config.tau, level=config.level)) for k, h in STATS]
-        out.table(f"statistics against the {config.gap} gap (axes: {axes})", headers, stats)
-        for line in statistics_notes(result.statistics):
-            out.message(line)
-        if cache.root is not None:
-            out.message(
-                f"cache {cache.root}: {result.cache_hits} result(s) reused, "
-                f"{result.cache_misses} computed"
+    )
+    failures = result.outcome.failure
+    if view.plot is not None and not result.interrupted:
+        from flatcli.io.plot_rank import plot_rank
+
+        try:
+            written = plot_rank(
+                result.rows,
+                result.statistics,
+                view.plot,
+                color_by=view.color_by,
+                axes=result.sweep["axes"],
             )
-        out.report(
-            result.outcome.report(
-                statistics=result.statistics, sweep=result.sweep, baseline=result.baseline
-            )
-        )
-        failures = result.outcome.failure
-        if view.plot is not None and not result.interrupted:
-            from flatcli.io.plot_rank import plot_rank
-
-            try:
-                written = plot_rank(
-                    result.rows,
-                    result.statistics,
-                    view.plot,
-                    color_by=view.color_by,
-                    axes=result.sweep["axes"],
-                )
-                out.message(f"wrote {len(written)} plot(s) to {view.plot}")
-            except Exception as e:  # noqa: BLE001 - the report is out; report the error, exit 1
-                print_error(describe(e), e, output.debug)
-                failures = max(failures, 1)
-        if result.baseline is not None and result.baseline["error"] is not None:
+            out.message(f"wrote {len(written)} plot(s) to {view.plot}")
+        except Exception as e:  # noqa: BLE001 - the report is out; report the error, exit 1
+            print_error(describe(e), e, common.debug)
             failures = max(failures, 1)
-        relative = (above or below) and not failures
-        more = relative_failures(result.rows, result.baseline, above, below) if relative else []
-        finish(result.outcome, gates, failures, more)
+    if result.baseline is not None and result.baseline["error"] is not None:
+        failures = max(failures, 1)
+    relative = (above or below) and not failures
+    more = relative_failures(result.rows, result.baseline, above, below) if relative else []
+    finish(result.outcome, common, failures, more)

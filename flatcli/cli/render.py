@@ -14,9 +14,9 @@ from typing import Any, NoReturn
 import typer
 
 from flatcli.cli.errors import describe, print_error
-from flatcli.cli.options import OutputOptions
+from flatcli.cli.options import Common
 from flatcli.cli.output import Output
-from flatcli.run import Gates, LoadOptions, Measure, Outcome, run_checkpoints
+from flatcli.run import Gates, Measure, Outcome, run_checkpoints
 
 Columns = Sequence[tuple[str, str]]
 Rows = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
@@ -44,9 +44,7 @@ def analyse(
     measure: Measure,
     columns: Columns,
     *,
-    load: LoadOptions,
-    gates: Gates,
-    output: OutputOptions,
+    common: Common,
     config: dict[str, Any],
     metrics: Sequence[str] | None = None,
     rows: Rows | None = None,
@@ -57,15 +55,14 @@ def analyse(
     ``after(results)`` runs once the report is written (a figure, say); an error in it is one
     ``error:`` line and exit 1, the report kept.
     """
-    out = Output(output.json, output.quiet, output.debug)
-    out.check()
+    out = Output.of(common)
     outcome = run_checkpoints(
         command,
         checkpoints,
         measure,
-        load_options=load,
+        load_options=common,
         config=config,
-        gates=gates,
+        gates=common,
         metrics=metrics,
         sink=out,
     )
@@ -77,7 +74,7 @@ def analyse(
     failures = outcome.failure
     if after is not None:
         failures = max(failures, _after(after, outcome, out))
-    finish(outcome, gates, failures)
+    finish(outcome, common, failures)
 
 
 def _after(after: Callable[[list[dict[str, Any]]], None], outcome: Outcome, out: Output) -> int:

@@ -4,14 +4,11 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.render import analyse
 from flatcli.errors import UsageError
 from flatcli.options import option
 from flatcli.reparam.write import TransformOptions, write_reparametrised
-from flatcli.run import Gates, LoadOptions
 
 
 @dataclass(frozen=True)
@@ -23,46 +20,37 @@ class Destination:
     )
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``reparam`` to the app."""
-
-    @command(
-        app,
+@command(
+    "reparam",
+    help="Write a checkpoint computing the same function with rescaled weights "
+    "(layer-scale, neuron-scale, bn-scale); report the largest logit difference.",
+)
+def reparam(
+    checkpoints: Paths, transform: TransformOptions, destination: Destination, common: Common
+) -> None:
+    """Write the reparametrised checkpoint and report how far its logits moved."""
+    out = destination.output
+    if transform.transform is None or out is None:
+        raise UsageError("reparam needs --transform KIND and --output OUT.safetensors")
+    name, alpha = transform.name, transform.factor
+    if len(checkpoints) != 1 or Path(checkpoints[0]).is_dir():
+        raise UsageError("reparam writes one checkpoint: give exactly one checkpoint file")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--output must end in .safetensors; got {out}")
+    if out.resolve() == Path(checkpoints[0]).resolve():
+        raise UsageError("--output must differ from the input checkpoint")
+    analyse(
         "reparam",
-        help="Write a checkpoint computing the same function with rescaled weights "
-        "(layer-scale, neuron-scale, bn-scale); report the largest logit difference.",
+        checkpoints,
+        lambda ctx: write_reparametrised(ctx, transform, out),
+        [("max_logit_difference", "max |Δ logit|"), ("num_params", "params")],
+        common=common,
+        metrics=["max_logit_difference", "num_params"],
+        config={
+            "transform": name,
+            "alpha": alpha,
+            "layer": transform.layer,
+            "neurons": transform.neurons,
+            "output": str(out),
+        },
     )
-    def reparam(
-        checkpoints: list[Path],
-        transform: TransformOptions,
-        destination: Destination,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        out = destination.output
-        if transform.transform is None or out is None:
-            raise UsageError("reparam needs --transform KIND and --output OUT.safetensors")
-        name, alpha = transform.name, transform.factor
-        if len(checkpoints) != 1 or Path(checkpoints[0]).is_dir():
-            raise UsageError("reparam writes one checkpoint: give exactly one checkpoint file")
-        if out.suffix != ".safetensors":
-            raise UsageError(f"--output must end in .safetensors; got {out}")
-        if out.resolve() == Path(checkpoints[0]).resolve():
-            raise UsageError("--output must differ from the input checkpoint")
-        analyse(
-            "reparam",
-            checkpoints,
-            lambda ctx: write_reparametrised(ctx, transform, out),
-            [("max_logit_difference", "max |Δ logit|"), ("num_params", "params")],
-            load=load,
-            gates=gates,
-            output=output,
-            config={
-                "transform": name,
-                "alpha": alpha,
-                "layer": transform.layer,
-                "neurons": transform.neurons,
-                "output": str(out),
-            },
-        )

@@ -2,15 +2,12 @@
 ``--invariance`` audit of each under a function-preserving reparametrisation."""
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import typer
-
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, Paths, command
 from flatcli.cli.render import analyse
 from flatcli.errors import UsageError
-from flatcli.measures.invariance import InvarianceConfig
+from flatcli.measures.invariance import InvarianceConfig, default_rtol
 from flatcli.measures.registry import get_measure
 from flatcli.measures.sharpness import (
     SharpnessConfig,
@@ -20,7 +17,7 @@ from flatcli.measures.sharpness import (
 )
 from flatcli.options import option
 from flatcli.reparam.write import TransformOptions
-from flatcli.run import Context, Gates, LoadOptions, registered
+from flatcli.run import Context, registered
 
 AUDIT_COLUMNS = [
     ("original", "original"),
@@ -74,74 +71,67 @@ def audit_rows(name: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``sharpness`` to the app."""
-
-    @command(
-        app,
-        "sharpness",
-        help="Normalized sharpness (scale-invariant, Tsuzuku et al.) "
-        "and the classic sharpness measures.",
-    )
-    def sharpness(
-        checkpoints: list[Path],
-        config: SharpnessConfig,
-        view: SharpnessView,
-        transform: TransformOptions,
-        load: LoadOptions,
-        gates: Gates,
-        output: OutputOptions,
-    ) -> None:
-        given = transform.given() + (["--rtol"] if view.rtol is not None else [])
-        if given and not view.invariance:
-            raise UsageError(
-                f"{', '.join(given)} only apply with --invariance "
-                "(to write a reparametrised checkpoint, use `flatcli reparam`)"
-            )
-        common = {"load": load, "gates": gates, "output": output}
-        if not view.invariance:
-
-            def measure(ctx: Context) -> Any:
-                return compute_sharpness(ctx.model, ctx.x, ctx.y, config, progress=ctx.progress)
-
-            analyse(
-                "sharpness",
-                checkpoints,
-                measure,
-                table_columns(config),
-                config=config.to_dict(),
-                metrics=sharpness_metric_keys(config),
-                rows=layer_rows if view.per_layer else None,
-                **common,
-            )
-        if view.per_layer:
-            raise UsageError("--per-layer does not combine with --invariance")
-        rtol = view.rtol if view.rtol is not None else (1e-6 if load.dtype == "float64" else 1e-3)
-        audit = InvarianceConfig(
-            sharpness=config,
-            transform=transform.name,
-            alpha=transform.factor,
-            layer=transform.units,
-            neurons=transform.neurons,
-            rtol=rtol,
-            seed=load.seed,
-            batch_size=load.batch_size,
+@command(
+    "sharpness",
+    help="Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic sharpness measures.",
+)
+def sharpness(
+    checkpoints: Paths,
+    config: SharpnessConfig,
+    view: SharpnessView,
+    transform: TransformOptions,
+    common: Common,
+) -> None:
+    """Measure the sharpness of every checkpoint, or audit it under a reparametrisation."""
+    given = transform.given() + (["--rtol"] if view.rtol is not None else [])
+    if given and not view.invariance:
+        raise UsageError(
+            f"{', '.join(given)} only apply with --invariance "
+            "(to write a reparametrised checkpoint, use `flatcli reparam`)"
         )
-        extra = {
-            "invariance": True,
-            "transform": audit.transform,
-            "alpha": audit.alpha,
-            "layer": transform.layer,
-            "neurons": transform.neurons,
-            "rtol": rtol,
-        }
+    if not view.invariance:
+
+        def measure(ctx: Context) -> Any:
+            return compute_sharpness(ctx.model, ctx.x, ctx.y, config, progress=ctx.progress)
+
         analyse(
             "sharpness",
             checkpoints,
-            registered(get_measure("invariance"), audit),
-            AUDIT_COLUMNS,
-            config={**config.to_dict(), **extra},
-            metrics=["max_logit_difference", *(f"{m}_rel_change" for m in config.measures)],
-            rows=audit_rows,
-            **common,
+            measure,
+            table_columns(config),
+            config=config.to_dict(),
+            metrics=sharpness_metric_keys(config),
+            rows=layer_rows if view.per_layer else None,
+            common=common,
         )
+    if view.per_layer:
+        raise UsageError("--per-layer does not combine with --invariance")
+    rtol = view.rtol if view.rtol is not None else default_rtol(common.dtype)
+    audit = InvarianceConfig(
+        sharpness=config,
+        transform=transform.name,
+        alpha=transform.factor,
+        layer=transform.units,
+        neurons=transform.neurons,
+        rtol=rtol,
+        seed=common.seed,
+        batch_size=common.batch_size,
+    )
+    extra = {
+        "invariance": True,
+        "transform": audit.transform,
+        "alpha": audit.alpha,
+        "layer": transform.layer,
+        "neurons": transform.neurons,
+        "rtol": rtol,
+    }
+    analyse(
+        "sharpness",
+        checkpoints,
+        registered(get_measure("invariance"), audit),
+        AUDIT_COLUMNS,
+        config={**config.to_dict(), **extra},
+        metrics=["max_logit_difference", *(f"{m}_rel_change" for m in config.measures)],
+        rows=audit_rows,
+        common=common,
+    )

@@ -1,8 +1,6 @@
 """``flatcli train``: train a model and write a self-describing safetensors checkpoint
 (:func:`flatcli.training.train_checkpoint`)."""
 
-import typer
-
 from flatcli.cli.options import OutputOptions, command
 from flatcli.cli.output import Output
 from flatcli.io.report import build_report, environment_info, result_entry
@@ -22,60 +20,53 @@ SUMMARY = [
 ]
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``train`` to the app."""
+@command("train", help="Train a model and write a .safetensors checkpoint that records everything.")
+def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
+    """Train, write the checkpoint, show its summary."""
+    from flatcli import distributed
+    from flatcli.io.checkpoint import file_sha256
 
-    @command(
-        app,
-        "train",
-        help="Train a model and write a .safetensors checkpoint that records everything.",
+    # Training is not data-parallel: under torchrun every process trains the same seeded
+    # model identically on its own device and only rank 0 prints and writes.
+    device = setup_device(job.device)
+    out = Output.of(output)
+    model, path = job.check()
+    check_writable(path, "-o")  # before the training, not after it
+    config.device = str(device)
+    with out.progress() as bar:
+        task = bar.add_task("training", total=config.epochs) if bar else None
+
+        def on_epoch(stats) -> None:
+            if bar is not None:
+                bar.update(
+                    task,
+                    completed=stats.epoch,
+                    description=f"epoch {stats.epoch}  loss {stats.train_loss:.4f}  "
+                    f"acc {stats.train_acc:.4f}",
+                )
+
+        done = train_checkpoint(job, config, on_epoch=on_epoch, write=distributed.is_main())
+    if not distributed.is_main():
+        return
+    out.table(
+        "flatcli train",
+        [("checkpoint", "checkpoint"), *SUMMARY],
+        [{"checkpoint": path.name, **done.summary}],
     )
-    def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
-        from flatcli import distributed
-        from flatcli.io.checkpoint import file_sha256
-
-        # Training is not data-parallel: under torchrun every process trains the same seeded
-        # model identically on its own device and only rank 0 prints and writes.
-        device = setup_device(job.device)
-        out = Output(output.json, output.quiet, output.debug)
-        model, path = job.check()
-        check_writable(path, "-o")  # before the training, not after it
-        out.check()
-        config.device = str(device)
-        with out.progress() as bar:
-            task = bar.add_task("training", total=config.epochs) if bar else None
-
-            def on_epoch(stats) -> None:
-                if bar is not None:
-                    bar.update(
-                        task,
-                        completed=stats.epoch,
-                        description=f"epoch {stats.epoch}  loss {stats.train_loss:.4f}  "
-                        f"acc {stats.train_acc:.4f}",
-                    )
-
-            done = train_checkpoint(job, config, on_epoch=on_epoch, write=distributed.is_main())
-        if not distributed.is_main():
-            return
-        out.table(
-            "flatcli train",
-            [("checkpoint", "checkpoint"), *SUMMARY],
-            [{"checkpoint": path.name, **done.summary}],
+    out.message(f"wrote {path}")
+    if output.json:
+        entry = result_entry(
+            str(path),
+            sha256=file_sha256(path),
+            num_params=done.num_params,
+            metrics=done.summary,
+            details={"history": done.meta["history"], "data_info": done.data_info},
+            seconds=done.seconds,
         )
-        out.message(f"wrote {path}")
-        if output.json:
-            entry = result_entry(
-                str(path),
-                sha256=file_sha256(path),
-                num_params=done.num_params,
-                metrics=done.summary,
-                details={"history": done.meta["history"], "data_info": done.data_info},
-                seconds=done.seconds,
-            )
-            report = build_report(
-                "train",
-                {"model": model, "dataset": done.dataset, **config.to_dict()},
-                environment_info(device, config.dtype),
-                [entry],
-            )
-            out.report(report)
+        report = build_report(
+            "train",
+            {"model": model, "dataset": done.dataset, **config.to_dict()},
+            environment_info(device, config.dtype),
+            [entry],
+        )
+        out.report(report)

@@ -35,8 +35,9 @@ All products are formed in float64.
 
 Valid only when examples do not interact in the forward (no BatchNorm with batch statistics) and
 each parameter is used only inside its own module's forward (a ``TorchFunctionMode`` watches every
-torch call of the recorded forward for that): :func:`plan` and the capture raise
-:class:`GhostUnsupported` otherwise, and the caller falls back to the materialised path.
+torch call of the recorded forward for that): :func:`~flatcli.curvature.capture.plan` and the
+capture raise :class:`GhostUnsupported` otherwise, and the caller falls back to the materialised
+path.
 """
 
 from __future__ import annotations
@@ -54,21 +55,12 @@ from flatcli.curvature.capture import (
     Recorder,
     Target,
     backward_to_outputs,
-    has_batch_statistics,
     layer_tokens,
     output_tokens,
-    plan,
     record_forward,
 )
 
-__all__ = [
-    "GhostUnsupported",
-    "Target",
-    "plan",
-    "has_batch_statistics",
-    "ghost_grams",
-    "add_row_gram",
-]
+__all__ = ["GhostUnsupported", "ghost_grams", "add_row_gram"]
 
 F64 = torch.float64
 Head = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

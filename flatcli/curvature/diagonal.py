@@ -347,7 +347,7 @@ def curvature_diagonal(
     else:
         op = operator.restrict(params)
     before = op.matvecs
-    shapes = op.param_shapes
+    flat_se = stacked = estimate = None
     if method == DiagMethod.EXACT:
         flat, estimate = _exact_diagonal(
             op,
@@ -355,37 +355,31 @@ def curvature_diagonal(
             progress or no_progress,
             None if force else EXACT_MAX_SECONDS,
         )
-        values = {k: v.clone() for k, v in unflatten(flat, shapes).items()}
-        return CurvatureDiagonal(
-            values,
-            None,
-            None,
-            method.value,
-            op.kind,
-            op.matvecs - before,
-            0,
-            time.perf_counter() - start,
-            estimate,
-        )
-    groups = max(1, min(groups, probes // 2))
-    per = math.ceil(probes / groups)
-    means, variances = [], []
-    for g in range(groups):
-        mean, se = hutchinson_diagonal(op, per, group_seed(seed, g))
-        means.append(mean.double().cpu())
-        variances.append(se.double().cpu() ** 2)
-    stacked = torch.stack(means)
-    flat = stacked.mean(dim=0)
-    flat_se = torch.stack(variances).sum(dim=0).sqrt() / groups
-    values = {k: v.clone() for k, v in unflatten(flat, shapes).items()}
-    stderr = {k: v.clone() for k, v in unflatten(flat_se, shapes).items()}
+        used = 0
+    else:
+        groups = max(1, min(groups, probes // 2))
+        per = math.ceil(probes / groups)
+        means, variances = [], []
+        for g in range(groups):
+            mean, se = hutchinson_diagonal(op, per, group_seed(seed, g))
+            means.append(mean.double().cpu())
+            variances.append(se.double().cpu() ** 2)
+        stacked = torch.stack(means)
+        flat = stacked.mean(dim=0)
+        flat_se = torch.stack(variances).sum(dim=0).sqrt() / groups
+        used = per * groups
+
+    def per_parameter(v: Tensor) -> dict[str, Tensor]:
+        return {k: t.clone() for k, t in unflatten(v, op.param_shapes).items()}
+
     return CurvatureDiagonal(
-        values,
-        stderr,
+        per_parameter(flat),
+        None if flat_se is None else per_parameter(flat_se),
         stacked,
         method.value,
         op.kind,
         op.matvecs - before,
-        per * groups,
+        used,
         time.perf_counter() - start,
+        estimate,
     )

@@ -52,19 +52,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from flatcli.curvature._functional import FunctionalModel
-from flatcli.curvature._ghost import (
-    GhostUnsupported,
-    add_row_gram,
-    ghost_grams,
-    has_batch_statistics,
-    plan,
-)
+from flatcli.curvature._ghost import GhostUnsupported, add_row_gram, ghost_grams
+from flatcli.curvature.capture import has_batch_statistics, plan
 from flatcli.curvature.data import move_inputs
 from flatcli.curvature.losses import cross_entropy
 from flatcli.curvature.memory import activation_bytes_per_example
@@ -347,96 +343,52 @@ class GramEngine:
 
 
 def per_example_grams(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    block: int | None = None,
-    *,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
-    head_dtype: torch.dtype | None = F64,
-    method: GramMethod | str = GramMethod.AUTO,
-    chunk_size: int | None = None,
-    params: Sequence[str] | None = None,
+    model: nn.Module, x: Tensor, y: Tensor, block: int | None = None, **options: Any
 ) -> Tensor:
     """Gram matrices of consecutive blocks of ``block`` examples, (E/block, block, block) float64.
 
     Several Gram matrices share each batched forward (e.g. the T samples of Eq. 5).
-    """
-    engine = GramEngine(model, loss_fn, head_dtype, method, chunk_size, params)
-    return engine.grams(x, y, block)
-
-
-def per_example_gram(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
-    head_dtype: torch.dtype | None = F64,
-    method: GramMethod | str = GramMethod.AUTO,
-    chunk_size: int | None = None,
-    params: Sequence[str] | None = None,
-) -> Tensor:
-    """:math:`\\xi = J J^\\top`, (N, N) float64, for the N examples ``(x, y)``.
 
     Args:
         model: the network in the mode to measure (eval, or train for batch-statistics BatchNorm).
         x: (N, ...) inputs. y: (N,) labels.
-        loss_fn: per-example loss head ``(logits, labels) -> (N,)``.
-        head_dtype: dtype of the loss head (float64 by default).
-        method: ``"auto"``, ``"ghost"`` or ``"materialize"``.
-        chunk_size: examples per forward.
-        params: parameter names; None = every parameter with requires_grad.
+        block: examples per Gram matrix (None: all N, one matrix).
+        **options: the :class:`GramEngine`'s ``loss_fn`` (per-example loss head), ``head_dtype``
+            (float64 by default), ``method`` (``"auto"``, ``"ghost"`` or ``"materialize"``),
+            ``chunk_size`` (examples per forward) and ``params`` (parameter names; None = every
+            parameter with requires_grad).
     """
-    return per_example_grams(
-        model,
-        x,
-        y,
-        None,
-        loss_fn=loss_fn,
-        head_dtype=head_dtype,
-        method=method,
-        chunk_size=chunk_size,
-        params=params,
-    )[0]
+    return GramEngine(model, **options).grams(x, y, block)
 
 
-def per_example_sq_norms(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
-    head_dtype: torch.dtype | None = F64,
-    method: GramMethod | str = GramMethod.AUTO,
-    chunk_size: int | None = None,
-    params: Sequence[str] | None = None,
-) -> Tensor:
+def per_example_gram(model: nn.Module, x: Tensor, y: Tensor, **options: Any) -> Tensor:
+    """:math:`\\xi = J J^\\top`, (N, N) float64, for the N examples ``(x, y)``.
+
+    ``options``: as for :func:`per_example_grams`.
+    """
+    return per_example_grams(model, x, y, None, **options)[0]
+
+
+def per_example_sq_norms(model: nn.Module, x: Tensor, y: Tensor, **options: Any) -> Tensor:
     """:math:`\\|\\nabla_w \\ell_n\\|^2` per example, (N,) float64 (the diagonal of ξ, at its cost).
 
     Without batch statistics these are Gram blocks of one example each; with batch statistics the
-    gradients are coupled and the diagonal of the whole batch's Gram is returned.
+    gradients are coupled and the diagonal of the whole batch's Gram is returned. ``options``: as
+    for :func:`per_example_grams`.
     """
-    engine = GramEngine(model, loss_fn, head_dtype, method, chunk_size, params)
+    engine = GramEngine(model, **options)
     if engine.coupled:
         return torch.diagonal(engine.grams(x, y)[0]).clone()
     return engine.grams(x, y, 1).reshape(-1)
 
 
-def per_example_gradients(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
-    head_dtype: torch.dtype | None = F64,
-    chunk_size: int | None = None,
-    params: Sequence[str] | None = None,
-) -> Tensor:
+def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor, **options: Any) -> Tensor:
     """The materialised J: (N, W) float64, row n = :math:`\\nabla_w\\ell_n`, columns in the order
-    of ``model.named_parameters()`` (restricted to ``params``). Memory N·W."""
-    engine = GramEngine(model, loss_fn, head_dtype, GramMethod.MATERIALIZE, chunk_size, params)
-    return engine.gradients(x, y)
+    of ``model.named_parameters()`` (restricted to ``params``). Memory N·W.
+
+    ``options``: as for :func:`per_example_grams`, but ``method`` (always ``"materialize"``).
+    """
+    return GramEngine(model, method=GramMethod.MATERIALIZE, **options).gradients(x, y)
 
 
 # ---------------------------------------------------------------------------- spectra
@@ -451,7 +403,7 @@ class GramSpectrum:
         trace: :math:`\\mathrm{tr}\\,\\xi`. frobenius_sq: :math:`\\|\\xi\\|_F^2`.
         lam_max: largest eigenvalue. lam_min: smallest eigenvalue (accurate to the relative
             precision of the diagonally scaled matrix when not singular; 0 where singular).
-        cond: :math:`\\lambda_{max}/\\lambda_{min}` (inf where singular).
+        cond: (a property) :math:`\\lambda_{max}/\\lambda_{min}` (inf where singular).
         rank: (int64) numerical rank: eigenvalues of the scaled matrix C above ``tolerance``.
         singular: (bool) Cholesky of C failed or its smallest eigenvalue is at most the tolerance.
         tolerance: the rank threshold on the eigenvalues of C, per matrix.
@@ -462,10 +414,15 @@ class GramSpectrum:
     frobenius_sq: Tensor
     lam_max: Tensor
     lam_min: Tensor
-    cond: Tensor
     rank: Tensor
     singular: Tensor
     tolerance: Tensor
+
+    @property
+    def cond(self) -> Tensor:
+        """:math:`\\lambda_{max}/\\lambda_{min}`, inf where ``singular``."""
+        inf = torch.full_like(self.lam_max, math.inf)
+        return torch.where(self.singular, inf, self.lam_max / self.lam_min)
 
 
 def gram_spectrum(xi: Tensor, *, row_eps: float | None = None) -> GramSpectrum:
@@ -523,14 +480,12 @@ def gram_spectrum(xi: Tensor, *, row_eps: float | None = None) -> GramSpectrum:
     inv = Cinv * dinv.unsqueeze(2) * dinv.unsqueeze(1)
     inv_max = torch.linalg.eigvalsh(0.5 * (inv + inv.transpose(1, 2)))[:, -1]
     lam_min = torch.where(singular, torch.zeros_like(lam_max), 1.0 / inv_max)
-    cond = torch.where(singular, torch.full_like(lam_max, math.inf), lam_max / lam_min)
     return GramSpectrum(
         logdet=logdet,
         trace=d.sum(dim=1),
         frobenius_sq=(xi * xi).sum(dim=(1, 2)),
         lam_max=lam_max,
         lam_min=lam_min,
-        cond=cond,
         rank=rank,
         singular=singular,
         tolerance=tol,

@@ -162,7 +162,7 @@ class LayerFactors:
 
     def dense(self) -> Tensor:
         """The (mn, mn) Kronecker product E[M] ⊗ E[xxᵀ] (small layers only)."""
-        return torch.kron(self.em, self.exx)
+        return torch.kron(self.em.contiguous(), self.exx.contiguous())  # kron views its inputs
 
 
 def _kind_name(module: nn.Module) -> str:

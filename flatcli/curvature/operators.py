@@ -120,6 +120,7 @@ from flatcli.curvature.params import (
 )
 from flatcli.dtypes import dtype_name
 from flatcli.errors import UsageError
+from flatcli.errors import choice as _choice
 
 __all__ = [
     "Kind",
@@ -652,14 +653,6 @@ class OperatorBlock(_Products):
         return f"OperatorBlock(dim={self.dim} of {self.parent!r}, params={self.param_names})"
 
 
-def _choice(enum: type[Enum], value: Any, what: str) -> Any:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
-
-
 def _warn_if_training(model: nn.Module) -> None:
     modes = sorted(
         {type(m).__name__ for m in model.modules() if isinstance(m, _STOCHASTIC) and m.training}
@@ -674,23 +667,12 @@ def _warn_if_training(model: nn.Module) -> None:
 
 
 def make_operator(
-    kind: Kind | str,
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    loss_fn: Callable[..., Tensor] | str = cross_entropy,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    head_dtype: torch.dtype | None = None,
-    seed: int = 0,
-    hvp_method: HvpMethod | str = HvpMethod.AUTO,
-    fisher_type: FisherType | str = FisherType.MC,
-    mc_samples: int = 1,
-    cache: bool = True,
-    data_parallel: bool | None = None,
+    kind: Kind | str, model: nn.Module, x: Tensor, y: Tensor, **options: Any
 ) -> CurvatureOperator:
     """A matrix-free curvature operator of the mean loss over the examples ``(x, y)``.
+
+    ``make_operator(kind, ...)`` is ``CurvatureOperator(kind, ...)``: the class picks the kind's
+    subclass.
 
     Args:
         kind: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (see the module docstring for the maths).
@@ -698,6 +680,10 @@ def make_operator(
             be differentiated in (normally eval: see :func:`eval_mode`).
         x: inputs (N, ...), on any device (chunks are moved to the model's device).
         y: int64 labels (N,).
+        **options: the keyword options below (their defaults: the signature of
+            :class:`CurvatureOperator`).
+
+    Keyword Args:
         loss_fn: per-example loss head ``(logits, labels) -> (N,)`` (e.g.
             ``flatcli.curvature.losses.cross_entropy`` or ``normalized_cross_entropy``) or its
             name ("ce", "nsce").
@@ -735,22 +721,7 @@ def make_operator(
         UsageError: unknown kind/method, a parameter pattern that matches nothing, mismatched
             x/y, a model whose output is not (N, K), or a Fisher of a non-likelihood loss.
     """
-    return CurvatureOperator(
-        kind,
-        model,
-        x,
-        y,
-        loss_fn=loss_fn,
-        params=params,
-        batch_size=batch_size,
-        head_dtype=head_dtype,
-        seed=seed,
-        hvp_method=hvp_method,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        cache=cache,
-        data_parallel=data_parallel,
-    )
+    return CurvatureOperator(kind, model, x, y, **options)
 
 
 class OperatorCache:

@@ -22,7 +22,7 @@ import contextlib
 import os
 import pickle
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,38 +52,28 @@ _MNIST_FILES = (
     "t10k-labels-idx1-ubyte"
 )
 
+
+def _mnist_like(cls_name: str, stats_key: str, *, system_copy: bool = False) -> TorchvisionSet:
+    """A 28x28 grey-scale set of ten classes whose four IDX files sit in ``<cls_name>/raw/``."""
+    layout = f"{cls_name}/raw/{{{_MNIST_FILES}}}"
+    return TorchvisionSet(
+        cls_name, stats_key, 10, (1, 28, 28), layout, (cls_name,), system_copy=system_copy
+    )
+
+
+def _two_class(spec: TorchvisionSet) -> TorchvisionSet:
+    """``spec`` with labels 0-4 read as 0 and 5-9 as 1."""
+    return replace(spec, num_classes=2, binary=True)
+
+
+_MNIST = _mnist_like("MNIST", "mnist")
+_FASHION_MNIST = _mnist_like("FashionMNIST", "fashion-mnist", system_copy=True)
+
 TORCHVISION_SETS: dict[str, TorchvisionSet] = {
-    "mnist": TorchvisionSet(
-        "MNIST", "mnist", 10, (1, 28, 28), f"MNIST/raw/{{{_MNIST_FILES}}}", ("MNIST",)
-    ),
-    "mnist-2": TorchvisionSet(
-        "MNIST",
-        "mnist",
-        2,
-        (1, 28, 28),
-        f"MNIST/raw/{{{_MNIST_FILES}}}",
-        ("MNIST",),
-        binary=True,
-    ),
-    "fashion-mnist": TorchvisionSet(
-        "FashionMNIST",
-        "fashion-mnist",
-        10,
-        (1, 28, 28),
-        f"FashionMNIST/raw/{{{_MNIST_FILES}}}",
-        ("FashionMNIST",),
-        system_copy=True,
-    ),
-    "fashion-mnist-2": TorchvisionSet(
-        "FashionMNIST",
-        "fashion-mnist",
-        2,
-        (1, 28, 28),
-        f"FashionMNIST/raw/{{{_MNIST_FILES}}}",
-        ("FashionMNIST",),
-        binary=True,
-        system_copy=True,
-    ),
+    "mnist": _MNIST,
+    "mnist-2": _two_class(_MNIST),
+    "fashion-mnist": _FASHION_MNIST,
+    "fashion-mnist-2": _two_class(_FASHION_MNIST),
     "cifar10": TorchvisionSet(
         "CIFAR10",
         "cifar10",

@@ -5,10 +5,12 @@
 >>> flatcli.measures.gamma(run, samples=100).metrics()           # doctest: +SKIP
 >>> flatcli.measures.spectrum(run, top_k=5, trace=True).metrics()  # doctest: +SKIP
 
-:func:`gamma`, :func:`spectrum` and :func:`sharpness` take a :class:`~flatcli.io.load.Run` and
-the fields of the measure's config as keywords (``seed`` and ``batch_size`` default to the
-run's); each returns a result with ``metrics()`` (flat numbers, the keys of a report's
-``metrics``) and ``details()`` (JSON-ready). ``compute_*`` take a model and tensors instead.
+:func:`gamma`, :func:`spectrum` and :func:`sharpness` take a :class:`~flatcli.io.load.Run` (a
+loaded checkpoint: :func:`flatcli.load`), an optional ``progress(description, done, total)``
+callback and the fields of the measure's config as keywords (``seed`` and ``batch_size`` default
+to the run's); each returns the measure's result, with ``metrics()`` (flat numbers, the keys of a
+report's ``metrics``) and ``details()`` (JSON-ready). ``compute_*`` take a model and tensors
+instead.
 
 Importing this package registers every measure: :func:`all_measures` lists them with each
 metric's direction and source (what ``flatcli measures`` prints). The names ``gamma``,
@@ -82,14 +84,8 @@ def gamma(run: Run, *, progress: ProgressFn | None = None, **options: Any) -> Ga
     """γ̂, the mean Fisher log-determinant ln|J Jᵀ| over T samples of N' examples (Jia & Su
     2020, Eq. 5), and its Gram-based baselines, on a loaded checkpoint.
 
-    Args:
-        run: a loaded checkpoint (:func:`flatcli.load`).
-        progress: optional ``progress(description, done, total)`` callback.
-        **options: fields of :class:`GammaConfig` (``samples``, ``trials``, ``baselines``,
-            ``logit_scale``, ...); ``seed`` and ``batch_size`` default to the run's.
-
-    Returns:
-        A :class:`GammaResult`: ``metrics()`` has ``gamma_hat``, ``gamma_hat_std``, ...
+    ``options``: fields of :class:`GammaConfig` (``samples``, ``trials``, ``baselines``,
+    ``logit_scale``, ...). ``metrics()`` has ``gamma_hat``, ``gamma_hat_std``, ...
     """
     return compute("gamma", run, progress=progress, **options)
 
@@ -98,14 +94,8 @@ def spectrum(run: Run, *, progress: ProgressFn | None = None, **options: Any) ->
     """Top eigenvalues (Lanczos), trace (Hutch++; the Hessian trace of Tsuzuku et al. 2020,
     Eq. 5) and spectral density of the Hessian, GGN or Fisher, on a loaded checkpoint.
 
-    Args:
-        run: a loaded checkpoint (:func:`flatcli.load`).
-        progress: optional ``progress(description, done, total)`` callback.
-        **options: fields of :class:`SpectrumConfig` (``top_k``, ``trace``, ``matrix``,
-            ``density``, ...); ``seed`` and ``batch_size`` default to the run's.
-
-    Returns:
-        A :class:`SpectrumResult`: ``metrics()`` has ``top_eigenvalue``, ``trace``, ...
+    ``options``: fields of :class:`SpectrumConfig` (``top_k``, ``trace``, ``matrix``,
+    ``density``, ...). ``metrics()`` has ``top_eigenvalue``, ``trace``, ...
     """
     return compute("spectrum", run, progress=progress, **options)
 
@@ -115,14 +105,8 @@ def sharpness(run: Run, *, progress: ProgressFn | None = None, **options: Any) -
     the Hessian trace (Eq. 5), ε-sharpness (Keskar et al. 2017) and adaptive sharpness (Kwon et
     al. 2021), in one computation on a loaded checkpoint.
 
-    Args:
-        run: a loaded checkpoint (:func:`flatcli.load`).
-        progress: optional ``progress(description, done, total)`` callback.
-        **options: fields of :class:`SharpnessConfig` (``measures`` (default: all),
-            ``diag_method``, ``probes``, ...); ``seed`` and ``batch_size`` default to the run's.
-
-    Returns:
-        A :class:`SharpnessResult`: ``metrics()`` is keyed by the measure names.
+    ``options``: fields of :class:`SharpnessConfig` (``measures`` (default: all),
+    ``diag_method``, ``probes``, ...). ``metrics()`` is keyed by the measure names.
     """
     config = make_config(get_measure("normalized_sharpness"), run, **options)
     with torch_warnings_silenced():

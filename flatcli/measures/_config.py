@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import Any
 
 from torch import Tensor
@@ -21,15 +20,6 @@ def head_dtype_name(value: Any) -> str:
     if name not in DTYPES:
         raise UsageError(f"Unknown head dtype {value!r}; choose float32 or float64.")
     return name
-
-
-def choice(enum: type[Enum], value: Any, what: str) -> str:
-    """``value`` as the string of a member of ``enum``; else a UsageError listing the members."""
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
 
 
 def finite_or_none(v: Any) -> Any:

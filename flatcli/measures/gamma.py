@@ -69,7 +69,7 @@ from flatcli.curvature.losses import cross_entropy, output_hessian
 from flatcli.curvature.operators import eval_mode
 from flatcli.dtypes import DTYPES, dtype_name
 from flatcli.errors import UsageError
-from flatcli.measures._config import choice as _choice
+from flatcli.errors import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.measures._config import head_dtype_name
@@ -519,11 +519,6 @@ from flatcli.measures import registry as _registry  # noqa: E402 - registers the
 _JS = "Jia & Su 2020"
 
 
-def _gamma_on_run(run: Any, config: GammaConfig, progress: ProgressFn) -> GammaResult:
-    """:func:`compute_gamma` on a loaded checkpoint (:func:`flatcli.load`)."""
-    return compute_gamma(run.model, run.x, run.y, config, progress=progress)
-
-
 def _gamma_reports(config: GammaConfig) -> list[str]:
     keys = [m.key for m in _GAMMA_METRICS]
     return keys if config.baselines else [k for k in keys if k != "robustness"]
@@ -569,15 +564,12 @@ _GAMMA_METRICS = (
     _registry.Metric("trials", _N, f"{_JS}, Eq. 5", "T, samples drawn"),
     _registry.NUM_PARAMS,
 )
-_registry.register(
-    _registry.Measure(
-        name="gamma",
-        command="gamma",
-        config_type=GammaConfig,
-        compute=_gamma_on_run,
-        metrics=_GAMMA_METRICS,
-        cost="T·N' per-example gradients (ghost: T·⌈N'/B⌉ forward+backward passes) and T "
-        "N'×N' Cholesky factorisations; --baselines: power iteration on every example",
-        reports=_gamma_reports,
-    )
+_registry.register_measure(
+    "gamma",
+    GammaConfig,
+    _registry.on_run(compute_gamma),
+    metrics=_GAMMA_METRICS,
+    cost="T·N' per-example gradients (ghost: T·⌈N'/B⌉ forward+backward passes) and T "
+    "N'×N' Cholesky factorisations; --baselines: power iteration on every example",
+    reports=_gamma_reports,
 )

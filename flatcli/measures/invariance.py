@@ -60,14 +60,8 @@ class AuditRow:
     threshold: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "measure": self.measure,
-            "original": self.original,
-            "transformed": self.transformed,
-            "rel_change": self.rel_change,
-            "invariant": self.invariant,
-            "threshold": self.threshold,
-        }
+        """Every field, JSON-ready."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -168,10 +162,13 @@ def audit_invariance(
     return InvarianceAudit(name, float(alpha), rows, diff, res_a, res_b)
 
 
-def default_rtol(model: nn.Module) -> float:
-    """The relative tolerance of an audit in the model's dtype: 1e-6 in float64, else 1e-3."""
+def default_rtol(model: nn.Module | str) -> float:
+    """The relative tolerance of an audit in the model's dtype (or a dtype's name): 1e-6 in
+    float64, else 1e-3."""
+    if isinstance(model, str):
+        return 1e-6 if model == "float64" else 1e-3
     p = next(model.parameters(), None)
-    return 1e-6 if p is not None and p.dtype == torch.float64 else 1e-3
+    return default_rtol("float64" if p is not None and p.dtype == torch.float64 else "float32")
 
 
 @dataclass(frozen=True)
@@ -269,41 +266,34 @@ def compute_invariance(
 from flatcli.measures import registry as _registry  # noqa: E402 - registers the finished module
 
 
-def _invariance_on_run(run: Any, config: InvarianceConfig, progress: ProgressFn) -> Any:
-    """:func:`compute_invariance` on a loaded checkpoint (:func:`flatcli.load`)."""
-    return compute_invariance(run.model, run.x, run.y, config, progress=progress)
-
-
 def _invariance_reports(config: InvarianceConfig) -> list[str]:
     return ["max_logit_difference", *(f"{m}_rel_change" for m in config.sharpness.measures)]
 
 
 _AUDIT_SOURCE = "Dinh et al. 2017 (layer scale); Tsuzuku et al. 2020, Eqs. 15-16 (neuron scale)"
-_registry.register(
-    _registry.Measure(
-        name="invariance",
-        command="sharpness --invariance",
-        config_type=InvarianceConfig,
-        compute=_invariance_on_run,
-        metrics=(
-            _registry.Metric(
-                "max_logit_difference",
-                _registry.Direction.NEUTRAL,
-                "-",
-                "max |f(x) − f'(x)| between the model and its reparametrisation (≈ 0: the "
-                "function was preserved)",
-            ),
-            *(
-                _registry.Metric(
-                    f"{m}_rel_change",
-                    _registry.Direction.NEUTRAL,
-                    _AUDIT_SOURCE,
-                    f"|Δ {m}| / |{m}| under the function-preserving transform (0: invariant)",
-                )
-                for m in ALL_MEASURES
-            ),
+_registry.register_measure(
+    "invariance",
+    InvarianceConfig,
+    _registry.on_run(compute_invariance),
+    command="sharpness --invariance",
+    metrics=(
+        _registry.Metric(
+            "max_logit_difference",
+            _registry.Direction.NEUTRAL,
+            "-",
+            "max |f(x) − f'(x)| between the model and its reparametrisation (≈ 0: the "
+            "function was preserved)",
         ),
-        cost="the sharpness measures twice (on the model and on its reparametrisation)",
-        reports=_invariance_reports,
-    )
+        *(
+            _registry.Metric(
+                f"{m}_rel_change",
+                _registry.Direction.NEUTRAL,
+                _AUDIT_SOURCE,
+                f"|Δ {m}| / |{m}| under the function-preserving transform (0: invariant)",
+            )
+            for m in ALL_MEASURES
+        ),
+    ),
+    cost="the sharpness measures twice (on the model and on its reparametrisation)",
+    reports=_invariance_reports,
 )

@@ -52,7 +52,7 @@ from flatcli.curvature.kfac import (
 )
 from flatcli.curvature.lanczos import lanczos
 from flatcli.curvature.operators import make_operator
-from flatcli.measures._config import choice as _choice
+from flatcli.errors import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.measures._config import require as _require
@@ -266,7 +266,8 @@ class KfacResult:
         return {k: _finite_or_none(v) for k, v in out.items()}
 
     def details(self) -> dict[str, Any]:
-        """Per-layer entries (``details.layers``, the documented report keys) and the conventions used."""
+        """Per-layer entries (``details.layers``, the documented report keys) and the conventions
+        used."""
         return {
             "layers": [layer.to_dict() for layer in self.layers],
             "conventions": CONVENTIONS,
@@ -564,55 +565,52 @@ def _kfac_reports(config: KfacConfig) -> list[str]:
 
 _N = _registry.Direction.NEUTRAL
 _WU = "Wu et al. 2020"
-_registry.register(
-    _registry.Measure(
-        name="kfac",
-        command="kfac",
-        config_type=KfacConfig,
-        compute=_kfac_on_run,
-        metrics=(
-            _registry.Metric("kfac_layers", _N, "-", "Linear/Conv2d layers analysed"),
-            _registry.Metric(
-                "decoupling_error_max",
-                _N,
-                f"{_WU}, Eq. 6 (error not in the paper)",
-                "worst layer's ||H - E[M] (x) E[xx^T]||_F / ||H||_F (Rademacher estimate)",
-            ),
-            _registry.Metric(
-                "overlap_at_10_min",
-                _N,
-                f"{_WU}, Def. 4.1, Eq. 7",
-                "smallest top-10 eigenspace overlap between the Kronecker approximation and the "
-                "exact layer block",
-            ),
-            _registry.Metric(
-                "spectral_ratio_min",
-                _N,
-                f"{_WU}, Eq. 8, Table 6",
-                "smallest ||E[x]E[x]^T|| / ||Sigma_x|| over the layers",
-            ),
-            _registry.Metric(
-                "mean_alignment_min",
-                _N,
-                f"{_WU}, §4.3, Table 7",
-                "smallest |<E[x]/||E[x]||, v_1(E[xx^T])>| over the layers",
-            ),
-            _registry.Metric(
-                "rank1_score_min",
-                _N,
-                f"{_WU}, §5.2, Fig. 6",
-                "smallest sigma_1 / ||Mat(h_1)||_F of the layers' top exact eigenvectors",
-            ),
-            _registry.Metric(
-                "compare_overlap_at_m_min",
-                _N,
-                f"{_WU}, §5.1, Fig. 5",
-                "with --compare: smallest top-m eigenspace overlap of two checkpoints' layer "
-                "blocks (m = the layer's output size)",
-            ),
+_registry.register_measure(
+    "kfac",
+    KfacConfig,
+    _kfac_on_run,
+    metrics=(
+        _registry.Metric("kfac_layers", _N, "-", "Linear/Conv2d layers analysed"),
+        _registry.Metric(
+            "decoupling_error_max",
+            _N,
+            f"{_WU}, Eq. 6 (error not in the paper)",
+            "worst layer's ||H - E[M] (x) E[xx^T]||_F / ||H||_F (Rademacher estimate)",
         ),
-        cost="one forward + c backward passes (batched) for the factors; per layer up to "
-        "max(3K + 20, 60) Hessian-block products (Lanczos) + --probes products",
-        reports=_kfac_reports,
-    )
+        _registry.Metric(
+            "overlap_at_10_min",
+            _N,
+            f"{_WU}, Def. 4.1, Eq. 7",
+            "smallest top-10 eigenspace overlap between the Kronecker approximation and the "
+            "exact layer block",
+        ),
+        _registry.Metric(
+            "spectral_ratio_min",
+            _N,
+            f"{_WU}, Eq. 8, Table 6",
+            "smallest ||E[x]E[x]^T|| / ||Sigma_x|| over the layers",
+        ),
+        _registry.Metric(
+            "mean_alignment_min",
+            _N,
+            f"{_WU}, §4.3, Table 7",
+            "smallest |<E[x]/||E[x]||, v_1(E[xx^T])>| over the layers",
+        ),
+        _registry.Metric(
+            "rank1_score_min",
+            _N,
+            f"{_WU}, §5.2, Fig. 6",
+            "smallest sigma_1 / ||Mat(h_1)||_F of the layers' top exact eigenvectors",
+        ),
+        _registry.Metric(
+            "compare_overlap_at_m_min",
+            _N,
+            f"{_WU}, §5.1, Fig. 5",
+            "with --compare: smallest top-m eigenspace overlap of two checkpoints' layer "
+            "blocks (m = the layer's output size)",
+        ),
+    ),
+    cost="one forward + c backward passes (batched) for the factors; per layer up to "
+    "max(3K + 20, 60) Hessian-block products (Lanczos) + --probes products",
+    reports=_kfac_reports,
 )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatcli.measures._config import choice as _choice
+from flatcli.errors import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import require as _require
 from flatcli.options import option
@@ -463,15 +463,12 @@ _PACBAYES_METRICS = (
     _registry.Metric("delta_prime", _N, f"{_DR}, §3", "δ′ of the Monte-Carlo step"),
     _registry.Metric("num_train", _N, f"{_WU}, Eq. 43", "m = |S|, training examples"),
 )
-_registry.register(
-    _registry.Measure(
-        name="pacbayes",
-        command="pacbayes",
-        config_type=PacBayesConfig,
-        compute=pacbayes_on_run,
-        metrics=_PACBAYES_METRICS,
-        cost="epochs·m/B forward+backward passes at one weight sample each (Hessian methods: "
-        "plus two per-layer rotations a step and K-FAC factors per basis), then "
-        "n·(m + m_test) forwards for the Monte-Carlo errors",
-    )
+_registry.register_measure(
+    "pacbayes",
+    PacBayesConfig,
+    pacbayes_on_run,
+    metrics=_PACBAYES_METRICS,
+    cost="epochs·m/B forward+backward passes at one weight sample each (Hessian methods: "
+    "plus two per-layer rotations a step and K-FAC factors per basis), then "
+    "n·(m + m_test) forwards for the Monte-Carlo errors",
 )

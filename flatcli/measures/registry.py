@@ -1,6 +1,7 @@
 """The measure registry: every measure's name, config, compute function and the metrics it reports.
 
-Each measure module registers itself at import (a block at the bottom of the module). The
+Each measure module registers itself at import (a :func:`register_measure` call at the bottom of
+the module). The
 lookups below first import every module of the :mod:`flatcli.measures` package, found on disk,
 so the registry is complete whichever measure modules were imported before (a new measure is a
 new module and nothing else). Commands use it to know which metric keys a run reports (a gate on any
@@ -109,6 +110,35 @@ def register(measure: Measure) -> Measure:
             )
     _MEASURES[measure.name] = measure
     return measure
+
+
+def register_measure(
+    name: str,
+    config_type: type,
+    compute: Callable[[Run, Any, ProgressFn], Any],
+    *,
+    metrics: Sequence[Metric],
+    cost: str,
+    command: str | None = None,
+    reports: Callable[[Any], Sequence[str]] | None = None,
+) -> Measure:
+    """:func:`register` the :class:`Measure` of these fields; ``command`` defaults to ``name``.
+
+    What a measure module ends with (``compute``: often :func:`on_run` of its library function).
+    """
+    return register(
+        Measure(name, command or name, config_type, compute, tuple(metrics), cost, reports)
+    )
+
+
+def on_run(compute_fn: Callable[..., Any]) -> Callable[[Run, Any, ProgressFn], Any]:
+    """``compute_fn(model, x, y, config, progress=...)`` as a measure's ``compute`` on a loaded
+    checkpoint (:func:`flatcli.load`): on its model and examples."""
+
+    def compute(run: Run, config: Any, progress: ProgressFn) -> Any:
+        return compute_fn(run.model, run.x, run.y, config, progress=progress)
+
+    return compute
 
 
 _LOADED = False

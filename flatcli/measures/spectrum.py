@@ -41,7 +41,7 @@ from flatcli.curvature.operators import (
 from flatcli.curvature.params import select_parameters
 from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
 from flatcli.dtypes import DTYPES
-from flatcli.measures._config import choice as _choice
+from flatcli.errors import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.measures._config import head_dtype_name
@@ -460,11 +460,6 @@ def save_eigenvectors(result: SpectrumResult, run: Any, folder: Path) -> str:
     return str(path)
 
 
-def _spectrum_on_run(run: Any, config: SpectrumConfig, progress: ProgressFn) -> SpectrumResult:
-    """:func:`compute_spectrum` on a loaded checkpoint (:func:`flatcli.load`)."""
-    return compute_spectrum(run.model, run.x, run.y, config, progress=progress)
-
-
 def _spectrum_reports(config: SpectrumConfig) -> list[str]:
     keys = ["top_eigenvalue"] if config.top_k > 0 else []
     keys += ["trace", "trace_stderr"] if config.trace else []
@@ -472,34 +467,31 @@ def _spectrum_reports(config: SpectrumConfig) -> list[str]:
 
 
 _S, _N = _registry.Direction.SHARPER, _registry.Direction.NEUTRAL
-_registry.register(
-    _registry.Measure(
-        name="spectrum",
-        command="spectrum",
-        config_type=SpectrumConfig,
-        compute=_spectrum_on_run,
-        metrics=(
-            _registry.Metric(
-                "top_eigenvalue",
-                _S,
-                "Keskar et al. 2017; Wu et al. 2020, §1",
-                "largest eigenvalue of the Hessian (or --matrix ggn/fisher; --which picks the "
-                "end of the spectrum), by Lanczos",
-            ),
-            _registry.Metric(
-                "trace",
-                _S,
-                "Tsuzuku et al. 2020, Eq. 5",
-                "trace of the curvature matrix (Hutch++ or Hutchinson)",
-            ),
-            _registry.Metric("trace_stderr", _N, "-", "standard error of the trace estimate"),
-            _registry.NUM_PARAMS,
-            _registry.Metric(
-                "matvecs", _N, "-", "curvature-vector products spent (each a pass over the data)"
-            ),
+_registry.register_measure(
+    "spectrum",
+    SpectrumConfig,
+    _registry.on_run(compute_spectrum),
+    metrics=(
+        _registry.Metric(
+            "top_eigenvalue",
+            _S,
+            "Keskar et al. 2017; Wu et al. 2020, §1",
+            "largest eigenvalue of the Hessian (or --matrix ggn/fisher; --which picks the "
+            "end of the spectrum), by Lanczos",
         ),
-        cost="top-k: up to max(20k, 100) products; --trace: --probes products; --density: "
-        "runs × 90 products (a product = one forward+backward pass over the examples)",
-        reports=_spectrum_reports,
-    )
+        _registry.Metric(
+            "trace",
+            _S,
+            "Tsuzuku et al. 2020, Eq. 5",
+            "trace of the curvature matrix (Hutch++ or Hutchinson)",
+        ),
+        _registry.Metric("trace_stderr", _N, "-", "standard error of the trace estimate"),
+        _registry.NUM_PARAMS,
+        _registry.Metric(
+            "matvecs", _N, "-", "curvature-vector products spent (each a pass over the data)"
+        ),
+    ),
+    cost="top-k: up to max(20k, 100) products; --trace: --probes products; --density: "
+    "runs × 90 products (a product = one forward+backward pass over the examples)",
+    reports=_spectrum_reports,
 )

@@ -258,16 +258,25 @@ def plan_measures(
 
 @dataclass
 class RankResult:
-    """The rows (one per checkpoint, report-entry shaped), the statistics and the bookkeeping."""
+    """The runner's outcome (a row per checkpoint, report-entry shaped, with its gap), the
+    statistics, the baseline's row and the cache's bookkeeping."""
 
-    rows: list[dict[str, Any]]
+    outcome: Outcome
     statistics: dict[str, dict[str, Any]]
     sweep: dict[str, Any]
     baseline: dict[str, Any] | None = None
-    interrupted: bool = False
     cache_hits: int = 0
     cache_misses: int = 0
-    outcome: Outcome | None = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per checkpoint."""
+        return self.outcome.results
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether Ctrl-C ended the sweep early."""
+        return self.outcome.interrupted
 
 
 class _Fingerprints:
@@ -589,16 +598,7 @@ def rank_checkpoints(
         counts = distributed.gather_objects((hits, misses))
         hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
     statistics, sweep = sweep_statistics(outcome.results, directions, config)
-    return RankResult(
-        rows=outcome.results,
-        statistics=statistics,
-        sweep=sweep,
-        baseline=base_row,
-        interrupted=outcome.interrupted,
-        cache_hits=hits,
-        cache_misses=misses,
-        outcome=outcome,
-    )
+    return RankResult(outcome, statistics, sweep, base_row, hits, misses)
 
 
 def parse_measure_options(specs: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flatcli.errors import UsageError
+from flatcli.run import gate_failure
 
 __all__ = ["check_gate_names", "relative_failures"]
 
@@ -50,18 +51,11 @@ def relative_failures(
             continue
         limit = b + frac * abs(b) if sign == ">" else b - frac * abs(b)
         word = "above" if sign == ">" else "below"
-        for r in rows:
-            if r.get("error") is not None:
-                continue
-            value = _value(r, name)
-            if value is None:
-                out.append(
-                    f"baseline gate on {name} cannot be checked for {r['checkpoint']}: "
-                    "value is null"
-                )
-            elif (sign == ">" and value > limit) or (sign == "<" and value < limit):
-                out.append(
-                    f"gate failed: {r['checkpoint']}: {name} = {value:.6g} is more than "
-                    f"{frac:.0%} {word} the baseline's {b:.6g}"
-                )
+        beyond = f"is more than {frac:.0%} {word} the baseline's {b:.6g}"
+        found = (
+            gate_failure(r, name, sign, limit, f"baseline gate on {name}", beyond)
+            for r in rows
+            if r.get("error") is None
+        )
+        out += [m for m in found if m is not None]
     return out

@@ -25,14 +25,17 @@ from flatcli.reparam.transforms import (
 )
 
 __all__ = [
-    "Transform",
+    # a model as a chain of operations
     "ChainOp",
     "trace_chain",
     "weight_layers",
+    # a transform by name, and the check that it preserved the function
+    "Transform",
+    "apply_transform",
+    "max_logit_difference",
+    # the transforms
     "layer_scale",
     "neuron_scale",
     "bn_scale",
     "default_layer_alphas",
-    "apply_transform",
-    "max_logit_difference",
 ]

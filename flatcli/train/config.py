@@ -7,6 +7,7 @@ be offered as choices on the command line. Every default says why it is what it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
@@ -172,33 +173,21 @@ class TrainConfig:
         self.augment = _enum(Augment, self.augment, "augment")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        _check(_is_real(self.lr) and self.lr > 0, f"lr must be a positive number. Got {self.lr!r}.")
+        require = self._require
+        require("lr", lambda v: _is_real(v) and v > 0, "a positive number")
         self.lr = float(self.lr)
-        _check(
-            _is_real(self.momentum) and 0 <= self.momentum < 1,
-            f"momentum must be in [0, 1). Got {self.momentum!r}.",
-        )
-        _check(
-            isinstance(self.nesterov, bool),
-            f"nesterov must be true or false. Got {self.nesterov!r}.",
-        )
+        require("momentum", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)")
+        require("nesterov", lambda v: isinstance(v, bool), "true or false")
         _check(
             not (self.nesterov and self.momentum == 0),
             "nesterov needs a momentum > 0. Got momentum=0.",
         )
-        _check(
-            _is_real(self.weight_decay) and self.weight_decay >= 0,
-            f"weight_decay must be >= 0. Got {self.weight_decay!r}.",
-        )
+        require("weight_decay", lambda v: _is_real(v) and v >= 0, ">= 0")
         self.milestones = list(self.milestones)
-        _check(
-            all(_is_int(m) and m > 0 for m in self.milestones),
-            f"milestones must be positive whole epochs. Got {self.milestones!r}.",
+        require(
+            "milestones", lambda v: all(_is_int(m) and m > 0 for m in v), "positive whole epochs"
         )
-        _check(
-            self.milestones == sorted(set(self.milestones)),
-            f"milestones must be strictly increasing. Got {self.milestones!r}.",
-        )
+        require("milestones", lambda v: v == sorted(set(v)), "strictly increasing")
         _check(
             self.schedule is Schedule.STEP or not self.milestones,
             f"milestones only apply to schedule 'step'. Got schedule {self.schedule.value!r} "
@@ -209,66 +198,33 @@ class TrainConfig:
             "schedule 'step' needs milestones (epochs where the learning rate drops), "
             "e.g. milestones=[30, 45].",
         )
-        _check(
-            _is_real(self.gamma) and 0 < self.gamma <= 1,
-            f"gamma must be in (0, 1]. Got {self.gamma!r}.",
+        require("gamma", lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]")
+        require("epochs", lambda v: _is_int(v) and v >= 1, ">= 1")
+        require("batch_size", lambda v: _is_int(v) and v >= 1, ">= 1")
+        require("random_labels", lambda v: _is_real(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+        require(
+            "train_subset",
+            lambda v: v is None or (_is_int(v) and v >= 1),
+            "a number of examples >= 1",
         )
-        _check(
-            _is_int(self.epochs) and self.epochs >= 1, f"epochs must be >= 1. Got {self.epochs!r}."
-        )
-        _check(
-            _is_int(self.batch_size) and self.batch_size >= 1,
-            f"batch_size must be >= 1. Got {self.batch_size!r}.",
-        )
-        _check(
-            _is_real(self.random_labels) and 0 <= self.random_labels <= 1,
-            f"random_labels must be a fraction in [0, 1]. Got {self.random_labels!r}.",
-        )
-        _check(
-            self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= 1),
-            f"train_subset must be a number of examples >= 1. Got {self.train_subset!r}.",
-        )
-        _check(
-            _is_int(self.confusion_size) and self.confusion_size >= 0,
-            f"confusion_size must be a number of examples >= 0. Got {self.confusion_size!r}.",
-        )
-        _check(
-            _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-            f"label_smoothing must be in [0, 1). Got {self.label_smoothing!r}.",
-        )
-        _check(
-            isinstance(self.fisher_reg, bool),
-            f"fisher_reg must be true or false. Got {self.fisher_reg!r}.",
-        )
-        _check(
-            _is_real(self.reg_beta) and self.reg_beta >= 0,
-            f"reg_beta must be >= 0. Got {self.reg_beta!r}.",
-        )
-        _check(
-            _is_real(self.reg_alpha) and self.reg_alpha > 0,
-            f"reg_alpha must be > 0. Got {self.reg_alpha!r}.",
-        )
-        _check(
-            _is_int(self.reg_subbatches) and self.reg_subbatches >= 1,
-            f"reg_subbatches must be >= 1. Got {self.reg_subbatches!r}.",
-        )
+        require("confusion_size", lambda v: _is_int(v) and v >= 0, "a number of examples >= 0")
+        require("label_smoothing", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)")
+        require("fisher_reg", lambda v: isinstance(v, bool), "true or false")
+        require("reg_beta", lambda v: _is_real(v) and v >= 0, ">= 0")
+        require("reg_alpha", lambda v: _is_real(v) and v > 0, "> 0")
+        require("reg_subbatches", lambda v: _is_int(v) and v >= 1, ">= 1")
         _check(
             not self.fisher_reg or self.reg_subbatches <= self.batch_size,
             f"reg_subbatches ({self.reg_subbatches}) cannot exceed batch_size ({self.batch_size}): "
             "each sub-batch needs at least one example.",
         )
-        _check(
-            self.clip is None or (_is_real(self.clip) and self.clip > 0),
-            f"clip must be a positive gradient norm, or None for no clipping. Got {self.clip!r}.",
+        require(
+            "clip",
+            lambda v: v is None or (_is_real(v) and v > 0),
+            "a positive gradient norm, or None for no clipping",
         )
-        _check(
-            _is_int(self.seed) and self.seed >= 0,
-            f"seed must be a whole number >= 0. Got {self.seed!r}.",
-        )
-        _check(
-            self.dtype in DTYPES,
-            f"dtype must be one of {', '.join(repr(d) for d in DTYPES)}. Got {self.dtype!r}.",
-        )
+        require("seed", lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
+        require("dtype", lambda v: v in DTYPES, f"one of {', '.join(repr(d) for d in DTYPES)}")
         if self.device == "auto":
             self.device = str(auto_device(mps=False))
         try:
@@ -277,16 +233,17 @@ class TrainConfig:
             raise UsageError(
                 f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. Got {self.device!r}."
             ) from None
-        _check(
-            self.target_train_acc is None
-            or (_is_real(self.target_train_acc) and 0 < self.target_train_acc <= 1),
-            "target_train_acc must be an accuracy in (0, 1], or None. "
-            f"Got {self.target_train_acc!r}.",
+        require(
+            "target_train_acc",
+            lambda v: v is None or (_is_real(v) and 0 < v <= 1),
+            "an accuracy in (0, 1], or None",
         )
-        _check(
-            _is_int(self.log_every) and self.log_every >= 1,
-            f"log_every must be >= 1. Got {self.log_every!r}.",
-        )
+        require("log_every", lambda v: _is_int(v) and v >= 1, ">= 1")
+
+    def _require(self, name: str, ok: Callable[[Any], bool], what: str) -> None:
+        """A UsageError "<name> must be <what>. Got <value>." unless ``ok(value)``."""
+        value = getattr(self, name)
+        _check(ok(value), f"{name} must be {what}. Got {value!r}.")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -81,6 +81,26 @@ class TrainResult:
     reached_target: bool
     history: list[EpochStats] = field(default_factory=list)
 
+    @classmethod
+    def after(
+        cls, history: list[EpochStats], *, steps: int, seconds: float, reached_target: bool
+    ) -> TrainResult:
+        """The result of a run that ended at its last evaluated epoch, ``history[-1]``."""
+        last = history[-1]
+        return cls(
+            train_loss=last.train_loss,
+            train_acc=last.train_acc,
+            test_loss=last.test_loss,
+            test_acc=last.test_acc,
+            gap_acc=None if last.test_acc is None else last.train_acc - last.test_acc,
+            gap_loss=None if last.test_loss is None else last.test_loss - last.train_loss,
+            epochs=last.epoch,
+            steps=steps,
+            seconds=seconds,
+            reached_target=reached_target,
+            history=history,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; ``history`` as a list of dicts."""
         out = {k: _finite(v) for k, v in asdict(self).items() if k != "history"}
@@ -177,7 +197,6 @@ def fit(
     steps = 0
     epochs_run = 0
     reached = False
-    stats: EpochStats | None = None
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)
@@ -243,22 +262,9 @@ def fit(
                 reached = True
                 break
     model.eval()
-    assert stats is not None  # the last epoch is always evaluated
-    gap_acc = None if stats.test_acc is None else stats.train_acc - stats.test_acc
-    gap_loss = None if stats.test_loss is None else stats.test_loss - stats.train_loss
-    return TrainResult(
-        train_loss=stats.train_loss,
-        train_acc=stats.train_acc,
-        test_loss=stats.test_loss,
-        test_acc=stats.test_acc,
-        gap_acc=gap_acc,
-        gap_loss=gap_loss,
-        epochs=epochs_run,
-        steps=steps,
-        seconds=time.perf_counter() - start_time,
-        reached_target=reached,
-        history=history,
-    )
+    seconds = time.perf_counter() - start_time
+    # the last epoch is always evaluated: history[-1] is where the run ended
+    return TrainResult.after(history, steps=steps, seconds=seconds, reached_target=reached)
 
 
 def _evaluate_epoch(

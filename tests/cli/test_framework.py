@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, add, command
 from flatcli.cli.render import analyse
 from flatcli.io.checkpoint import save_checkpoint
-from flatcli.run import Context, Gates, LoadOptions
+from flatcli.run import Context
 from tests.io.test_report import validate_report
 
 FACTORY = """
@@ -50,10 +50,8 @@ def _app() -> typer.Typer:
     def _cb() -> None:
         pass
 
-    @command(app, "loss", help="Mean loss and accuracy.")
-    def loss(
-        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
-    ) -> None:
+    @command("loss", help="Mean loss and accuracy.")
+    def loss(checkpoints: list[Path], common: Common) -> None:
         def measure(ctx: Context):
             with torch.no_grad():
                 out = ctx.model(ctx.x)
@@ -62,10 +60,9 @@ def _app() -> typer.Typer:
             )
 
         columns = [("loss", "loss"), ("accuracy", "acc")]
-        analyse(
-            "loss", checkpoints, measure, columns, load=load, gates=gates, output=output, config={}
-        )
+        analyse("loss", checkpoints, measure, columns, common=common, config={})
 
+    add(app, loss)
     return app
 
 
@@ -292,10 +289,8 @@ def test_float64_weights_are_not_rounded_through_float32(setup):
     def _cb() -> None:
         pass
 
-    @command(app, "peek", help="Look at the loaded weights.")
-    def peek(
-        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
-    ) -> None:
+    @command("peek", help="Look at the loaded weights.")
+    def peek(checkpoints: list[Path], common: Common) -> None:
         def measure(ctx: Context):
             seen.update({k: v.detach().clone() for k, v in ctx.model.state_dict().items()})
             return _Loss(0.0, 0.0)
@@ -305,12 +300,11 @@ def test_float64_weights_are_not_rounded_through_float32(setup):
             checkpoints,
             measure,
             [("loss", "loss")],
-            load=load,
-            gates=gates,
-            output=output,
+            common=common,
             config={},
         )
 
+    add(app, peek)
     res = _run(app, ["peek", str(path), *_common(tmp, data), "--dtype", "float64", "--quiet"])
     assert res.exit_code == 0, res.output
     assert all(torch.equal(seen[k], v) for k, v in sd.items())

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from flatcli.cli.app import app
 from tests.cases import TANH_MLP_FACTORY, write_cli_problem
+from tests.cli.helpers import invoke_on_problem, report_of
 from tests.curvature.test_gram import dense_jacobian
 from tests.io.test_report import validate_report
 
@@ -37,17 +38,14 @@ def setup(tmp_path_factory):
     return tmp, J @ J.T
 
 
-def _invoke(tmp, *args, ckpt="m.pt", factory="make"):
-    common = ["--model", f"{tmp}/nets.py:{factory}", "--dataset", f"tensors:{tmp}/data.safetensors"]
-    return CliRunner().invoke(app, ["gamma", str(tmp / ckpt), *common, "--dtype", "float64", *args])
+def _invoke(tmp, *args):
+    return invoke_on_problem("gamma", tmp, *args)
 
 
 def test_gamma_of_all_examples_is_the_dense_log_determinant(setup):
     tmp, xi = setup
-    out = tmp / "r.json"
-    res = _invoke(tmp, "--samples", "16", "--trials", "1", "--baselines", "--json", str(out), "-q")
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    args = ["--samples", "16", "--trials", "1", "--baselines", "-q"]
+    _, report = report_of("gamma", tmp, tmp / "r.json", *args)
     validate_report(report, "gamma")
     entry = report["results"][0]
     m = entry["metrics"]
@@ -106,21 +104,11 @@ def test_options_reach_the_measure_and_the_table(setup):
 
 def test_singular_sample_is_null_with_a_reason(setup):
     tmp, _ = setup
-    out = tmp / "singular.json"
-    res = _invoke(  # W = 13 parameters < N' = 16
-        tmp,
-        "--samples",
-        "16",
-        "--trials",
-        "1",
-        "--json",
-        str(out),
-        "-q",
-        ckpt="tiny.pt",
-        factory="tiny",
+    args = ["--samples", "16", "--trials", "1", "-q"]  # W = 13 parameters < N' = 16
+    _, report = report_of(
+        "gamma", tmp, tmp / "singular.json", *args, ckpt="tiny.pt", factory="tiny"
     )
-    assert res.exit_code == 0, res.output
-    entry = json.loads(out.read_text())["results"][0]
+    entry = report["results"][0]
     assert entry["metrics"]["gamma_hat"] is None
     assert "exceed W = 13" in entry["details"]["reason"]
     assert entry["details"]["per_trial"]["rank"][0] <= 13

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from flatcli.cli.app import app
 from tests.cases import write_cli_problem
+from tests.cli.helpers import invoke_on_problem, report_of
 from tests.io.test_report import validate_report
 
 
@@ -25,31 +22,14 @@ def setup(tmp_path_factory):
 
 
 def _invoke(tmp, *args):
-    common = ["--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{tmp}/data.safetensors"]
-    return CliRunner().invoke(
-        app, ["kfac", str(tmp / "m0.pt"), *common, "--dtype", "float64", *args]
-    )
+    return invoke_on_problem("kfac", tmp, *args, ckpt="m0.pt")
 
 
 def test_report_keys_compare_and_plot(setup):
     tmp = setup
-    out = tmp / "r.json"
     plots = tmp / "plots"
-    res = _invoke(
-        tmp,
-        "--top-k",
-        "4",
-        "--probes",
-        "6",
-        "--compare",
-        str(tmp / "m1.pt"),
-        "--plot",
-        str(plots),
-        "--json",
-        str(out),
-    )
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    args = ["--top-k", "4", "--probes", "6", "--compare", tmp / "m1.pt", "--plot", plots]
+    res, report = report_of("kfac", tmp, tmp / "r.json", *args, ckpt="m0.pt")
     validate_report(report, "kfac")
     entry = report["results"][0]
     assert entry["error"] is None
@@ -75,27 +55,9 @@ def test_report_keys_compare_and_plot(setup):
 
 def test_layer_option_mc_fisher_and_gate(setup):
     tmp = setup
-    out = tmp / "g.json"
-    res = _invoke(
-        tmp,
-        "--layer",
-        "3",
-        "--fisher",
-        "mc",
-        "--mc-samples",
-        "50",
-        "--top-k",
-        "2",
-        "--probes",
-        "4",
-        "--fail-above",
-        "decoupling_error_max=0",
-        "--json",
-        str(out),
-        "--quiet",
-    )
-    assert res.exit_code == 3, res.output
-    report = json.loads(out.read_text())
+    args = ["--layer", "3", "--fisher", "mc", "--mc-samples", "50", "--top-k", "2", "--probes", "4"]
+    args += ["--fail-above", "decoupling_error_max=0", "--quiet"]
+    _, report = report_of("kfac", tmp, tmp / "g.json", *args, exit_code=3, ckpt="m0.pt")
     assert [e["name"] for e in report["results"][0]["details"]["layers"]] == ["3"]
     assert report["results"][0]["details"]["fisher"] == "mc"
 

@@ -86,64 +86,28 @@ def test_absolute_and_baseline_gates(tmp_path, toy):
     paths = write_sweep(tmp_path / "sweep")
     norms = {p: weight_norm(p) for p in paths}
     low, high = min(paths, key=norms.get), max(paths, key=norms.get)
-    cache = ["--cache-dir", tmp_path / "c"]
-    res = _rank(
-        tmp_path / "sweep",
-        "--measures",
-        "toy_norm",
-        "--fail-above",
-        f"toy_norm={norms[high] * 0.99}",
-        *cache,
-    )
+
+    def gated(*args):  # toy_norm over the sweep, through one cache
+        return _rank(
+            tmp_path / "sweep", "--measures", "toy_norm", *args, "--cache-dir", tmp_path / "c"
+        )
+
+    res = gated("--fail-above", f"toy_norm={norms[high] * 0.99}")
     assert res.exit_code == 3 and "gate failed" in res.output
-    res = _rank(tmp_path / "sweep", "--measures", "toy_norm", "--fail-below", "gap=0.1", *cache)
+    res = gated("--fail-below", "gap=0.1")
     assert res.exit_code == 3
-    ok = _rank(
-        tmp_path / "sweep",
-        "--measures",
-        "toy_norm",
-        "--fail-above",
-        f"toy_norm={norms[high] * 1.01}",
-        *cache,
-    )
+    ok = gated("--fail-above", f"toy_norm={norms[high] * 1.01}")
     assert ok.exit_code == 0, ok.output
     # relative: more than 0 % above the baseline fails for the largest as baseline, not otherwise
-    res = _rank(
-        tmp_path / "sweep",
-        "--measures",
-        "toy_norm",
-        "--baseline",
-        high,
-        "--fail-above-baseline",
-        "toy_norm=0",
-        "--json",
-        tmp_path / "b.json",
-        *cache,
+    res = gated(
+        "--baseline", high, "--fail-above-baseline", "toy_norm=0", "--json", tmp_path / "b.json"
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "b.json").read_text())["baseline"]["checkpoint"] == str(high)
     frac = norms[high] / norms[low] - 1
-    res = _rank(
-        tmp_path / "sweep",
-        "--measures",
-        "toy_norm",
-        "--baseline",
-        low,
-        "--fail-above-baseline",
-        f"toy_norm={frac * 0.99}",
-        *cache,
-    )
+    res = gated("--baseline", low, "--fail-above-baseline", f"toy_norm={frac * 0.99}")
     assert res.exit_code == 3 and "above the baseline" in res.output
-    res = _rank(
-        tmp_path / "sweep",
-        "--measures",
-        "toy_norm",
-        "--baseline",
-        low,
-        "--fail-above-baseline",
-        f"toy_norm={frac * 1.01}",
-        *cache,
-    )
+    res = gated("--baseline", low, "--fail-above-baseline", f"toy_norm={frac * 1.01}")
     assert res.exit_code == 0, res.output
     assert len(toy.calls) == 4  # every run after the first came from the cache
 

@@ -13,9 +13,9 @@ import typer
 from typer.testing import CliRunner
 
 from flatcli.cli.app import app
-from flatcli.cli.options import OutputOptions, command
+from flatcli.cli.options import Common, add, command
 from flatcli.cli.render import analyse
-from flatcli.run import Context, Gates, LoadOptions
+from flatcli.run import Context
 from tests.cases import write_cli_problem
 from tests.io.test_report import validate_report
 
@@ -58,10 +58,8 @@ def _stopping_app(report_path, stop: type[BaseException], seen: list):
     def _cb() -> None:
         pass
 
-    @command(sub, "value", help="A value per checkpoint.")
-    def value(
-        checkpoints: list[Path], load: LoadOptions, gates: Gates, output: OutputOptions
-    ) -> None:
+    @command("value", help="A value per checkpoint.")
+    def value(checkpoints: list[Path], common: Common) -> None:
         def measure(ctx: Context):
             n = len(seen)
             if n == 1:
@@ -77,13 +75,12 @@ def _stopping_app(report_path, stop: type[BaseException], seen: list):
             checkpoints,
             measure,
             [("value", "value")],
-            load=load,
-            gates=gates,
-            output=output,
+            common=common,
             config={},
             metrics=["value"],
         )
 
+    add(sub, value)
     return sub
 
 

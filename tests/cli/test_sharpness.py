@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from typer.testing import CliRunner
 
-from flatcli.cli.app import app
 from flatcli.io.checkpoint import load_checkpoint, save_checkpoint
 from flatcli.io.spec import build_model, spec_from_dict
+from tests.cases import write_cli_problem
+from tests.cli.helpers import invoke, invoke_on_problem, report_of
 
 FACTORY = """
 from torch import nn
@@ -28,58 +27,26 @@ def make_tanh():
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
 """
 
+AUDIT = ["--invariance", "--diag-method", "exact"]
+AUDIT += ["--measure", "normalized_sharpness", "--measure", "hessian_trace"]
+"""The invariance audit of normalized sharpness and the Hessian trace."""
+
 
 @pytest.fixture()
 def setup(tmp_path):
-    (tmp_path / "nets.py").write_text(FACTORY)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (20,), generator=g)
-    save_file({"x": x, "y": y}, str(tmp_path / "data.safetensors"))
+    """A folder with ``nets.py`` (FACTORY), 20 examples, ``make`` in m.pt, ``make_tanh`` in t.pt."""
+    ns = write_cli_problem(tmp_path, 20, FACTORY)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
-    )
-    torch.save(model.double().state_dict(), tmp_path / "m.pt")
+    torch.save(ns["make"]().double().state_dict(), tmp_path / "m.pt")
     torch.manual_seed(0)
-    tanh = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    torch.save(tanh.double().state_dict(), tmp_path / "t.pt")
-    common = [
-        "--dataset",
-        f"tensors:{tmp_path / 'data.safetensors'}",
-        "--dtype",
-        "float64",
-        "--quiet",
-    ]
-    return tmp_path, common
-
-
-def _run(args):
-    return CliRunner().invoke(app, args)
+    torch.save(ns["make_tanh"]().double().state_dict(), tmp_path / "t.pt")
+    return tmp_path
 
 
 def test_sharpness_json_report(setup) -> None:
-    tmp, common = setup
-    out = tmp / "r.json"
-    res = _run(
-        [
-            "sharpness",
-            str(tmp / "m.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make",
-            *common,
-            "--diag-method",
-            "exact",
-            "--eps-steps",
-            "3",
-            "--adaptive-steps",
-            "3",
-            "--json",
-            str(out),
-        ]
-    )
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    tmp = setup
+    args = ["--diag-method", "exact", "--eps-steps", "3", "--adaptive-steps", "3", "--quiet"]
+    _, report = report_of("sharpness", tmp, tmp / "r.json", *args)
     assert report["command"] == "sharpness"
     entry = report["results"][0]
     assert entry["error"] is None
@@ -105,73 +72,26 @@ def test_sharpness_json_report(setup) -> None:
 
 
 def test_sharpness_measure_choice_table_and_gate(setup) -> None:
-    tmp, common = setup
-    common = [c for c in common if c != "--quiet"]
-    args = [
-        "sharpness",
-        str(tmp / "m.pt"),
-        "--model",
-        f"{tmp / 'nets.py'}:make",
-        *common,
-        "--measure",
-        "normalized_sharpness",
-        "--diag-method",
-        "ggn",
-        "--per-layer",
-    ]
-    res = _run(args)
+    tmp = setup
+    args = ["--measure", "normalized_sharpness", "--diag-method", "ggn", "--per-layer"]
+    res = invoke_on_problem("sharpness", tmp, *args)
     assert res.exit_code == 0, res.output
     assert "normalized" in res.output and "3.weight" in res.output and "tr(H)" not in res.output
-    gated = _run([*args, "--fail-above", "normalized_sharpness=1e-9"])
+    gated = invoke_on_problem("sharpness", tmp, *args, "--fail-above", "normalized_sharpness=1e-9")
     assert gated.exit_code == 3, gated.output
 
 
 def test_sharpness_bad_option(setup) -> None:
-    tmp, common = setup
-    res = _run(
-        [
-            "sharpness",
-            str(tmp / "m.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make",
-            *common,
-            "--measure",
-            "sharpest",
-        ]
-    )
+    res = invoke_on_problem("sharpness", setup, "--quiet", "--measure", "sharpest")
     assert res.exit_code == 2  # the choices are the registered definitions
     assert "'sharpest' is not one of" in res.output and "normalized_sharpness" in res.output
 
 
-def _audit(tmp, common, out, *extra):
-    return _run(
-        [
-            "sharpness",
-            str(tmp / "m.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make",
-            *common,
-            "--invariance",
-            "--diag-method",
-            "exact",
-            "--measure",
-            "normalized_sharpness",
-            "--measure",
-            "hessian_trace",
-            "--json",
-            str(out),
-            *extra,
-        ]
-    )
-
-
 @pytest.mark.parametrize("transform", ["layer-scale", "neuron-scale"])
 def test_sharpness_invariance_audit(setup, transform) -> None:
-    tmp, common = setup
-    out = tmp / "a.json"
-    res = _audit(tmp, common, out, "--transform", transform, "--alpha", "10")
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    tmp = setup
+    args = [*AUDIT, "--transform", transform, "--alpha", "10", "--quiet"]
+    _, report = report_of("sharpness", tmp, tmp / "a.json", *args)
     assert report["command"] == "sharpness" and report["config"]["invariance"]
     entry = report["results"][0]
     rows = {r["measure"]: r for r in entry["details"]["rows"]}
@@ -184,20 +104,16 @@ def test_sharpness_invariance_audit(setup, transform) -> None:
 
 
 def test_sharpness_invariance_table(setup) -> None:
-    tmp, common = setup
-    common = [c for c in common if c != "--quiet"]
-    res = _audit(tmp, common, tmp / "a.json", "--alpha", "5")
+    tmp = setup
+    res = invoke_on_problem("sharpness", tmp, *AUDIT, "--json", tmp / "a.json", "--alpha", "5")
     assert res.exit_code == 0, res.output
     for word in ("original", "transformed", "rel. change", "invariant", "yes", "NO"):
         assert word in res.output
 
 
 def test_transform_without_invariance_is_a_usage_error(setup) -> None:
-    tmp, common = setup
     for extra in (["--transform", "layer-scale"], ["--alpha", "3"]):
-        res = _run(
-            ["sharpness", str(tmp / "m.pt"), "--model", f"{tmp / 'nets.py'}:make", *common, *extra]
-        )
+        res = invoke_on_problem("sharpness", setup, "--quiet", *extra)
         assert res.exit_code == 2, res.output
         assert "--invariance" in res.output
 
@@ -223,25 +139,10 @@ def _logits(path, x):
 
 @pytest.mark.parametrize("transform", ["layer-scale", "neuron-scale"])
 def test_reparam_writes_an_equivalent_checkpoint(setup, transform) -> None:
-    tmp, _ = setup
+    tmp = setup
     src, dst, out = _zoo_checkpoint(tmp), tmp / "scaled.safetensors", tmp / "r.json"
-    res = _run(
-        [
-            "reparam",
-            str(src),
-            "--transform",
-            transform,
-            "--alpha",
-            "7",
-            "-o",
-            str(dst),
-            "--dtype",
-            "float64",
-            "--json",
-            str(out),
-            "--quiet",
-        ]
-    )
+    args = ["--transform", transform, "--alpha", "7", "-o", dst, "--dtype", "float64", "--quiet"]
+    res = invoke("reparam", src, *args, "--json", out)
     assert res.exit_code == 0, res.output
     entry = json.loads(out.read_text())["results"][0]
     assert entry["metrics"]["max_logit_difference"] < 1e-10
@@ -255,24 +156,13 @@ def test_reparam_writes_an_equivalent_checkpoint(setup, transform) -> None:
     x = torch.randn(30, 6, dtype=torch.float64)
     assert (_logits(src, x) - _logits(dst, x)).abs().max() < 1e-10
     # the written checkpoint is a normal one: another command reads it with no extra arguments
-    again = _run(
-        [
-            "sharpness",
-            str(dst),
-            "--measure",
-            "hessian_trace",
-            "--diag-method",
-            "exact",
-            "--dtype",
-            "float64",
-            "--quiet",
-        ]
-    )
+    args = ["--measure", "hessian_trace", "--diag-method", "exact", "--dtype", "float64"]
+    again = invoke("sharpness", dst, *args, "--quiet")
     assert again.exit_code == 0, again.output
 
 
 def test_reparam_bn_scale_checkpoint(setup) -> None:
-    tmp, common = setup
+    tmp = setup
     torch.manual_seed(1)
     bn = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
     with torch.no_grad():
@@ -281,26 +171,10 @@ def test_reparam_bn_scale_checkpoint(setup) -> None:
     # float32 values: the runner fills a float32 model before casting it to --dtype float64
     bn = bn.double()
     torch.save(bn.state_dict(), tmp / "bn.pt")
-    dst, out = tmp / "bn_scaled.safetensors", tmp / "r.json"
-    res = _run(
-        [
-            "reparam",
-            str(tmp / "bn.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make_bn",
-            *common,
-            "--transform",
-            "bn-scale",
-            "--alpha",
-            "3",
-            "-o",
-            str(dst),
-            "--json",
-            str(out),
-        ]
-    )
-    assert res.exit_code == 0, res.output
-    assert json.loads(out.read_text())["results"][0]["metrics"]["max_logit_difference"] < 1e-10
+    dst = tmp / "bn_scaled.safetensors"
+    args = ["--quiet", "--transform", "bn-scale", "--alpha", "3", "-o", dst]
+    _, report = report_of("reparam", tmp, tmp / "r.json", *args, ckpt="bn.pt", factory="make_bn")
+    assert report["results"][0]["metrics"]["max_logit_difference"] < 1e-10
     other = nn.Sequential(
         nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)
     ).double()
@@ -308,56 +182,22 @@ def test_reparam_bn_scale_checkpoint(setup) -> None:
     assert other[2].eps == bn[2].eps
     x = torch.randn(30, 6, dtype=torch.float64)
     assert (bn.eval()(x) - other.eval()(x)).abs().max() < 1e-10
-    small = _run(
-        [
-            "reparam",
-            str(dst),
-            "--model",
-            f"{tmp / 'nets.py'}:make_bn",
-            *common,
-            "--transform",
-            "bn-scale",
-            "--alpha",
-            "1e-3",
-            "-o",
-            str(tmp / "neg.safetensors"),
-        ]
-    )
+    args = ["--quiet", "--transform", "bn-scale", "--alpha", "1e-3", "-o", tmp / "neg.safetensors"]
+    small = invoke_on_problem("reparam", tmp, *args, ckpt=dst.name, factory="make_bn")
     assert small.exit_code in (1, 2) and "negative" in small.output
 
 
 def test_reparam_refusals(setup) -> None:
-    tmp, common = setup
-    res = _run(
-        [
-            "reparam",
-            str(tmp / "t.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make_tanh",
-            *common,
-            "--transform",
-            "layer-scale",
-            "-o",
-            str(tmp / "o.safetensors"),
-        ]
-    )
+    tmp = setup
+    out = tmp / "o.safetensors"
+    args = ["--quiet", "--transform", "layer-scale", "-o", out]
+    res = invoke_on_problem("reparam", tmp, *args, ckpt="t.pt", factory="make_tanh")
     assert res.exit_code in (1, 2)
     assert "homogeneous" in res.output or "smooth activation" in res.output
     assert len([ln for ln in res.output.splitlines() if "layer_scale" in ln]) == 1
-    assert not (tmp / "o.safetensors").exists()
-    bad = _run(
-        [
-            "reparam",
-            str(tmp / "m.pt"),
-            "--model",
-            f"{tmp / 'nets.py'}:make",
-            *common,
-            "--transform",
-            "rotate",
-            "-o",
-            str(tmp / "o.safetensors"),
-        ]
-    )
+    assert not out.exists()
+    bad = invoke_on_problem("reparam", tmp, "--quiet", "--transform", "rotate", "-o", out)
     assert bad.exit_code == 2 and "Unknown transform" in bad.output
-    missing = _run(["reparam", str(tmp / "m.pt"), "--transform", "layer-scale", *common])
+    data = ["--dataset", f"tensors:{tmp}/data.safetensors", "--dtype", "float64", "--quiet"]
+    missing = invoke("reparam", tmp / "m.pt", "--transform", "layer-scale", *data)
     assert missing.exit_code == 2

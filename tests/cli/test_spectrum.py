@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from flatcli.cli.app import app
 from flatcli.curvature.linop import to_dense
 from flatcli.curvature.operators import make_operator
 from tests.cases import write_cli_problem
+from tests.cli.helpers import invoke_on_problem, report_of
 from tests.io.test_report import validate_report
 
 
@@ -30,33 +27,13 @@ def setup(tmp_path_factory):
 
 
 def _invoke(tmp, *args):
-    common = ["--model", f"{tmp}/nets.py:make", "--dataset", f"tensors:{tmp}/data.safetensors"]
-    return CliRunner().invoke(
-        app, ["spectrum", str(tmp / "m.pt"), *common, "--dtype", "float64", *args]
-    )
+    return invoke_on_problem("spectrum", tmp, *args)
 
 
 def test_eigenvalues_trace_and_density_in_the_report(setup):
     tmp, H = setup
-    out = tmp / "r.json"
-    res = _invoke(
-        tmp,
-        "--top-k",
-        "3",
-        "--tol",
-        "1e-10",
-        "--trace",
-        "--probes",
-        "180",
-        "--density",
-        "--lanczos-steps",
-        "40",
-        "--json",
-        str(out),
-        "--quiet",
-    )
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
+    args = ["--top-k", "3", "--tol", "1e-10", "--trace", "--probes", "180", "--density"]
+    _, report = report_of("spectrum", tmp, tmp / "r.json", *args, "--lanczos-steps", "40", "-q")
     validate_report(report, "spectrum")
     entry = report["results"][0]
     lam = torch.linalg.eigvalsh(H).flip(0)
@@ -77,10 +54,8 @@ def test_per_layer_rows_and_layer_selection(setup):
     res = _invoke(tmp, "--top-k", "1", "--per-layer", "--layer", "3")
     assert res.exit_code == 0, res.output
     assert "λ_max" in res.output and "  3" in res.output
-    out = tmp / "layer.json"
-    res = _invoke(tmp, "--top-k", "1", "--tol", "1e-10", "--layer", "3", "--json", str(out), "-q")
-    assert res.exit_code == 0, res.output
-    entry = json.loads(out.read_text())["results"][0]
+    args = ["--top-k", "1", "--tol", "1e-10", "--layer", "3", "-q"]
+    entry = report_of("spectrum", tmp, tmp / "layer.json", *args)[1]["results"][0]
     sub = H[-18:, -18:]  # the last Linear (5 -> 3): weight and bias come last
     assert entry["metrics"]["num_params"] == 18
     assert entry["metrics"]["top_eigenvalue"] == pytest.approx(

@@ -24,31 +24,18 @@ def _blobs(path, n=60, seed=0):
     )
 
 
+def _train_args(data, out, *args) -> list[str]:
+    """``flatcli train`` of the zoo MLP on the tensors file ``data``, written to ``out``."""
+    return ["train", "--model", "mlp", "--dataset", f"tensors:{data}", "-o", str(out), *args]
+
+
 def test_train_writes_self_describing_checkpoint(tmp_path):
     data = tmp_path / "blobs.safetensors"
     _blobs(data)
     out = tmp_path / "m.safetensors"
     report = tmp_path / "r.json"
-    args = [
-        "train",
-        "--model",
-        "mlp",
-        "--dataset",
-        f"tensors:{data}",
-        "-o",
-        str(out),
-        "--epochs",
-        "5",
-        "--batch-size",
-        "16",
-        "--seed",
-        "3",
-        "--random-labels",
-        "0.1",
-        "--json",
-        str(report),
-        "--quiet",
-    ]
+    args = _train_args(data, out, "--epochs", "5", "--batch-size", "16", "--seed", "3")
+    args += ["--random-labels", "0.1", "--json", str(report), "--quiet"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ck = load_checkpoint(out)
@@ -123,26 +110,8 @@ def test_split_trained_rebuilds_the_training_labels(tmp_path):
     data = tmp_path / "blobs.safetensors"
     _blobs(data, n=90)
     out = tmp_path / "m.safetensors"
-    args = [
-        "train",
-        "--model",
-        "mlp",
-        "--dataset",
-        f"tensors:{data}",
-        "-o",
-        str(out),
-        "--epochs",
-        "1",
-        "--train-subset",
-        "50",
-        "--confusion-size",
-        "20",
-        "--random-labels",
-        "0.5",
-        "--seed",
-        "4",
-        "--quiet",
-    ]
+    args = _train_args(data, out, "--epochs", "1", "--train-subset", "50", "--confusion-size", "20")
+    args += ["--random-labels", "0.5", "--seed", "4", "--quiet"]
     assert CliRunner().invoke(app, args).exit_code == 0
     ctx = load(out, split="trained", device="cpu")
     ds = load_dataset(f"tensors:{data}")

@@ -58,34 +58,15 @@ def test_selected_parameters_only() -> None:
 def test_hutchinson_within_its_standard_error(name: str) -> None:
     model, x, y = make_case(name)
     H = dense_hessian(model, x, y, loss_fn=get_loss("nsce"))
-    est = curvature_diagonal(
-        model,
-        x,
-        y,
-        method="hutchinson",
-        loss_fn="nsce",
-        probes=400,
-        groups=8,
-        seed=3,
-        batch_size=len(x),
-    )
+    hutchinson = dict(method="hutchinson", loss_fn="nsce", probes=400, groups=8, seed=3)
+    est = curvature_diagonal(model, x, y, **hutchinson, batch_size=len(x))
     z = (flatten_params(est.values) - H.diagonal()).abs() / flatten_params(est.stderr)
     assert est.probes == 400 and est.products == 400 and est.group_values.shape == (8, H.shape[0])
     assert float(z.mean()) < 1.2  # E|N(0,1)| = 0.80
     assert float((z > 4).float().mean()) < 0.01
     torch.testing.assert_close(est.group_values.mean(dim=0), flatten_params(est.values))
     # same seed, same numbers
-    again = curvature_diagonal(
-        model,
-        x,
-        y,
-        method="hutchinson",
-        loss_fn="nsce",
-        probes=400,
-        groups=8,
-        seed=3,
-        batch_size=len(x),
-    )
+    again = curvature_diagonal(model, x, y, **hutchinson, batch_size=len(x))
     torch.testing.assert_close(
         flatten_params(again.values), flatten_params(est.values), rtol=0, atol=0
     )

@@ -114,6 +114,20 @@ def data(n: int, shape: tuple[int, ...], classes: int = 3, seed: int = 0):
     )
 
 
+def confident_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A bias-free 3x3 Linear on 100 examples: 95 along e1, classified with p ≈ 1 (M ≈ 0), and
+    5 uncertain ones along e2, which carry the curvature. E[xxᵀ] points along e1, the true
+    block along e2: K-FAC's decoupling conjecture fails there."""
+    model = nn.Sequential(nn.Linear(3, 3, bias=False)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, -0.3, 0.1]]))
+    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    e2 = torch.tensor([0.0, 1.0, 0.2], dtype=F64)
+    x = torch.cat([6 * e1.expand(95, 3), e2.expand(5, 3)])
+    y = torch.zeros(100, dtype=torch.long)
+    return model, x, y
+
+
 # --------------------------------------------------------------------------- exactness
 
 
@@ -137,7 +151,7 @@ def test_relu_mlp_block_is_mean_of_kronecker_products():
         Ms = torch.einsum("nci,ncd,ndj->nij", G, A, G)
         xs = layer_inputs(model, x, layer)
         dense = torch.stack(
-            [torch.kron(M, torch.outer(a, a)) for M, a in zip(Ms, xs, strict=True)]
+            [torch.kron(M.contiguous(), torch.outer(a, a)) for M, a in zip(Ms, xs, strict=True)]
         ).mean(0)
         H = dense_param_hessian(model, x, y, f"{layer}.weight")
         assert torch.allclose(H, dense, atol=1e-12)  # Eq. 5: the block is E[M ⊗ xxᵀ]
@@ -318,13 +332,7 @@ def test_confident_net_breaks_the_conjecture():
     """Examples that carry curvature need not have typical activations (NOTES: very confident
     nets): most inputs lie along e1 and are classified with p ≈ 1 (M ≈ 0); a few uncertain ones
     lie along e2. E[xxᵀ] points along e1, the true block along e2."""
-    model = nn.Sequential(nn.Linear(3, 3, bias=False)).double().eval()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, -0.3, 0.1]]))
-    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
-    e2 = torch.tensor([0.0, 1.0, 0.2], dtype=F64)
-    x = torch.cat([6 * e1.expand(95, 3), e2.expand(5, 3)])
-    y = torch.zeros(100, dtype=torch.long)
+    model, x, y = confident_problem()
     f = kfac_factors(model, x, y)["0"]
     H = dense_param_hessian(model, x, y, "0.weight")
     lam, U, mu, V = f.eig()

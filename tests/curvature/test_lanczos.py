@@ -8,15 +8,7 @@ import torch
 from flatcli.curvature.lanczos import EigenResult, Which, lanczos, lanczos_quadrature
 from flatcli.curvature.linop import DenseOperator
 from tests.curvature.test_linop import matrix_with_spectrum, spectrum
-
-
-def _expected(lam: torch.Tensor, which: str, k: int) -> torch.Tensor:
-    lam = torch.sort(lam).values
-    if which == "largest":
-        return lam.flip(0)[:k]
-    if which == "smallest":
-        return lam[:k]
-    return lam[torch.argsort(lam.abs(), descending=True)][:k]
+from tests.references import extreme_eigenvalues
 
 
 def _true_residuals(A: torch.Tensor, res: EigenResult) -> torch.Tensor:
@@ -40,7 +32,7 @@ def test_eigenvalues_match_eigh(name, which, k, max_basis):
     A = matrix_with_spectrum(lam)
     op = DenseOperator(A)
     res = lanczos(op, k, which, steps=lam.numel(), tol=1e-10, max_basis=max_basis)
-    expected = _expected(lam, which, k)
+    expected = extreme_eigenvalues(lam, which, k)
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, expected, rtol=1e-8, atol=0.0)
     assert res.matvecs == op.matvecs == res.steps
@@ -121,7 +113,9 @@ def test_float32_operator_keeps_a_float64_basis():
     assert res.converged and res.eigenvectors.dtype == torch.float32
     assert res.eigenvalues.dtype == torch.float64
     # float32 products carry ~1e-7 relative noise; the eigenvalues keep that accuracy
-    torch.testing.assert_close(res.eigenvalues, _expected(lam, "largest", 3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        res.eigenvalues, extreme_eigenvalues(lam, "largest", 3), rtol=1e-6, atol=0
+    )
 
 
 def test_seed_determines_the_result():

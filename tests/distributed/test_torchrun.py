@@ -122,40 +122,22 @@ def test_spectrum_under_torchrun_equals_one_process(problem):
     assert two.stdout.count("flatcli spectrum") == one.stdout.count("flatcli spectrum") == 1
 
 
-def test_a_bad_checkpoint_gives_error_rows_and_exit_1(problem):
-    tmp = problem
-    args = [
-        "spectrum",
-        str(tmp / "bad.pt"),
-        str(tmp / "m.pt"),
-        "--top-k",
-        "2",
-        "--dtype",
-        "float64",
-        "--json",
-        str(tmp / "bad.json"),
-    ]
-    res = _run(tmp, 2, *args)
+def _failing_spectrum(tmp: Path, name: str, *checkpoints: str, factory: str = "nets.py:make"):
+    """``spectrum CHECKPOINTS`` over two processes, which must exit 1: (result, its report)."""
+    args = ["spectrum", *(str(tmp / c) for c in checkpoints), "--top-k", "2", "--dtype", "float64"]
+    res = _run(tmp, 2, *args, "--json", str(tmp / f"{name}.json"), factory=factory)
     assert res.returncode == 1, res.stderr
-    report = json.loads((tmp / "bad.json").read_text())
+    return res, json.loads((tmp / f"{name}.json").read_text())
+
+
+def test_a_bad_checkpoint_gives_error_rows_and_exit_1(problem):
+    _, report = _failing_spectrum(problem, "bad", "bad.pt", "m.pt")
     assert [r["error"] is None for r in report["results"]] == [False, True]
 
 
 def test_a_rank_that_fails_does_not_hang_the_others(problem):
-    tmp = problem
-    args = [
-        "spectrum",
-        str(tmp / "m.pt"),
-        "--top-k",
-        "2",
-        "--dtype",
-        "float64",
-        "--json",
-        str(tmp / "flaky.json"),
-    ]
-    res = _run(tmp, 2, *args, factory="flaky.py:make")  # the subprocess timeout catches a hang
-    assert res.returncode == 1, res.stderr
-    report = json.loads((tmp / "flaky.json").read_text())
+    # the subprocess timeout catches a hang
+    res, report = _failing_spectrum(problem, "flaky", "m.pt", factory="flaky.py:make")
     (entry,) = report["results"]
     assert entry["error"] is not None
     assert "rank 1 of 2 failed" in json.dumps(entry["error"])

@@ -12,7 +12,13 @@ from flatcli.curvature.kfac import kron_eigenvectors
 from flatcli.errors import UsageError
 from flatcli.measures.kfac import KfacConfig, compute_kfac
 from flatcli.measures.registry import get_measure, reported_keys
-from tests.curvature.test_kfac import data, dense_param_hessian, relu_mlp, tiny_cnn
+from tests.curvature.test_kfac import (
+    confident_problem,
+    data,
+    dense_param_hessian,
+    relu_mlp,
+    tiny_cnn,
+)
 
 F64 = torch.float64
 CONTRACT_KEYS = {
@@ -123,13 +129,7 @@ def test_batchnorm_affine_is_reported_not_factored():
 
 def test_confident_net_shows_the_failure():
     """The conjecture fails where the curvature-carrying examples have atypical inputs."""
-    model = nn.Sequential(nn.Linear(3, 3, bias=False)).double().eval()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, -0.3, 0.1]]))
-    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
-    e2 = torch.tensor([0.0, 1.0, 0.2], dtype=F64)
-    x = torch.cat([6 * e1.expand(95, 3), e2.expand(5, 3)])
-    y = torch.zeros(100, dtype=torch.long)
+    model, x, y = confident_problem()
     m = compute_kfac(model, x, y, KfacConfig(top_k=2, probes=64, tol=1e-8)).metrics()
     assert m["overlap_at_10_min"] < 0.3
     assert m["decoupling_error_max"] > 0.8

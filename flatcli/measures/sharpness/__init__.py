@@ -113,16 +113,14 @@ def _register(definition: Definition) -> None:
     def reports(config: SharpnessConfig) -> list[str]:
         return definition.keys(config) if name in config.measures else []
 
-    _registry.register(
-        _registry.Measure(
-            name=name,
-            command="sharpness",
-            config_type=SharpnessConfig,
-            compute=on_run,
-            metrics=definition.metrics,
-            cost=definition.cost,
-            reports=reports,
-        )
+    _registry.register_measure(
+        name,
+        SharpnessConfig,
+        on_run,
+        metrics=definition.metrics,
+        cost=definition.cost,
+        command="sharpness",
+        reports=reports,
     )
 
 

@@ -10,8 +10,8 @@ import torch
 
 from flatcli.curvature.diagonal import DiagMethod
 from flatcli.curvature.losses import LossName
-from flatcli.errors import UsageError
-from flatcli.measures._config import HEAD_DTYPES, choice, require
+from flatcli.errors import UsageError, choice
+from flatcli.measures._config import HEAD_DTYPES, require
 from flatcli.measures.sharpness._definition import definitions, measure_enum
 from flatcli.options import config_dict, option
 

@@ -92,26 +92,6 @@ def mean_loss(
     return total / n, grads
 
 
-def _setup(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    loss_fn: Callable[..., Tensor],
-    params: Sequence[str] | str | None,
-    batch_size: int | None,
-    head_dtype: torch.dtype | None,
-) -> tuple[FunctionalModel, Callable[[Tensor, Tensor], Tensor], int]:
-    if int(x.shape[0]) == 0 or int(x.shape[0]) != int(y.shape[0]):
-        raise UsageError(
-            f"Need matching, non-empty x and y; got {int(x.shape[0])} and {int(y.shape[0])}."
-        )
-    fm = FunctionalModel(model, select_parameters(model, params))
-    bs = int(x.shape[0]) if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise UsageError(f"batch_size must be a positive integer. Got {batch_size}.")
-    return fm, head_loss(loss_fn, head_dtype), bs
-
-
 def _ascend(
     fm: FunctionalModel,
     x: Tensor,
@@ -152,18 +132,49 @@ def _ascend(
     return base, best, history
 
 
-def eps_sharpness(
+def _worst_case(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    scale: Callable[[Tensor], Tensor],
+    radius: tuple[str, float],
+    p: float,
     *,
-    eps: float = 1e-3,
     steps: int = 20,
     step_size: float = 0.25,
     loss_fn: Callable[..., Tensor] | None = None,
     params: Sequence[str] | str | None = None,
     batch_size: int | None = None,
     head_dtype: torch.dtype | None = None,
+) -> tuple[float, float, list[float], dict[str, Any]]:
+    """The ascent of both measures over ``δ = scale(w) ⊙ γ``, ``‖γ‖_p <= radius``.
+
+    ``radius`` is ``(its name, its value)``. Returns ``(L(w), max L, history, settings)``, the
+    settings holding the radius, steps and step size.
+    """
+    from flatcli.curvature.losses import cross_entropy
+
+    name, rho = radius
+    if not rho > 0 or steps < 0 or not step_size > 0:
+        raise UsageError(
+            f"{name} and step_size must be > 0 and steps >= 0. Got {rho}, {step_size}, {steps}."
+        )
+    if int(x.shape[0]) == 0 or int(x.shape[0]) != int(y.shape[0]):
+        raise UsageError(
+            f"Need matching, non-empty x and y; got {int(x.shape[0])} and {int(y.shape[0])}."
+        )
+    fm = FunctionalModel(model, select_parameters(model, params))
+    bs = int(x.shape[0]) if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise UsageError(f"batch_size must be a positive integer. Got {batch_size}.")
+    loss = head_loss(loss_fn or cross_entropy, head_dtype)
+    scales = {k: scale(v) for k, v in fm.params.items()}
+    base, best, history = _ascend(fm, x, y, loss, bs, scales, rho, p, steps, step_size)
+    return base, best, history, {name: rho, "steps": steps, "step_size": step_size}
+
+
+def eps_sharpness(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 1e-3, **ascent: Any
 ) -> WorstCaseResult:
     """Keskar et al.'s ε-sharpness ``100 (max_{|δ| <= ε(|w|+1)} L(w+δ) − L(w)) / (1 + L(w))``.
 
@@ -171,32 +182,21 @@ def eps_sharpness(
         model: the network (differentiated in its current mode; use eval).
         x, y: the examples the mean loss is taken over.
         eps: the box size ε (Keskar et al. use 1e-3 and 5e-4).
-        steps: ascent steps (each one loss-and-gradient pass over the data).
-        step_size: step as a fraction of each coordinate's box half-width.
-        loss_fn: per-example loss head (default softmax cross-entropy).
-        params: parameter names/patterns to perturb (default all).
-        batch_size: examples per chunk (default all at once).
-        head_dtype: dtype of the loss head.
+        **ascent: ``steps`` (default 20: ascent steps, each one loss-and-gradient pass over the
+            data), ``step_size`` (default 0.25: step as a fraction of each coordinate's box
+            half-width), ``loss_fn`` (per-example loss head, default softmax cross-entropy),
+            ``params`` (parameter names/patterns to perturb, default all), ``batch_size``
+            (examples per chunk, default all at once) and ``head_dtype`` (of the loss head).
     """
-    from flatcli.curvature.losses import cross_entropy
-
-    if not eps > 0 or steps < 0 or not step_size > 0:
-        raise UsageError(
-            f"eps and step_size must be > 0 and steps >= 0. Got {eps}, {step_size}, {steps}."
-        )
-    fm, loss, bs = _setup(model, x, y, loss_fn or cross_entropy, params, batch_size, head_dtype)
-    scale = {k: v.abs() + 1 for k, v in fm.params.items()}
-    base, best, hist = _ascend(fm, x, y, loss, bs, scale, eps, math.inf, steps, step_size)
-    settings = {
-        "eps": eps,
-        "steps": steps,
-        "step_size": step_size,
+    base, best, hist, settings = _worst_case(
+        model, x, y, lambda w: w.abs() + 1, ("eps", eps), math.inf, **ascent
+    )
+    settings |= {
         "box": "eps*(|w|+1)",
         "method": "projected sign-gradient ascent from delta=0, best iterate",
     }
-    return WorstCaseResult(
-        100.0 * (best - base) / (1.0 + base), base, best, steps + 1, settings, hist
-    )
+    evals = settings["steps"] + 1
+    return WorstCaseResult(100.0 * (best - base) / (1.0 + base), base, best, evals, settings, hist)
 
 
 def adaptive_sharpness(
@@ -206,12 +206,7 @@ def adaptive_sharpness(
     *,
     rho: float | None = None,
     p: float | str = "inf",
-    steps: int = 20,
-    step_size: float = 0.25,
-    loss_fn: Callable[..., Tensor] | None = None,
-    params: Sequence[str] | str | None = None,
-    batch_size: int | None = None,
-    head_dtype: torch.dtype | None = None,
+    **ascent: Any,
 ) -> WorstCaseResult:
     """Worst-case adaptive sharpness ``max_{‖δ ⊘ |w|‖_p <= ρ} L(w + δ) − L(w)``.
 
@@ -219,29 +214,20 @@ def adaptive_sharpness(
         rho: radius; default 1e-3 for p = ∞ (Andriushchenko et al.'s ℓ∞ evaluations use 1e-3
             with 20 steps) and 0.1 for p = 2.
         p: ``"inf"`` (or ``math.inf``) or ``2``.
-        steps, step_size: ascent steps and step as a fraction of ρ.
-        Other arguments as for :func:`eps_sharpness`.
+        model, x, y, **ascent: as for :func:`eps_sharpness` (``step_size`` as a fraction of ρ).
     """
-    from flatcli.curvature.losses import cross_entropy
-
     pn = _norm(p)
     rho = (1e-3 if math.isinf(pn) else 0.1) if rho is None else float(rho)
-    if not rho > 0 or steps < 0 or not step_size > 0:
-        raise UsageError(
-            f"rho and step_size must be > 0 and steps >= 0. Got {rho}, {step_size}, {steps}."
-        )
-    fm, loss, bs = _setup(model, x, y, loss_fn or cross_entropy, params, batch_size, head_dtype)
-    scale = {k: v.abs() for k, v in fm.params.items()}
-    base, best, hist = _ascend(fm, x, y, loss, bs, scale, rho, pn, steps, step_size)
+    base, best, hist, ascended = _worst_case(model, x, y, torch.abs, ("rho", rho), pn, **ascent)
     settings = {
         "rho": rho,
         "p": "inf" if math.isinf(pn) else 2,
-        "steps": steps,
-        "step_size": step_size,
+        "steps": ascended["steps"],
+        "step_size": ascended["step_size"],
         "ball": "||delta / |w| ||_p <= rho",
         "method": "projected ascent in delta/|w| from 0, best iterate",
     }
-    return WorstCaseResult(best - base, base, best, steps + 1, settings, hist)
+    return WorstCaseResult(best - base, base, best, ascended["steps"] + 1, settings, hist)
 
 
 def outcome(shared: Shared, ascent: Callable[..., WorstCaseResult], **kwargs: Any) -> Outcome:
