@@ -18,13 +18,14 @@ the runner) are not flags of the command.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-__all__ = ["Flag", "option", "flags_of", "config_dict", "from_flags"]
+__all__ = ["Flag", "option", "choices", "flags_of", "config_dict", "from_flags"]
 
 _KEY = "flatcli.option"
 
@@ -72,6 +73,22 @@ def option(
     if isinstance(default, list | dict | set):
         raise TypeError("option defaults must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata={_KEY: meta})
+
+
+def choices(name: str, values: str, doc: str) -> Any:
+    """A ``str`` Enum of the space-separated command-line choices ``values``: member ``NAME``
+    for each value (upper case, ``-`` as ``_``), equal to its string, so it prints as plain
+    text in JSON and shows as a choice in ``--help``.
+
+    >>> Kind = choices("Kind", "hessian ggn", "Which curvature matrix.")
+    >>> Kind.GGN == "ggn", Kind("hessian").name
+    (True, 'HESSIAN')
+    """
+    members = {value.upper().replace("-", "_"): value for value in values.split()}
+    module = sys._getframe(1).f_globals.get("__name__")
+    enum = Enum(name, members, type=str, module=module, qualname=name)
+    enum.__doc__ = doc
+    return enum
 
 
 def flags_of(config_type: type) -> list[tuple[dataclasses.Field, Flag]]:

@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flatcli import distributed
+from flatcli.configs.common import (  # noqa: F401 - gate_failure, parse_gates: re-exported
+    Gates,
+    LoadOptions,
+    gate_failure,
+    parse_gates,
+)
 from flatcli.devices import resolve_device
 from flatcli.dtypes import dtype_of
 from flatcli.errors import UsageError
 from flatcli.io.checkpoint import expand_checkpoints
-from flatcli.io.load import SPLITS, DatasetCache, Run, load
+from flatcli.io.load import DatasetCache, Run, load
 from flatcli.io.report import build_report, environment_info, result_entry
 from flatcli.io.spec import parse_model_option
-from flatcli.options import option
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = [
@@ -40,200 +45,44 @@ __all__ = [
     "Context",
     "Sink",
     "Outcome",
+    "check_gates",
     "run_checkpoints",
     "registered",
     "compute_cached",
 ]
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How each checkpoint is loaded: the arguments of :func:`flatcli.io.load.load`, and the
-    common options of every analysis command."""
+def check_gates(gates: Gates, metrics: Sequence[str] | None, command: str) -> None:
+    """A gate on a metric this run does not report is a usage error, before any work.
 
-    model: str | None = option(
-        None,
-        "--model",
-        "Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME. "
-        "Default: the spec in the checkpoint, else <stem>.yaml / model.yaml beside it.",
-    )
-    dataset: str | None = option(
-        None,
-        "--dataset",
-        "mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, "
-        "imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
-    )
-    data_dir: Path | None = option(
-        None,
-        "--data-dir",
-        "Where dataset files live. Default: $FLATCLI_DATA, else ~/.cache/flatcli/data.",
-    )
-    download: bool = option(False, "--download", "Let torchvision download a missing dataset.")
-    split: str = option(
-        "train",
-        "--split",
-        "Data the measure is computed on: train, test, trained (the training data exactly as "
-        "flatcli train used them: its subset, random labels and confusion set) or trained-clean "
-        "(the same without the confusion set).",
-    )
-    max_examples: int | None = option(
-        None,
-        "--max-examples",
-        "Use only the first N examples of the split, after a seeded shuffle.",
-        min=1,
-    )
-    batch_size: int | None = option(
-        None, "--batch-size", "Examples per forward/backward. Default: chosen to fit memory.", min=1
-    )
-    device: str = option("auto", "--device", "auto, cpu, cuda, cuda:N or mps.")
-    dtype: str = option("float32", "--dtype", "float32 or float64.")
-    seed: int = option(0, "--seed", "Every random draw derives from it.")
-    unsafe_load: bool = option(
-        False,
-        "--unsafe-load",
-        "Unpickle arbitrary objects from .pt files (runs code from the file).",
-    )
+    Raises:
+        UsageError: a malformed gate, or one naming a metric not in ``metrics`` (the message
+            names the gate, the metrics the run reports and, when another measure reports the
+            gate's metric, where it comes from). ``metrics=None``: only the gates' form.
+    """
+    from flatcli.measures.registry import find_metric
 
-    def validate(self) -> None:
-        """Check the values a type alone cannot (UsageError: exit 2 before any work)."""
-        if self.split not in SPLITS:
-            raise UsageError(
-                f"--split must be train, test, trained or trained-clean; got '{self.split}'"
-            )
-        dtype_of(self.dtype)
-
-    def data(self) -> dict[str, Any]:
-        """The arguments of :func:`flatcli.io.load.load` that pick the examples."""
-        names = ("dataset", "split", "max_examples", "seed", "unsafe_load", "batch_size")
-        return {name: getattr(self, name) for name in names}
-
-    def load_config(self) -> dict[str, Any]:
-        """The options as a report's ``config`` holds them."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "data_dir": str(self.data_dir) if self.data_dir else None,
-            "download": self.download,
-            "split": self.split,
-            "max_examples": self.max_examples,
-            "batch_size": self.batch_size,
-            "device": self.device,
-            "dtype": self.dtype,
-            "seed": self.seed,
-        }
-
-
-@dataclass(frozen=True)
-class Gates:
-    """CI gates on the reported metrics: exit 3 when a checkpoint crosses one."""
-
-    fail_above: tuple[str, ...] | None = option(
-        None,
-        "--fail-above",
-        "Gate METRIC=VALUE: exit 3 if METRIC > VALUE for any checkpoint. Repeatable.",
-        repeatable=True,
-    )
-    fail_below: tuple[str, ...] | None = option(
-        None,
-        "--fail-below",
-        "Gate METRIC=VALUE: exit 3 if METRIC < VALUE for any checkpoint. Repeatable.",
-        repeatable=True,
-    )
-
-    @property
-    def above(self) -> list[tuple[str, float]]:
-        """``--fail-above`` as (metric, limit) pairs."""
-        return parse_gates(self.fail_above or (), "--fail-above")
-
-    @property
-    def below(self) -> list[tuple[str, float]]:
-        """``--fail-below`` as (metric, limit) pairs."""
-        return parse_gates(self.fail_below or (), "--fail-below")
-
-    def gate_config(self) -> dict[str, Any]:
-        """The gates as a report's ``config`` holds them."""
-        return {
-            "fail_above": list(self.fail_above or ()),
-            "fail_below": list(self.fail_below or ()),
-        }
-
-    def check(self, metrics: Sequence[str] | None, command: str) -> None:
-        """A gate on a metric this run does not report is a usage error, before any work.
-
-        Raises:
-            UsageError: naming the gate, the metrics the run reports and, when another measure
-                reports the gate's metric, where it comes from.
-        """
-        from flatcli.measures.registry import find_metric
-
-        parsed = self.above, self.below  # a malformed gate is an error even without metrics
-        if metrics is None:
-            return
-        for flag, specs in zip(("--fail-above", "--fail-below"), parsed, strict=True):
-            for name, _ in specs:
-                if name in metrics:
-                    continue
-                try:
-                    owner, _ = find_metric(name)
-                except UsageError:
-                    hint = "no flatcli measure reports it"
-                else:
-                    hint = (
-                        f"other options of `flatcli {command}` compute it"
-                        if owner.command == command
-                        else f"`flatcli {owner.command}` reports it"
-                    )
-                raise UsageError(
-                    f"{flag} {name}: this run does not report {name} ({hint}); "
-                    f"its metrics: {', '.join(metrics)}"
+    parsed = gates.above, gates.below  # a malformed gate is an error even without metrics
+    if metrics is None:
+        return
+    for flag, specs in zip(("--fail-above", "--fail-below"), parsed, strict=True):
+        for name, _ in specs:
+            if name in metrics:
+                continue
+            try:
+                owner, _ = find_metric(name)
+            except UsageError:
+                hint = "no flatcli measure reports it"
+            else:
+                hint = (
+                    f"other options of `flatcli {command}` compute it"
+                    if owner.command == command
+                    else f"`flatcli {owner.command}` reports it"
                 )
-
-    def failures(self, results: Sequence[dict[str, Any]]) -> tuple[int, list[str]]:
-        """(exit code, one message per failed gate): 3 when a gate failed, 2 when a gate's
-        metric is in no row, else 0."""
-        messages: list[str] = []
-        pairs = [(n, v, ">") for n, v in self.above] + [(n, v, "<") for n, v in self.below]
-        for name, limit, sign in pairs:
-            if results and all(name not in r["metrics"] and name not in r for r in results):
-                known = sorted({k for r in results for k in r["metrics"]})
-                return 2, [
-                    f"gate metric '{name}' is not in this report; metrics: {', '.join(known)}"
-                ]
-            label = f"gate {name}{sign}{limit:g}"
-            found = (
-                gate_failure(r, name, sign, limit, label, f"{sign} {limit:g}") for r in results
-            )
-            messages += [m for m in found if m is not None]
-        return (3 if messages else 0), messages
-
-
-def gate_failure(
-    row: dict[str, Any], name: str, sign: str, limit: float, label: str, beyond: str
-) -> str | None:
-    """The message when ``row``'s value of ``name`` (a metric, or a key of the row itself such
-    as ``rank``'s gap) is null, or lies beyond ``limit`` (``sign`` ``>`` or ``<``); else None."""
-    value = row["metrics"][name] if name in row["metrics"] else row.get(name)
-    if value is None:
-        return f"{label} cannot be checked for {row['checkpoint']}: value is null"
-    if (sign == ">" and value > limit) or (sign == "<" and value < limit):
-        return f"gate failed: {row['checkpoint']}: {name} = {value:.6g} {beyond}"
-    return None
-
-
-def parse_gates(specs: Sequence[str], flag: str) -> list[tuple[str, float]]:
-    """``METRIC=VALUE`` gate options as (metric, value) pairs; UsageError when malformed."""
-    gates = []
-    for s in specs:
-        name, sep, value = s.partition("=")
-        try:
-            gates.append((name.strip(), float(value)))
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
             raise UsageError(
-                f"{flag} takes METRIC=VALUE (e.g. {flag} top_eigenvalue=50); got '{s}'"
+                f"{flag} {name}: this run does not report {name} ({hint}); "
+                f"its metrics: {', '.join(metrics)}"
             )
-    return gates
 
 
 @dataclass
@@ -364,7 +213,7 @@ def run_checkpoints(
     gates = gates or Gates()
     sink = sink or SilentSink()
     opts.validate()
-    gates.check(metrics, command)
+    check_gates(gates, metrics, command)
     device = setup_device(opts.device)
     dtype = dtype_of(opts.dtype)
     model = parse_model_option(opts.model) if opts.model else None

@@ -12,48 +12,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from flatcli._version import __version__
+from flatcli.configs.train import TrainConfig, TrainJob
 from flatcli.errors import UsageError
-from flatcli.options import option
-from flatcli.train.config import TrainConfig
 from flatcli.train.loop import EpochStats
 
 __all__ = ["TrainJob", "Trained", "train_checkpoint"]
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """What to train, on which data, and where the checkpoint goes."""
-
-    model: str | None = option(
-        None,
-        "--model",
-        "Zoo name, YAML spec, pkg.module:callable, file.py:callable or torchvision:NAME.",
-    )
-    output: Path | None = option(
-        None, "--output", "Checkpoint to write (.safetensors).", short="-o"
-    )
-    dataset: str | None = option(
-        None,
-        "--dataset",
-        "Dataset name (mnist5k, fashion-mnist, cifar10, tensors:PATH, ...); default: the spec's.",
-    )
-    data_dir: Path | None = option(None, "--data-dir", "Where dataset files live.")
-    download: bool = option(False, "--download", "Let torchvision download a missing dataset.")
-    device: str = option("auto", "--device", "auto, cpu, cuda, cuda:N or mps.")
-
-    def check(self) -> tuple[str, Path]:
-        """(model, output) when both are given and the output is a ``.safetensors`` path."""
-        if self.model is None or self.output is None:
-            raise UsageError("train needs --model SPEC and -o CKPT.safetensors")
-        if self.output.suffix.lower() != ".safetensors":
-            raise UsageError(f"-o must name a .safetensors file; got {self.output}")
-        return self.model, self.output
 
 
 @dataclass

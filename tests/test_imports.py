@@ -235,3 +235,61 @@ def test_the_graph_sees_lazy_imports_and_cycles():
     assert layer_graph({"flatcli.io.x": {"flatcli.io.y", "flatcli.train.z"}}) == {
         "flatcli.io": {"flatcli.train"}
     }
+
+
+HEAVY_PACKAGES = ("torch", "numpy", "scipy")
+"""What a command's ``--help`` must not import: the option dataclasses (:mod:`flatcli.configs`)
+are read without them."""
+
+
+@cache
+def _module_level_imports(module: str) -> tuple[str, ...]:
+    """The modules ``module`` imports when it is imported: the packages it lies in and its
+    module-level imports (under ``if``/``try`` too; not ``if TYPE_CHECKING:``, not in functions)."""
+    sources = _sources()
+    parts = module.split(".")
+    found = [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages it lies in
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If):
+                if not _is_type_checking(node):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                for block in (node.body, *(h.body for h in node.handlers), node.orelse):
+                    visit(block)
+            elif isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                base = node.module or ""
+                found.append(base)
+                found.extend(
+                    f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in sources
+                )
+
+    visit(ast.parse(sources[module].read_text()).body)
+    return tuple(found)
+
+
+def test_the_configs_import_no_torch():
+    # `flatcli COMMAND --help` reads flatcli.configs alone: at module level neither they nor
+    # anything they import (transitively) may import torch, numpy or scipy
+    sources = _sources()
+    offenders = []
+    for start in (m for m in sources if layer_of(m) == "flatcli.configs"):
+        path, seen = {start: [start]}, {start}
+        todo = [start]
+        while todo:
+            module = todo.pop()
+            for name in _module_level_imports(module):
+                if name.split(".")[0] in HEAVY_PACKAGES:
+                    offenders.append(" -> ".join([*path[module], name]))
+                elif name in sources and name not in seen:
+                    seen.add(name)
+                    path[name] = [*path[module], name]
+                    todo.append(name)
+    assert not offenders, "; ".join(sorted(set(offenders)))
+    # the walk sees what runs at import, and only that
+    assert "torch" in _module_level_imports("flatcli.dtypes")
+    assert "flatcli.dtypes" not in _module_level_imports("flatcli.configs._checks")  # lazy

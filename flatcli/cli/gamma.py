@@ -1,10 +1,7 @@
 """``flatcli gamma``: the Fisher log-determinant γ̂ (Jia & Su 2020, Eq. 5) and its baselines."""
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
-from flatcli.measures.gamma import GammaConfig
-from flatcli.measures.registry import get_measure, reported_keys
-from flatcli.run import registered
+from flatcli.configs.gamma import GammaConfig
 
 COLUMNS = [
     ("gamma_hat", "γ̂"),
@@ -19,6 +16,10 @@ COLUMNS = [
 @command("gamma", help="γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5).")
 def gamma(checkpoints: Paths, config: GammaConfig, common: Common) -> None:
     """Measure γ̂ on every checkpoint."""
+    from flatcli.cli.render import analyse
+    from flatcli.measures.registry import get_measure, reported_keys
+    from flatcli.run import registered
+
     measure = get_measure("gamma")
     robustness = [("robustness", "robustness")] if config.baselines else []
     analyse(

@@ -5,12 +5,9 @@ from pathlib import Path
 from typing import Any
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
+from flatcli.configs.kfac import KfacConfig
 from flatcli.errors import UsageError
-from flatcli.measures.kfac import KfacConfig
-from flatcli.measures.registry import get_measure, reported_keys
 from flatcli.options import option
-from flatcli.run import registered
 
 COLUMNS = [
     ("shape", "shape"),
@@ -79,6 +76,10 @@ def layer_rows(name: str, entry: dict[str, Any], compare: bool) -> list[dict[str
 )
 def kfac(checkpoints: Paths, config: KfacConfig, files: KfacFiles, common: Common) -> None:
     """Compare every layer's Hessian block with its Kronecker factors, per checkpoint."""
+    from flatcli.cli.render import analyse
+    from flatcli.measures.registry import get_measure, reported_keys
+    from flatcli.run import registered
+
     compare = config.compare is not None
     if compare and not Path(config.compare).is_file():
         raise UsageError(f"--compare: no checkpoint file {config.compare}")

@@ -2,7 +2,6 @@
 as a table or as JSON."""
 
 from flatcli.cli.options import OutputOptions, command
-from flatcli.cli.output import Output
 
 COLUMNS = [
     ("command", "command"),
@@ -21,6 +20,7 @@ COLUMNS = [
 )
 def measures(output: OutputOptions) -> None:
     """Print the measure registry."""
+    from flatcli.cli.output import Output
     from flatcli.measures.listing import listing
 
     out = Output.of(output)

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flatcli.configs.common import Gates, LoadOptions
 from flatcli.options import Flag, field_types, flags_of, from_flags, option
-from flatcli.run import Gates, LoadOptions
 
 Paths = list[Path]  # the checkpoint arguments of a command function
 Checkpoints = Annotated[
@@ -105,8 +106,9 @@ def build(config_type: type, values: dict[str, Any]) -> Any:
     return from_flags(config_type, values, **fixed)
 
 
-def command(name: str, help: str) -> Any:
-    """Make ``fn`` the command ``name``: its Typer signature read from its parameters' types."""
+def command(name: str, help: str, prepare: Callable[[], object] | None = None) -> Any:
+    """Make ``fn`` the command ``name``: its Typer signature read from its parameters' types;
+    ``prepare()``, if given, runs before its option dataclasses are built."""
     from flatcli.cli.errors import handle_errors
 
     def decorator(fn: Any) -> Any:
@@ -123,6 +125,8 @@ def command(name: str, help: str) -> Any:
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
             with handle_errors(bool(kwargs.get("debug"))):
+                if prepare is not None:
+                    prepare()
                 args = {p: build(t, kwargs) for p, t in groups.items()}
                 if takes_checkpoints:
                     args["checkpoints"] = kwargs["checkpoints"]

@@ -2,12 +2,7 @@
 2020)."""
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
-from flatcli.io.checkpoint import expand_checkpoints
-from flatcli.measures.pacbayes import PacBayesConfig
-from flatcli.measures.registry import get_measure, reported_keys
-from flatcli.pacbayes.prior import check_prior_available
-from flatcli.run import registered
+from flatcli.configs.pacbayes import PacBayesConfig
 
 COLUMNS = [
     ("bound", "bound"),
@@ -36,6 +31,12 @@ def _rows(name: str, entry: dict) -> list[dict]:
 )
 def pacbayes(checkpoints: Paths, config: PacBayesConfig, common: Common) -> None:
     """Certify every checkpoint."""
+    from flatcli.cli.render import analyse
+    from flatcli.io.checkpoint import expand_checkpoints
+    from flatcli.measures.registry import get_measure, reported_keys
+    from flatcli.pacbayes.prior import check_prior_available
+    from flatcli.run import registered
+
     for path in expand_checkpoints(checkpoints):  # no prior anywhere: exit 2 before work
         check_prior_available(path, config.prior_init, unsafe=common.unsafe_load)
     measure = get_measure("pacbayes")

@@ -6,17 +6,8 @@ from pathlib import Path
 
 from flatcli.cli.errors import describe, print_error
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.output import Output
-from flatcli.cli.render import finish, table_rows
+from flatcli.configs.rank import RankConfig, SweepRun
 from flatcli.options import option
-from flatcli.rank.core import (
-    RankConfig,
-    SweepRun,
-    plan_measures,
-    rank_checkpoints,
-    sort_rows,
-    statistics_notes,
-)
 
 STATS = [
     ("metric", "metric"),
@@ -59,6 +50,10 @@ def rank(
     checkpoints: Paths, config: RankConfig, view: SweepView, sweep: SweepRun, common: Common
 ) -> None:
     """Measure and rank the sweep; gate it."""
+    from flatcli.cli.output import Output
+    from flatcli.cli.render import finish, table_rows
+    from flatcli.rank.cache import ResultCache
+    from flatcli.rank.core import plan_measures, rank_checkpoints, sort_rows, statistics_notes
     from flatcli.rank.gates import relative_failures
 
     plans, _ = plan_measures(config.metrics, config.options)  # usage errors before any work
@@ -68,7 +63,7 @@ def rank(
 
         require_matplotlib()
     out = Output.of(common)
-    cache = sweep.cache()
+    cache = ResultCache(sweep.cache_root())
     shown = {k: None if v is None else str(v) for k, v in vars(view).items()}
     result = rank_checkpoints(
         checkpoints,

@@ -5,10 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
+from flatcli.configs.reparam import TransformOptions
 from flatcli.errors import UsageError
 from flatcli.options import option
-from flatcli.reparam.write import TransformOptions, write_reparametrised
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,9 @@ def reparam(
         raise UsageError(f"--output must end in .safetensors; got {out}")
     if out.resolve() == Path(checkpoints[0]).resolve():
         raise UsageError("--output must differ from the input checkpoint")
+    from flatcli.cli.render import analyse
+    from flatcli.reparam.write import write_reparametrised
+
     analyse(
         "reparam",
         checkpoints,

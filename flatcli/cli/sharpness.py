@@ -5,19 +5,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
+from flatcli.configs.reparam import TransformOptions
+from flatcli.configs.sharpness import SharpnessConfig
 from flatcli.errors import UsageError
-from flatcli.measures.invariance import InvarianceConfig, default_rtol
-from flatcli.measures.registry import get_measure
-from flatcli.measures.sharpness import (
-    SharpnessConfig,
-    compute_sharpness,
-    sharpness_metric_keys,
-    table_columns,
-)
 from flatcli.options import option
-from flatcli.reparam.write import TransformOptions
-from flatcli.run import Context, registered
 
 AUDIT_COLUMNS = [
     ("original", "original"),
@@ -71,9 +62,15 @@ def audit_rows(name: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _definitions() -> None:
+    """Import the sharpness definitions, which SharpnessConfig checks --measure against."""
+    import flatcli.measures.sharpness  # noqa: F401
+
+
 @command(
     "sharpness",
     help="Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic sharpness measures.",
+    prepare=_definitions,
 )
 def sharpness(
     checkpoints: Paths,
@@ -83,6 +80,12 @@ def sharpness(
     common: Common,
 ) -> None:
     """Measure the sharpness of every checkpoint, or audit it under a reparametrisation."""
+    from flatcli.cli.render import analyse
+    from flatcli.measures.invariance import InvarianceConfig, default_rtol
+    from flatcli.measures.registry import get_measure
+    from flatcli.measures.sharpness import compute_sharpness, sharpness_metric_keys, table_columns
+    from flatcli.run import Context, registered
+
     given = transform.given() + (["--rtol"] if view.rtol is not None else [])
     if given and not view.invariance:
         raise UsageError(

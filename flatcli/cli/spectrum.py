@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from flatcli.cli.options import Common, Paths, command
-from flatcli.cli.render import analyse
-from flatcli.measures.registry import get_measure, reported_keys
-from flatcli.measures.spectrum import SpectrumConfig, save_eigenvectors
+from flatcli.configs.spectrum import SpectrumConfig
 from flatcli.options import option
-from flatcli.run import Context, registered
 
 _TOP = {"largest": "λ_max", "smallest": "λ_min", "magnitude": "|λ|_max"}
 
@@ -36,12 +33,11 @@ def spectrum(
     checkpoints: Paths, config: SpectrumConfig, files: SpectrumFiles, common: Common
 ) -> None:
     """Measure the spectrum of every checkpoint."""
-    from flatcli.io.plot import (
-        plot_format,
-        plot_spectrum,
-        require_matplotlib,
-        spectrum_plot_kind,
-    )
+    from flatcli.cli.render import analyse
+    from flatcli.io.plot import plot_format, plot_spectrum, require_matplotlib, spectrum_plot_kind
+    from flatcli.measures.registry import get_measure, reported_keys
+    from flatcli.measures.spectrum import save_eigenvectors
+    from flatcli.run import Context, registered
 
     folder = files.save_eigenvectors
     config = dataclasses.replace(config, eigenvectors=folder is not None and config.top_k > 0)

@@ -2,12 +2,7 @@
 (:func:`flatcli.training.train_checkpoint`)."""
 
 from flatcli.cli.options import OutputOptions, command
-from flatcli.cli.output import Output
-from flatcli.io.report import build_report, environment_info, result_entry
-from flatcli.io.writable import check_writable
-from flatcli.run import setup_device
-from flatcli.train.config import TrainConfig
-from flatcli.training import TrainJob, train_checkpoint
+from flatcli.configs.train import TrainConfig, TrainJob
 
 SUMMARY = [
     ("train_acc", "train acc"),
@@ -24,7 +19,12 @@ SUMMARY = [
 def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
     """Train, write the checkpoint, show its summary."""
     from flatcli import distributed
+    from flatcli.cli.output import Output
     from flatcli.io.checkpoint import file_sha256
+    from flatcli.io.report import build_report, environment_info, result_entry
+    from flatcli.io.writable import check_writable
+    from flatcli.run import setup_device
+    from flatcli.training import train_checkpoint
 
     # Training is not data-parallel: under torchrun every process trains the same seeded
     # model identically on its own device and only rank 0 prints and writes.

@@ -37,7 +37,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
 from flatcli import distributed
+from flatcli.configs.sharpness import DiagMethod
 from flatcli.curvature._functional import FunctionalModel, head_loss, quiet_jit_warning
 from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.losses import get_loss
@@ -73,14 +73,6 @@ EXACT_BLOCK = 64
 
 GGN_WORKSPACE_BYTES = 256 * 2**20
 """Memory for one chunk of per-example Jacobians (chunk · K · P numbers) in ``ggn_diagonal``."""
-
-
-class DiagMethod(str, Enum):
-    """How the curvature diagonal is obtained."""
-
-    HUTCHINSON = "hutchinson"
-    GGN = "ggn"
-    EXACT = "exact"
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from flatcli.configs.gamma import GramMethod
 from flatcli.curvature._functional import FunctionalModel
 from flatcli.curvature._ghost import GhostUnsupported, add_row_gram, ghost_grams
 from flatcli.curvature.capture import has_batch_statistics, plan
@@ -87,14 +87,6 @@ MAX_CHUNK = 1024
 """Examples per forward at most when the caller does not say."""
 CHUNK_BUDGET = 2 << 30
 """Bytes a forward chunk may use when the caller does not give ``chunk_size``."""
-
-
-class GramMethod(str, Enum):
-    """How per-example gradients enter the Gram matrix."""
-
-    AUTO = "auto"
-    MATERIALIZE = "materialize"
-    GHOST = "ghost"
 
 
 def unit_head(

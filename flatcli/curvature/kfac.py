@@ -62,12 +62,12 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
 from flatcli import distributed
+from flatcli.configs.kfac import FisherMode
 from flatcli.curvature.capture import (
     CaptureUnsupported,
     Recorder,
@@ -107,13 +107,6 @@ F64 = torch.float64
 CHUNK_BUDGET = 1 << 30
 """Bytes a batch's activations and c output gradients may use when no batch size is given."""
 MAX_CHUNK = 1024
-
-
-class FisherMode(str, Enum):
-    """How E[M] is formed: ``exact`` (all c rows of Q) or ``mc`` (sampled labels)."""
-
-    EXACT = "exact"
-    MC = "mc"
 
 
 @dataclass

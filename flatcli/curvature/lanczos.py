@@ -37,34 +37,21 @@ Choices made here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from flatcli.configs.spectrum import DEFAULT_TOL, Which
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
 from flatcli.distributed import broadcast_for
 
 __all__ = ["Which", "EigenResult", "lanczos", "lanczos_quadrature"]
-
-DEFAULT_TOL = 1e-5
-"""Residual tolerance relative to |λ_max|. The eigenvalue error is at most the residual, and
-about residual² / gap for a separated eigenvalue: 1e-5 gives eigenvalues good to ~1e-8 relative
-yet stays above the noise floor of float32 curvature products (~1e-6 relative)."""
 
 BASIS_MEMORY_BYTES = 2 * 2**30
 """Default cap on the float64 Krylov basis (rows x dim x 8 bytes) before thick restart kicks in."""
 
 _BREAKDOWN = 100.0
 """β below this many units of the operator dtype's epsilon times ||A|| counts as breakdown."""
-
-
-class Which(str, Enum):
-    """Which end of the spectrum :func:`lanczos` looks for."""
-
-    LARGEST = "largest"
-    SMALLEST = "smallest"
-    MAGNITUDE = "magnitude"
 
 
 @dataclass(frozen=True)

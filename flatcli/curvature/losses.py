@@ -21,10 +21,11 @@ and second derivatives of it are accurate to rounding for every example; the clo
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 from torch import Tensor
+
+from flatcli.configs.choices import LossName
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """A loss head: ``(logits (N, K), labels (N,)) -> per-example losses (N,)``."""
@@ -46,13 +47,6 @@ __all__ = [
     "output_hessian_sqrt",
     "output_hessian_matvec",
 ]
-
-
-class LossName(str, Enum):
-    """Loss heads a user can choose on the command line."""
-
-    CE = "ce"
-    NSCE = "nsce"
 
 
 def softplus(t: Tensor) -> Tensor:

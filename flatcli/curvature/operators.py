@@ -101,6 +101,7 @@ import torch
 from torch import Tensor, nn
 
 from flatcli import distributed
+from flatcli.configs.spectrum import HvpMethod, Kind
 from flatcli.curvature._autodiff import FALLBACK_ERRORS, num_columns
 from flatcli.curvature._functional import (
     FunctionalModel,
@@ -138,22 +139,6 @@ __all__ = [
 
 Params = dict[str, Tensor]
 """``{parameter name: tensor}``; as columns, each tensor is ``(k, *shape)``."""
-
-
-class Kind(str, Enum):
-    """Which curvature matrix."""
-
-    HESSIAN = "hessian"
-    GGN = "ggn"
-    FISHER = "fisher"
-
-
-class HvpMethod(str, Enum):
-    """How curvature-vector products are differentiated."""
-
-    AUTO = "auto"
-    FORWARD_OVER_REVERSE = "forward-over-reverse"
-    DOUBLE_BACKWARD = "double-backward"
 
 
 class FisherType(str, Enum):

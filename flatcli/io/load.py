@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatcli.configs.common import SPLITS
 from flatcli.devices import resolve_device
 from flatcli.dtypes import DTYPES, dtype_of
 from flatcli.errors import CheckpointError, UsageError
@@ -37,9 +38,6 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
 ]
-
-SPLITS = ("train", "test", "trained", "trained-clean")
-"""Splits :func:`load` can take: a dataset split, or the training data exactly as trained on."""
 
 
 @dataclass

@@ -30,15 +30,15 @@ statistics (eval mode, App. B.2); its own affine parameters are not Kronecker-fa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from flatcli.configs.kfac import KfacConfig
 from flatcli.curvature.kfac import (
-    FisherMode,
     LayerFactors,
     correspondence,
     decoupling_error,
@@ -52,11 +52,8 @@ from flatcli.curvature.kfac import (
 )
 from flatcli.curvature.lanczos import lanczos
 from flatcli.curvature.operators import make_operator
-from flatcli.errors import choice as _choice
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
-from flatcli.measures._config import require as _require
-from flatcli.options import option
 from flatcli.progress import ProgressFn
 
 __all__ = [
@@ -87,101 +84,6 @@ CONVENTIONS = {
     "batchnorm": "running statistics (eval mode); BatchNorm affine parameters are not "
     "Kronecker-factored",
 }
-
-
-@dataclass(frozen=True)
-class KfacConfig:
-    """What :func:`compute_kfac` computes.
-
-    Attributes:
-        layers: module names or globs of the Linear/Conv2d layers (None: all of them).
-        top_k: K, the eigenpairs of each exact block (Lanczos) and of the Kronecker product.
-        fisher: ``"exact"`` (E[M] from all c rows of Q) or ``"mc"`` (sampled labels).
-        mc_samples: labels per example for ``"mc"``.
-        matrix: the exact block's matrix, ``"hessian"`` (default) or ``"ggn"``.
-        tol: Lanczos residual tolerance relative to |λ_max|.
-        lanczos_steps: Lanczos budget per block (default ``min(dim, max(3K + 20, 60))``).
-        probes: Rademacher probes of the decoupling error (each one block product).
-        corr_rows: factor eigenvectors shown in each correspondence matrix.
-        compare: a second checkpoint (path) to compare each layer's top eigenspace with.
-        seed: seeds Lanczos, the probes and the MC labels.
-        batch_size: examples per forward/backward (None: chosen to fit memory).
-    """
-
-    layers: tuple[str, ...] | None = option(
-        None,
-        "--layer",
-        "Linear/Conv2d module name or glob to analyse. Repeatable.",
-        repeatable=True,
-    )
-    top_k: int = option(
-        20, "--top-k", "K: eigenpairs of each exact block and overlaps k = 1..K.", min=1
-    )
-    fisher: str = option(
-        "exact",
-        "--fisher",
-        "E[M]: exact (all c rows of the output-Hessian root) or mc (sampled).",
-        choices=FisherMode,
-    )
-    mc_samples: int = option(
-        1, "--mc-samples", "Sampled labels per example with --fisher mc.", min=1
-    )
-    matrix: str = option("hessian", "--matrix", "Exact block of the hessian (default) or the ggn.")
-    tol: float = option(1e-4, "--tol", "Lanczos tolerance, relative to |λ_max|.")
-    lanczos_steps: int | None = option(
-        None, "--lanczos-steps", "Lanczos budget per layer (default 3K + 20).", min=1
-    )
-    probes: int = option(
-        20, "--probes", "Rademacher probes of the decoupling error (per layer).", min=2
-    )
-    corr_rows: int = option(
-        20, "--corr-rows", "Factor eigenvectors in each correspondence matrix.", min=1
-    )
-    compare: str | None = option(
-        None,
-        "--compare",
-        "A second checkpoint: per layer, the overlap of the two top-k eigenspaces (Fig. 5 "
-        "of Wu et al. 2020) on the same examples.",
-    )
-    seed: int = 0
-    batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "fisher", _choice(FisherMode, self.fisher, "fisher"))
-        if self.matrix not in ("hessian", "ggn"):
-            from flatcli.errors import UsageError
-
-            raise UsageError(f"Unknown matrix {self.matrix!r}; choose one of 'hessian', 'ggn'.")
-        if isinstance(self.layers, str):
-            set_(self, "layers", (self.layers,))
-        elif self.layers is not None:
-            set_(self, "layers", tuple(self.layers))
-        if self.compare is not None:
-            set_(self, "compare", str(self.compare))
-        _require(
-            [
-                (self.top_k >= 1, f"top_k must be >= 1. Got {self.top_k}."),
-                (self.mc_samples >= 1, f"mc_samples must be >= 1. Got {self.mc_samples}."),
-                (0 < self.tol < 1, f"tol must be in (0, 1). Got {self.tol}."),
-                (
-                    self.lanczos_steps is None or self.lanczos_steps >= self.top_k,
-                    f"lanczos_steps must be >= top_k. Got {self.lanczos_steps}.",
-                ),
-                (self.probes >= 2, f"probes must be >= 2. Got {self.probes}."),
-                (self.corr_rows >= 1, f"corr_rows must be >= 1. Got {self.corr_rows}."),
-                (
-                    self.batch_size is None or self.batch_size >= 1,
-                    f"batch_size must be >= 1. Got {self.batch_size}.",
-                ),
-            ]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every option, JSON-ready."""
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
 
 
 @dataclass

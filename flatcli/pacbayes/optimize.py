@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
+from flatcli.configs.pacbayes import Method, Schedule
 from flatcli.errors import MeasureError
 from flatcli.pacbayes.posterior import Basis, project_variances
 from flatcli.pacbayes.step import (
@@ -52,22 +52,6 @@ __all__ = ["Method", "Posterior", "Schedule", "optimize_posterior", "pacbayes_ob
 
 LOG_STD_FLOOR = 1e-8
 """ς is initialised at ln max(|w|, 1e-8): a weight that is exactly 0 would give ln 0 = −∞."""
-
-
-class Method(str, Enum):
-    """The posterior family: which basis its covariance is diagonal in."""
-
-    VANILLA = "vanilla"
-    APPROX_HESSIAN = "approx-hessian"
-    ITERATIVE_HESSIAN = "iterative-hessian"
-
-
-class Schedule(str, Enum):
-    """Learning-rate schedule of the bound optimisation, set per epoch."""
-
-    CONSTANT = "constant"
-    STEP = "step"  # lr, then lr/10 for the last quarter of the epochs
-    COSINE = "cosine"
 
 
 @dataclass

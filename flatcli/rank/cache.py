@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,11 @@ import torch
 from torch import Tensor
 
 from flatcli._version import __version__
+from flatcli.configs.rank import default_cache_dir
 from flatcli.dtypes import dtype_name
 from flatcli.io.atomic import write_text_atomic
 
 __all__ = ["default_cache_dir", "config_dict", "data_fingerprint", "ResultCache"]
-
-
-def default_cache_dir() -> Path:
-    """``$FLATCLI_CACHE/rank`` if set, else ``~/.cache/flatcli/rank``."""
-    root = os.environ.get("FLATCLI_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "flatcli"
-    return base / "rank"
 
 
 def config_dict(config: Any) -> dict[str, Any]:

@@ -1,30 +1,16 @@
 """CI gates of ``flatcli rank`` relative to a baseline checkpoint (the absolute ones are every
-command's: :class:`flatcli.run.Gates`)."""
+command's: :class:`flatcli.configs.common.Gates`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flatcli.errors import UsageError
-from flatcli.run import gate_failure
+from flatcli.configs.common import check_gate_names, gate_failure
 
 __all__ = ["check_gate_names", "relative_failures"]
 
 Gate = tuple[str, float]
-
-
-def check_gate_names(gates: Iterable[tuple[str, Gate]], known: Sequence[str]) -> None:
-    """Raise a UsageError for a gate on a metric the run does not report (before any work).
-
-    ``gates`` holds (option name, (metric, value)) pairs; ``known`` the metric keys (and
-    ``gap``) the run reports.
-    """
-    for flag, (name, _) in gates:
-        if name not in known:
-            raise UsageError(
-                f"{flag} {name}: not a metric of this run; metrics: {', '.join(known)}"
-            )
 
 
 def _value(row: Mapping[str, Any], name: str) -> Any:

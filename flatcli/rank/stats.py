@@ -14,7 +14,8 @@ The protocols:
   pair tied in either variable counts 0; τ-b (Kendall 1945) on request.
 * The granulated Kendall coefficient of Jiang et al. (2020): ψ_i is the mean τ over the groups
   of checkpoints in which only hyperparameter axis i varies (all other axes fixed) and
-  Ψ = mean_i ψ_i.
+  Ψ = mean_i ψ_i. Seed repeats (checkpoints at the same values of every axis) belong to the
+  group of their values: they are never groups of their own.
 * The conditional-mutual-information score of the NeurIPS 2020 "Predicting Generalization in
   Deep Learning" competition (Jiang et al. 2020, "NeurIPS 2020 Competition: Predicting
   Generalization in Deep Learning"), computed as the competition's scoring program defined it.
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flatcli.configs.rank import TAU_VARIANTS
+
 __all__ = [
     "TAU_VARIANTS",
     "kendall_tau",
@@ -45,9 +48,6 @@ __all__ = [
     "RobustSignError",
     "robust_sign_error",
 ]
-
-TAU_VARIANTS = ("a", "b")
-"""Kendall τ variants: ``a`` (Jiang et al. 2020; ties count 0) and ``b`` (tie-corrected)."""
 
 _PAIRWISE_MAX = 2000
 """Up to this many points τ is computed from the dense n×n sign matrix; above, from scipy's
@@ -262,9 +262,10 @@ def _group_keys(
 class Granulated:
     """Jiang et al.'s (2020) granulated Kendall coefficient: ψ_i per axis and Ψ = mean_i ψ_i.
 
-    ``groups[axis]`` counts the groups of checkpoints that share every other axis' value:
-    ``total``, ``used`` (at least two different values of the axis, so τ is defined) and
-    ``skipped`` (a single checkpoint, only one value of the axis, or τ-b undefined).
+    ``groups[axis]`` counts the groups of checkpoints that share every other axis' value (seed
+    repeats sit inside their group, see :func:`granulated_tau`): ``total``, ``used`` (at least
+    two different values of the axis, so τ is defined) and ``skipped`` (a single checkpoint,
+    only one value of the axis, or τ-b undefined).
     """
 
     psi: float | None
@@ -291,6 +292,17 @@ def granulated_tau(
     (or one in which axis i does not vary, or τ-b is undefined) is skipped and counted in
     ``groups``. Ψ = (1/n) Σ_i ψ_i is reported only when every axis has a ψ_i: a sweep that is
     not a grid over its axes gives ``psi=None`` with the reason.
+
+    Seed repeats. Jiang et al. condition on the other hyperparameter axes only; the seed (and
+    any hyperparameter not in ``axes``) is not an axis and is not conditioned on. A group of
+    axis i therefore holds every checkpoint at its values of the other axes: every seed of
+    every value of axis i. With axes lr and wd and two seeds per setting, the group of lr at
+    wd = w holds both seeds of every lr at w, and τ is taken over all its pairs (the τ of the
+    paper's set of models), pairs of two seeds at the same lr included. The repeats never form
+    groups of their own, so they add pairs, not groups: ψ_i stays a mean over the settings of
+    the other axes (the paper's m_i of them on a full grid), each weighted once however many
+    seeds it has. Naming the seed as an axis (``axes`` includes it) conditions on it like any
+    other axis and gives it its own ψ.
 
     Args:
         values: oriented measure values, one per checkpoint.

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from flatcli.configs.rank import GAP_KINDS
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.evaluation import EVAL_BATCH_SIZE, evaluate
 
@@ -37,9 +38,6 @@ __all__ = [
     "detect_axes",
     "hashable",
 ]
-
-GAP_KINDS = ("acc", "loss")
-"""``acc``: train accuracy − test accuracy; ``loss``: test loss − train loss."""
 
 GENERALIZATION_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss")
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from flatcli.configs.reparam import Transform
 from flatcli.curvature.data import iter_chunks, move_inputs
 from flatcli.errors import UsageError
 from flatcli.reparam.chain import ChainOp, trace_chain
@@ -46,14 +46,6 @@ __all__ = [
     "apply_transform",
     "max_logit_difference",
 ]
-
-
-class Transform(str, Enum):
-    """The function-preserving transforms :func:`apply_transform` knows by name."""
-
-    LAYER_SCALE = "layer_scale"
-    NEURON_SCALE = "neuron_scale"
-    BN_SCALE = "bn_scale"
 
 
 def _check_alpha(alpha: float, what: str = "alpha") -> float:

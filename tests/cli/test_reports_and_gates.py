@@ -97,6 +97,10 @@ def test_a_stopped_run_leaves_every_finished_checkpoint_marked_interrupted(probl
     else:
         res = CliRunner().invoke(sub, args)
         assert res.exit_code == code and "interrupted" in res.output
+        # Ctrl-C shows the table of the finished checkpoints, then one line
+        table = res.output.index("flatcli value")
+        assert table < res.output.index("error: interrupted")
+        assert res.output.count("error:") == 1 and "Traceback" not in res.output
     # while the second checkpoint ran, the report on disk held the first, marked unfinished
     during = seen[1]
     validate_report(during, "value")

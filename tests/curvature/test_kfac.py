@@ -128,6 +128,66 @@ def confident_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
+def conv_head_net(seed: int = 0) -> nn.Module:
+    """Conv2d(1→2, 3x3) on 5x5 inputs (P = 9 positions), ReLU, then a Linear head to 3 classes."""
+    torch.manual_seed(seed)
+    return (
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)).double().eval()
+    )
+
+
+def conv_head_data(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (n, 1, 5, 5) with mean 0.5 (so E[x] is not small) and labels (n,) in 0..2."""
+    x, y = data(n, (1, 5, 5), seed=seed)
+    return x + 0.5, y
+
+
+def conv_head_truth(model: nn.Module, x: torch.Tensor) -> dict[str, object]:
+    """The conv layer's factors of :func:`conv_head_net` written out position by position.
+
+    Wu et al. 2020, App. A.2: patch p of example n is column p of the unfolded input X (Eq. 30);
+    the output gradient at position p is the c × m matrix G_p = ∂z/∂Z[:, p], here
+    head.weight[k, o·P + p]·1[Z[o, p] > 0] (Flatten is channel-major), and with
+    A = diag(p) − ppᵀ, Ñᵀ Ñ = Σ_p G_pᵀ A G_p (Eq. 35 with any QᵀQ = A). So
+    E[M̃] = E[(1/P) Σ_p G_pᵀ A G_p], E[XXᵀ] = E[Σ_p x_p x_pᵀ] (Eq. 37), the mean input is the
+    mean patch over examples and positions, and the input structure (Eq. 8, Table 7) is that of
+    the patch at a uniformly drawn position.
+    """
+    conv, head = model[0], model[3]
+    with torch.no_grad():
+        X = F.unfold(x, conv.kernel_size)  # (N, n, P): Eq. 30
+        N, n, P = X.shape
+        m = conv.out_channels
+        Wc = conv.weight.reshape(m, n)
+        Z = torch.einsum("on,bnp->bop", Wc, X)
+        Z = Z + conv.bias.view(1, m, 1)  # (N, m, P): the conv output, by hand
+        assert torch.allclose(Z.reshape(N, m, 3, 3), conv(x), atol=1e-13)
+        z = model(x)
+        c = z.shape[1]
+        G = head.weight.reshape(1, c, m, P) * (Z > 0).unsqueeze(1)  # (N, c, m, P): G_p
+        p = torch.softmax(z, dim=1)
+        A = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # (N, c, c)
+        em = torch.einsum("bkop,bkl,blqp->oq", G, A, G) / (N * P)  # E[(1/P) Σ_p G_pᵀ A G_p]
+        exx = torch.einsum("bip,bjp->ij", X, X) / N  # E[Σ_p x_p x_pᵀ]
+        Gs = G.sum(-1)  # (N, c, m): Σ_p G_p
+        bias = torch.einsum("bko,bkl,blq->oq", Gs, A, Gs) / N
+        patches = X.transpose(1, 2).reshape(N * P, n)  # every (example, position) patch
+        mean = patches.mean(0)
+        sigma = torch.cov(patches.T, correction=0)
+        ratio = float(mean @ mean / torch.linalg.eigvalsh(sigma)[-1])
+        v1 = torch.linalg.eigh(patches.T @ patches)[1][:, -1]
+        align = abs(float(mean @ v1)) / float(mean.norm())
+    return {
+        "P": P,
+        "em": em,
+        "exx": exx,
+        "mean_x": mean,
+        "bias_block": bias,
+        "spectral_ratio": ratio,
+        "mean_alignment": align,
+    }
+
+
 # --------------------------------------------------------------------------- exactness
 
 
@@ -211,6 +271,25 @@ def test_conv_factors_follow_eqs_35_and_37():
         # the conv bias block is E[(Σ_p n_p)(Σ_p n_p)ᵀ], which is the exact bias Hessian here
         Hb = dense_param_hessian(model, x, y, f"{layer}.bias")
         assert torch.allclose(f[layer].bias_block, Hb, atol=1e-12)
+
+
+def test_conv_one_over_p_in_factors_mean_and_input_structure():
+    """Where P enters a convolution's factors (Eq. 35: 1/P on E[M̃]; Eq. 37: E[XXᵀ] summed over
+    positions; the mean input and Eq. 8 per position), against a position-by-position float64
+    construction: moving or dropping any 1/P fails here (P = 9)."""
+    model = conv_head_net()
+    x, y = conv_head_data()
+    want = conv_head_truth(model, x)
+    f = kfac_factors(model, x, y, batch_size=4)["0"]
+    assert f.positions == want["P"] == 9 and f.kind == "conv2d" and f.shape == (2, 9)
+    assert torch.allclose(f.em, want["em"], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(f.exx, want["exx"], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(f.mean_x, want["mean_x"], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(f.bias_block, want["bias_block"], rtol=1e-12, atol=1e-15)
+    ratio, align = input_structure(f)
+    assert math.isclose(ratio, want["spectral_ratio"], rel_tol=1e-10)
+    assert math.isclose(align, want["mean_alignment"], rel_tol=1e-10)
+    assert 0.05 < ratio < 20 and align > 0.5  # a meaningful structure, not a degenerate one
 
 
 def test_layer_selection_and_errors():

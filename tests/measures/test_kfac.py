@@ -7,15 +7,20 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from flatcli.curvature.kfac import kron_eigenvectors
 from flatcli.errors import UsageError
-from flatcli.measures.kfac import KfacConfig, compute_kfac
+from flatcli.measures.kfac import KfacConfig, compute_kfac, cross_overlaps
 from flatcli.measures.registry import get_measure, reported_keys
 from tests.curvature.test_kfac import (
     confident_problem,
+    conv_head_data,
+    conv_head_net,
+    conv_head_truth,
     data,
     dense_param_hessian,
+    layer_inputs,
     relu_mlp,
     tiny_cnn,
 )
@@ -115,6 +120,67 @@ def test_conv_net_and_compare():
     assert math.isclose(cmp["predicted_overlap_at_m"], 1.0, rel_tol=1e-12)
     assert "compare_overlap_at_m_min" in res.metrics()
     assert "Eq. 35" in res.details()["conventions"]["conv"]
+
+
+def _mean_input(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The layer's mean input in float64: over examples, and over positions for a convolution
+    (the mean unfolded patch)."""
+    module = dict(model.named_modules())[layer]
+    a = layer_inputs(model, x, layer).to(F64)
+    if isinstance(module, nn.Conv2d):
+        X = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+        return X.mean(dim=(0, 2))  # (n,): over examples and the P positions
+    return a.mean(0)
+
+
+@pytest.mark.parametrize(("make", "shape"), [(relu_mlp, (5,)), (tiny_cnn, (2, 6, 6))])
+def test_compare_predicts_the_squared_cosine_of_two_different_models(make, shape):
+    """Two networks with different weights: per layer, predicted_overlap_at_m is
+    (Ê[x]₁ᵀÊ[x]₂)² (Wu et al. 2020, §5.1, Thm. E.1), from the layers' own mean inputs."""
+    a, b = make(0), make(1)
+    x, y = data(10, shape)
+    cfg = KfacConfig(top_k=3, probes=4)
+    res = compute_kfac(a, x, y, cfg, compare_model=b)
+    res_b = compute_kfac(b, x, y, cfg)
+    cross = cross_overlaps(res, res_b)
+    informative = 0
+    for e in res.details()["layers"]:
+        name = e["name"]
+        mu1, mu2 = _mean_input(a, x, name), _mean_input(b, x, name)
+        cos = float(mu1 @ mu2) / (float(mu1.norm()) * float(mu2.norm()))
+        got = e["compare"]["predicted_overlap_at_m"]
+        assert math.isclose(got, cos**2, rel_tol=1e-10)
+        # ... which is what the two layers' factors' mean inputs imply
+        f1, f2 = res.blocks[name].factors, res_b.blocks[name].factors
+        assert torch.allclose(f1.mean_x, mu1, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(f2.mean_x, mu2, rtol=1e-12, atol=1e-15)
+        implied = float(f1.mean_x / f1.mean_x.norm() @ (f2.mean_x / f2.mean_x.norm())) ** 2
+        assert math.isclose(got, implied, rel_tol=1e-10)
+        assert math.isclose(cross[name]["predicted_overlap_at_m"], got, rel_tol=1e-12)
+        informative += abs(cos) < 0.99  # here the square changes the number
+    # the first layer sees the same x in both models (cos = 1); the later ones must not
+    assert informative >= 2
+
+
+def test_conv_report_keys_carry_the_one_over_p():
+    """The report of a tiny conv net against the position-by-position construction of
+    tests/curvature (Wu et al. 2020, Eqs. 35, 37, 8; Table 7)."""
+    model = conv_head_net()
+    x, y = conv_head_data()
+    want = conv_head_truth(model, x)
+    res = compute_kfac(model, x, y, KfacConfig(layers=("0",), top_k=3, probes=4))
+    (e,) = res.details()["layers"]
+    assert e["kind"] == "conv2d" and e["positions"] == want["P"] == 9 and e["shape"] == [2, 9]
+    em = torch.linalg.eigvalsh(want["em"]).flip(0)
+    exx = torch.linalg.eigvalsh(want["exx"]).flip(0)
+    assert torch.allclose(torch.tensor(e["em_eigenvalues"], dtype=F64), em, rtol=1e-10)
+    assert torch.allclose(
+        torch.tensor(e["exx_eigenvalues"], dtype=F64), exx, rtol=1e-10, atol=1e-12 * exx[0]
+    )
+    kron = (em.unsqueeze(1) * exx.unsqueeze(0)).flatten().sort(descending=True).values[:3]
+    assert torch.allclose(torch.tensor(e["kron_eigenvalues"], dtype=F64), kron, rtol=1e-10)
+    assert math.isclose(e["spectral_ratio"], want["spectral_ratio"], rel_tol=1e-10)
+    assert math.isclose(e["mean_alignment"], want["mean_alignment"], rel_tol=1e-10)
 
 
 def test_batchnorm_affine_is_reported_not_factored():

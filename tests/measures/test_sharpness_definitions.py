@@ -101,7 +101,9 @@ def test_table_columns_and_keys(diag_method, stderrs) -> None:
 def test_config_flags() -> None:
     flags = {f.name: flag for f, flag in flags_of(SharpnessConfig)}
     assert flags["measures"].flag == "--measure" and flags["measures"].repeatable
-    assert flags["measures"].choices is SharpnessMeasure
+    assert flags["measures"].choices is None  # checked against the definitions on construction
+    with pytest.raises(UsageError, match="Unknown measure 'sharpest'; choose one of"):
+        SharpnessConfig(measures=("sharpest",))
     assert flags["adaptive_rho"].flag == "--rho" and flags["adaptive_p"].flag == "--p"
     assert {k: flags[k].min for k in ("probes", "probe_groups", "trace_probes")} == {
         "probes": 2,

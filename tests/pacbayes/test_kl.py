@@ -124,3 +124,45 @@ def test_gaussian_kl_is_kl_q_to_p_not_p_to_q():
     pq = float(kl_divergence(Normal(w0, math.sqrt(lam)), Normal(w, s.sqrt())).sum())
     got = float(gaussian_kl_isotropic(1.0, 0.1, math.log(0.1), 1, lam))
     assert got == pytest.approx(qp, rel=1e-12) and abs(got - pq) > 1.0
+
+
+def _mp_inverse(q: float, c: float):
+    """kl⁻¹(q, c) in 60-digit arithmetic: bisection on the exact (mpmath) kl(q‖p)."""
+    mp = pytest.importorskip("mpmath")
+    with mp.workdps(60):
+        qq, cc = mp.mpf(q), mp.mpf(c)
+
+        def kl(p):
+            first = qq * mp.log(qq / p) if qq > 0 else mp.mpf(0)
+            return first + (1 - qq) * mp.log((1 - qq) / (1 - p))
+
+        lo, hi = qq, mp.mpf(1) - mp.mpf(10) ** -50
+        if kl(hi) <= cc:
+            return 1.0
+        for _ in range(200):  # the bracket shrinks to 1e-60, far below float64's resolution
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kl(mid) <= cc else (lo, mid)
+        return lo
+
+
+@pytest.mark.parametrize("q", [0.0, 1e-6, 1e-3, 0.05, 0.2, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("c", [1e-15, 1e-13, 1e-12, 1e-10, 1e-7, 1e-4, 0.1, 1.0, 5.0])
+def test_kl_inverse_is_never_below_the_exact_inverse(q, c):
+    """Against high-precision arithmetic, also where the textbook kl(q‖p) rounds to garbage:
+    for c below 1e-12 the root is within 1e-6 of q, and kl evaluated as q ln(q/p) + ... is
+    then all cancellation (it used to return up to 7.5e-10 below the exact inverse)."""
+    exact = _mp_inverse(q, c)
+    got = kl_inverse(q, c)
+    assert got >= exact  # the certificate may be loose, never optimistic
+    assert got - exact <= KL_INVERSE_TOL + 1e-15
+
+
+@pytest.mark.parametrize("q,d", [(0.3, 1e-9), (0.01, 1e-12), (0.7, -1e-8), (0.5, 3e-7)])
+def test_kl_bernoulli_is_accurate_next_to_q(q, d):
+    """kl(q‖q + d) ≈ d² / (2q(1 − q)): relative accuracy where both logarithms cancel."""
+    mp = pytest.importorskip("mpmath")
+    p = q + d  # the float64 p; the exact value is of this p
+    with mp.workdps(60):
+        qq, pp = mp.mpf(q), mp.mpf(p)
+        exact = qq * mp.log(qq / pp) + (1 - qq) * mp.log((1 - qq) / (1 - pp))
+    assert kl_bernoulli(q, p) == pytest.approx(float(exact), rel=1e-9)

@@ -118,6 +118,77 @@ def test_granulated_tau_b_within_groups():
     assert out_a.psi == pytest.approx(2 / 3) and out_b.psi == pytest.approx(2 / math.sqrt(6))
 
 
+# 2 axes x 3 values x 2 seeds; the seed is a repeat of each setting, not an axis
+REPEATS_H = [{"lr": a, "wd": b, "seed": s} for a in range(3) for b in range(3) for s in range(2)]
+
+
+def _tau_a_plain(v, g):
+    n = len(v)
+    s = sum(np.sign(v[i] - v[j]) * np.sign(g[i] - g[j]) for i in range(n) for j in range(i + 1, n))
+    return s / (n * (n - 1) / 2)
+
+
+def _psi_plain(v, g, h, axes, conditioned):
+    """Ψ written out: for axis i, one group per value of ``conditioned(i)`` (the keys held
+    fixed); ψ_i the mean τ-a over the groups in which axis i varies; Ψ their mean."""
+    psi = {}
+    for axis in axes:
+        groups = defaultdict(list)
+        for k, hk in enumerate(h):
+            groups[tuple(hk[a] for a in conditioned(axis))].append(k)
+        taus = [
+            _tau_a_plain([v[k] for k in idx], [g[k] for k in idx])
+            for idx in groups.values()
+            if len({h[k][axis] for k in idx}) > 1
+        ]
+        psi[axis] = sum(taus) / len(taus)
+    return sum(psi.values()) / len(psi), psi
+
+
+def test_granulated_pools_seed_repeats_into_the_group_of_their_values():
+    """Jiang et al. condition on the other axes; the seed is no axis. A group of lr at wd = w
+    holds both seeds of every lr at w, and τ runs over all of its pairs."""
+    h = REPEATS_H
+    g = [x["lr"] + x["wd"] + 0.1 * x["seed"] for x in h]
+    v = [(x["lr"] + x["wd"]) * (1 if x["seed"] == 0 else -1) for x in h]
+    # ψ_lr, group wd = b: 6 checkpoints (lr a, seed s), 15 pairs. Seed 0 (v = a + b, rising
+    # with g): 3 concordant pairs; seed 1 (v = -(a + b)): 3 discordant. Across seeds (a, 0) vs
+    # (a', 1): v0 - v1 = a + a' + 2b > 0 (0 only for a = a' = b = 0), g0 - g1 = a - a' - 0.1:
+    # +3 (a > a'), -3 (a < a'), -3 (a = a'; -2 at b = 0, where one of them is a tie). So
+    # τ-a = -2/15 at wd = 0 and -3/15 at wd = 1, 2: ψ_lr = -8/45; ψ_wd the same by symmetry.
+    out = stats.granulated_tau(v, g, h, ["lr", "wd"])
+    assert out.psi_axes["lr"] == pytest.approx(-8 / 45, abs=1e-15)
+    assert out.psi_axes["wd"] == pytest.approx(-8 / 45, abs=1e-15)
+    assert out.psi == pytest.approx(-8 / 45, abs=1e-15) and out.reason is None
+    # the repeats add pairs, not groups: one group per value of the other axis
+    assert out.groups == {a: {"total": 3, "used": 3, "skipped": 0} for a in ("lr", "wd")}
+    # The other readings give 0 here, not -8/45: one group per seed (τ = +1 for seed 0, -1 for
+    # seed 1), seeds averaged before τ (the mean v is 0 everywhere), or only the pairs that
+    # differ in the axis (+3 - 3 + 3 - 3).
+    per_seed, _ = _psi_plain(v, g, h, ["lr", "wd"], lambda i: [a for a in h[0] if a != i])
+    assert per_seed == 0.0
+    # naming the seed as an axis conditions on it like any axis: then the groups are per seed,
+    # and ψ_seed at (lr a, wd b) compares the two seeds: g0 < g1, v0 > v1 unless a = b = 0
+    named = stats.granulated_tau(v, g, h, ["lr", "wd", "seed"])
+    assert named.psi_axes == pytest.approx({"lr": 0.0, "wd": 0.0, "seed": -8 / 9}, abs=1e-15)
+    assert named.groups["lr"]["total"] == 6
+
+
+def test_granulated_with_repeats_matches_the_plain_definition():
+    rng = np.random.default_rng(5)
+    h = REPEATS_H
+    g = rng.normal(size=len(h))
+    v = g + rng.normal(size=len(h))
+    axes = ["lr", "wd"]
+    want, want_axes = _psi_plain(v, g, h, axes, lambda i: [a for a in axes if a != i])
+    out = stats.granulated_tau(v, g, h, axes)
+    assert out.psi_axes == pytest.approx(want_axes, abs=1e-14)
+    assert out.psi == pytest.approx(want, abs=1e-14)
+    # a convention that made each seed its own group would give another number here
+    per_seed, _ = _psi_plain(v, g, h, axes, lambda i: [a for a in h[0] if a != i])
+    assert abs(per_seed - want) > 0.02  # 1/30 here; the test compares to 1e-14
+
+
 def _pgdl_reference(v, g, h, axes):
     """The competition's score written as plainly as possible, from its definition."""
     best = math.inf

@@ -14,8 +14,9 @@ A new definition is one new public module here that ends with ``define(Definitio
 (:mod:`._definition`): its name, metrics, cost, table header, when its standard error is
 reported, what it takes from the shared computation and its ``compute(shared) -> Outcome``.
 Importing the package imports every public module (:func:`._definition.discover`) and registers
-each definition with :mod:`flatcli.measures.registry`; :data:`ALL_MEASURES`, the
-:class:`SharpnessMeasure` choices, :func:`sharpness_metric_keys` and :func:`table_columns` follow.
+each definition with :mod:`flatcli.measures.registry`; :data:`ALL_MEASURES` (the names
+:class:`SharpnessConfig` accepts), the :class:`SharpnessMeasure` Enum,
+:func:`sharpness_metric_keys` and :func:`table_columns` follow.
 
 Which diagonal. The default ``diag_method="ggn"`` is the exact Gauss-Newton diagonal. For
 networks that are piecewise linear in each weight (ReLU/LeakyReLU, max/avg pooling, no smooth

@@ -218,7 +218,7 @@ def discover() -> None:
 
 
 def measure_enum() -> type[Enum]:
-    """A ``str`` Enum of the definitions found at import (the command line's choices).
+    """A ``str`` Enum of the definitions found at import.
 
     Member names drop the ``_sharpness`` suffix: ``SharpnessMeasure.NORMALIZED``.
     """
