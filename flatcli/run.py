@@ -288,7 +288,8 @@ def _measure_one(
 ) -> tuple[dict[str, Any], int]:
     """Load and measure one checkpoint: its report entry (with the error, if it failed) and
     the exit code its failure calls for (0 when measured; 2 for a usage error while loading,
-    such as a spec beside it that cannot be built; else 1)."""
+    such as a spec beside it that cannot be built, or from a registered measure's check on
+    the loaded model, such as ``--top-k`` above the parameter count; else 1)."""
     start = time.perf_counter()
     sha, num_params, loading, ctx = None, None, True, None
     agree = distributed.agree if collective else _raise_if
@@ -333,10 +334,12 @@ def _measure_one(
         if ctx is not None:
             entry = {**entry, **ctx.row, "metrics": {}, "error": entry["error"]}
         # A spec or dataset that cannot be used is bad usage (2) whether it came from an
-        # option or from beside the checkpoint; a checkpoint that failed to load or measure
-        # otherwise is 1; ``usage`` marks a peer process's UsageError
+        # option or from beside the checkpoint, and so is a request a measure's check refuses
+        # on the loaded model before any work (``before_work``: registry.check); a checkpoint
+        # that failed to load or measure otherwise is 1; ``usage`` marks a peer's UsageError
         usage = isinstance(e, UsageError) or getattr(e, "usage", False)
-        return entry, 2 if loading and usage else 1
+        before = loading or getattr(e, "before_work", False)
+        return entry, 2 if before and usage else 1
 
 
 def _raise_if(error: BaseException | None, what: str) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,11 @@ class Trained:
     net: torch.nn.Module
     seconds: float
     dataset: str
+    spec_file: Path | None = None
+    """``<stem>.yaml`` beside the checkpoint, for a model from a factory (later commands build
+    the model from it without --model)."""
+    spec_written: bool = False
+    """Whether this job wrote ``spec_file`` (False: an existing one builds the same model)."""
 
     @property
     def num_params(self) -> int:
@@ -67,6 +73,7 @@ def train_checkpoint(
         raise UsageError("no dataset: pass --dataset (e.g. --dataset mnist5k)")
     data = load_dataset(name, data_dir=job.data_dir, download=job.download)
     spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
+    spec_file = _spec_beside(spec, output, name, data.input_shape)  # before any training
     torch.manual_seed(config.seed)
     net = build_model(spec)
     init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -110,7 +117,77 @@ def train_checkpoint(
     }
     if write:
         save_checkpoint(output, net.state_dict(), spec_record, meta, init_state_dict=init_state)
-    return Trained(summary, meta, info, net, seconds, name)
+        if spec_file is not None:
+            from flatcli.io.atomic import write_text_atomic
+
+            if spec_file[1] is not None:
+                write_text_atomic(spec_file[0], spec_file[1])
+    done = Trained(summary, meta, info, net, seconds, name)
+    if spec_file is not None:
+        done.spec_file, done.spec_written = spec_file[0], spec_file[1] is not None
+    return done
+
+
+def _spec_beside(spec: Any, output: Path, dataset: str, shape: Any) -> tuple[Path, Any] | None:
+    """``(<stem>.yaml beside output, its text, or None to keep it)`` for a model from a file or
+    module factory, whose spec a checkpoint alone cannot build safely; None for a zoo or
+    torchvision model.
+
+    Its ``factory`` names a file relative to the YAML's folder. An existing ``<stem>.yaml`` that
+    builds the same model (same factory and kwargs) is kept as it is.
+
+    Raises:
+        UsageError: an existing ``<stem>.yaml`` describes another model (exit 2, before
+            training).
+    """
+    import os
+
+    import yaml
+
+    from flatcli.data.paths import record_dataset
+    from flatcli.io.writable import check_writable
+
+    if spec.factory is None:
+        return None
+    target, _, fn = spec.factory.rpartition(":")
+    folder = output.parent.resolve()
+    if target.endswith(".py"):
+        file = (
+            Path(target) if Path(target).is_absolute() else (spec.base_dir or Path.cwd()) / target
+        )
+        target = Path(os.path.relpath(file.resolve(), folder)).as_posix()
+    mine = {
+        "factory": f"{target}:{fn}",
+        "kwargs": dict(spec.kwargs),
+        "input_shape": list(spec.input_shape or shape),
+        "dataset": record_dataset(dataset, output.parent)[0],
+    }
+    path = output.with_suffix(".yaml")
+    if path.exists():
+        try:
+            theirs = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            theirs = None
+        if not (isinstance(theirs, dict) and _same_model(theirs, mine, folder)):
+            raise UsageError(
+                f"{path} exists beside -o and describes another model; later commands would "
+                "build that one for this checkpoint: remove it or choose another -o"
+            )
+        return path, None  # kept: it builds this model
+    check_writable(path, "-o")
+    return path, yaml.safe_dump(mine, sort_keys=False)
+
+
+def _same_model(theirs: dict, mine: dict, folder: Path) -> bool:
+    """Whether two spec mappings name the same factory (files resolved from ``folder``) and
+    kwargs."""
+
+    def where(factory: Any) -> Any:
+        target, _, fn = str(factory).rpartition(":")
+        return f"{(folder / target).resolve()}:{fn}" if target.endswith(".py") else factory
+
+    same = where(theirs.get("factory")) == where(mine["factory"])
+    return same and (theirs.get("kwargs") or {}) == mine["kwargs"]
 
 
 def _epoch_dict(stats: Any) -> dict:

@@ -46,7 +46,7 @@ def layer_rows(name: str, entry: dict[str, Any], compare: bool) -> list[dict[str
             "spectral_ratio": m.get("spectral_ratio_min"),
             "mean_alignment": m.get("mean_alignment_min"),
             "rank1": m.get("rank1_score_min"),
-            "cross": m.get("compare_overlap_at_m_min"),
+            "cross": _or_reason(m, "compare_overlap_at_m_min", entry["details"]),
         }
     ]
     for layer in entry["details"]["layers"]:
@@ -63,10 +63,16 @@ def layer_rows(name: str, entry: dict[str, Any], compare: bool) -> list[dict[str
             "gaps": f"{layer['em_outlier_gap']}/{layer['exact_outlier_gap']}",
         }
         if compare and layer.get("compare"):
-            row["cross"] = layer["compare"]["exact_overlap_at_m"]
+            row["cross"] = _or_reason(layer["compare"], "exact_overlap_at_m", layer["compare"])
             row["predicted"] = layer["compare"]["predicted_overlap_at_m"]
         out.append(row)
     return out
+
+
+def _or_reason(values: dict[str, Any], key: str, details: dict[str, Any]) -> Any:
+    """``values[key]``, or ``n/a (cause)`` for a null one with a reason in ``details``."""
+    why = (details.get("reasons") or details.get("nonfinite") or {}).get(key)
+    return f"n/a ({why.split(':')[0]})" if values.get(key) is None and why else values.get(key)
 
 
 @command(

@@ -34,11 +34,14 @@ def pacbayes(checkpoints: Paths, config: PacBayesConfig, common: Common) -> None
     from flatcli.cli.render import analyse
     from flatcli.io.checkpoint import expand_checkpoints
     from flatcli.measures.registry import get_measure, reported_keys
-    from flatcli.pacbayes.prior import check_prior_available
+    from flatcli.pacbayes.prior import check_data_free
     from flatcli.run import registered
 
-    for path in expand_checkpoints(checkpoints):  # no prior anywhere: exit 2 before work
-        check_prior_available(path, config.prior_init, unsafe=common.unsafe_load)
+    for path in expand_checkpoints(checkpoints):  # no valid data-free bound: exit 2 before work
+        prior, vouched = config.prior_init, config.prior_is_data_free
+        check_data_free(
+            path, prior, model=common.model, unsafe=common.unsafe_load, data_free=vouched
+        )
     measure = get_measure("pacbayes")
     analyse(
         "pacbayes",

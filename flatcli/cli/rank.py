@@ -77,7 +77,7 @@ def rank(
     )
     keys = list(config.metrics)
     cols = [(k, k) for k in keys]
-    rows = [{**r, "gap": e["gap"]} for e in result.rows for r in table_rows([e], cols, None)]
+    rows = [{**r, "gap": result.gap(e)} for e in result.rows for r in table_rows([e], cols, None)]
     columns = [("checkpoint", "checkpoint"), ("gap", f"{config.gap} gap")]
     out.table(
         "flatcli rank",

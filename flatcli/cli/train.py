@@ -54,6 +54,9 @@ def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
         [{"checkpoint": path.name, **done.summary}],
     )
     out.message(f"wrote {path}")
+    if done.spec_file is not None:  # a factory's model: later commands need no --model
+        did = f"wrote {done.spec_file}" if done.spec_written else f"kept {done.spec_file}"
+        out.message(f"{did} beside it: later commands build the model from it")
     if output.json:
         entry = result_entry(
             str(path),

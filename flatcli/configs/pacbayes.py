@@ -84,6 +84,13 @@ class PacBayesConfig:
         "Checkpoint holding the prior's centre w₀ (the network's initialisation). Default: the "
         "initial weights flatcli train recorded in the checkpoint.",
     )
+    prior_is_data_free: bool = option(
+        False,
+        "--prior-is-data-free",
+        "Vouch that the --prior-init checkpoint never saw the training examples (e.g. trained "
+        "on other data): without it, a prior whose record says it was trained, or with the "
+        "certified weights, is refused (the bound is invalid if the prior saw the data).",
+    )
     unsafe_load: bool = False
     seed: int = 0
     batch_size: int | None = None  # examples per forward of the Monte-Carlo evaluation

@@ -45,7 +45,7 @@ from flatcli.configs.spectrum import DEFAULT_TOL, Which
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
 from flatcli.distributed import broadcast_for
 
-__all__ = ["Which", "EigenResult", "lanczos", "lanczos_quadrature"]
+__all__ = ["Which", "EigenResult", "basis_size", "lanczos", "lanczos_quadrature"]
 
 BASIS_MEMORY_BYTES = 2 * 2**30
 """Default cap on the float64 Krylov basis (rows x dim x 8 bytes) before thick restart kicks in."""
@@ -174,6 +174,32 @@ class _Lanczos:
         self.m = kept
 
 
+def basis_size(
+    dim: int, k: int, steps: int | None = None, max_basis: int | None = None
+) -> tuple[int, int, int]:
+    """``(steps, capacity, keep)`` of :func:`lanczos` on a ``dim``-dimensional operator: the
+    step budget, the basis vectors kept before a thick restart (the float64 basis holds
+    ``capacity + 1`` rows of ``dim``) and the Ritz vectors a restart keeps.
+
+    Raises:
+        ValueError: ``k``, ``steps`` or ``max_basis`` out of range (see :func:`lanczos`).
+    """
+    n = dim
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the operator's dimension {n}. Got k={k}.")
+    if steps is None:
+        steps = min(n, max(20 * k, 100))
+    if steps < k:
+        raise ValueError(f"steps must be at least k={k}. Got steps={steps}.")
+    if max_basis is None:
+        max_basis = max(2 * k + 10, BASIS_MEMORY_BYTES // (8 * (n + 1)))
+        max_basis = min(max_basis, steps)
+    capacity = min(max_basis, n)
+    if capacity < min(k + 1, n):
+        raise ValueError(f"max_basis must exceed k={k}. Got max_basis={max_basis}.")
+    return steps, capacity, min(capacity - 1, k + (capacity - k) // 2)
+
+
 def lanczos(
     op: LinearOperator,
     k: int = 1,
@@ -215,19 +241,7 @@ def lanczos(
     """
     which = Which(which)
     n = op.dim
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the operator's dimension {n}. Got k={k}.")
-    if steps is None:
-        steps = min(n, max(20 * k, 100))
-    if steps < k:
-        raise ValueError(f"steps must be at least k={k}. Got steps={steps}.")
-    if max_basis is None:
-        max_basis = max(2 * k + 10, BASIS_MEMORY_BYTES // (8 * (n + 1)))
-        max_basis = min(max_basis, steps)
-    capacity = min(max_basis, n)
-    if capacity < min(k + 1, n):
-        raise ValueError(f"max_basis must exceed k={k}. Got max_basis={max_basis}.")
-    keep_count = min(capacity - 1, k + (capacity - k) // 2)
+    steps, capacity, keep_count = basis_size(n, k, steps, max_basis)
 
     start_matvecs = op.matvecs
     generator = torch.Generator().manual_seed(seed)

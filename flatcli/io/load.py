@@ -211,7 +211,8 @@ def check_fits(
     """Check that the examples of dataset ``name`` fit the model and its outputs are logits.
 
     Raises:
-        CheckpointError: the input shape, the output shape or the number of classes does not fit.
+        CheckpointError: the input shape or the output shape does not fit.
+        UsageError: labels beyond the model's outputs (more classes than outputs).
     """
     shape = tuple(x.shape[1:])
     if spec.input_shape is not None and tuple(spec.input_shape) != shape:
@@ -235,7 +236,8 @@ def check_fits(
             "logits of shape (batch, classes)"
         )
     if out.shape[1] < num_classes or (y.numel() and int(y.max()) >= out.shape[1]):
-        raise CheckpointError(
+        # bad usage (exit 2): the data or the spec must change, not the checkpoint
+        raise UsageError(
             f"the model of {path.name} has {out.shape[1]} outputs but dataset {name} has "
             f"{num_classes} classes; set num_classes in the spec or pick the matching --dataset"
         )

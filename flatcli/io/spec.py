@@ -184,24 +184,33 @@ def resolve_spec(
     """The spec for one checkpoint, in the documented order of preference.
 
     ``--model`` if given, else the spec stored in the checkpoint, else ``<stem>.yaml`` or
-    ``model.yaml`` beside the checkpoint.
+    ``model.yaml`` beside the checkpoint. A stored spec that names a factory (user code, which a
+    stored spec never runs) gives way to a spec file beside the checkpoint: the user placed it
+    there (``flatcli train`` writes ``<stem>.yaml`` for a model from ``file.py:fn``).
 
     Raises:
-        CheckpointError: no spec can be found for this checkpoint.
+        SpecError: no spec can be found for this checkpoint (bad usage, exit 2: the message
+            says to pass --model or to put ``<stem>.yaml`` beside the checkpoint).
     """
     if model_option is not None:
         return model_option
+    beside = [
+        checkpoint_path.parent / name
+        for name in (f"{checkpoint_path.stem}.yaml", f"{checkpoint_path.stem}.yml", "model.yaml")
+    ]
     if stored is not None:
-        return spec_from_dict(
+        spec = spec_from_dict(
             stored, source=f"stored in {checkpoint_path.name}", base_dir=None, trusted=False
         )
-    for name in (f"{checkpoint_path.stem}.yaml", f"{checkpoint_path.stem}.yml", "model.yaml"):
-        candidate = checkpoint_path.parent / name
+        if spec.factory is None:
+            return spec
+        return next((read_spec_file(c) for c in beside if c.exists()), spec)
+    for candidate in beside:
         if candidate.exists():
             return read_spec_file(candidate)
-    raise CheckpointError(
-        f"no model spec for {checkpoint_path}: pass --model, or place "
-        f"{checkpoint_path.stem}.yaml or model.yaml beside it"
+    raise SpecError(
+        f"no model spec for {checkpoint_path}: pass --model, or put "
+        f"{checkpoint_path.stem}.yaml (or model.yaml) beside the checkpoint"
     )
 
 

@@ -181,7 +181,23 @@ class KfacResult:
             "not_factored": self.not_factored,
             "compare": self.compare_checkpoint,
             "seconds_factors": self.seconds_factors,
+            **self._nonfinite(),
         }
+
+    def _nonfinite(self) -> dict[str, Any]:
+        """``{"nonfinite": {metric: reason}}`` for a null ``compare_overlap_at_m_min`` whose
+        layers all lack the overlap at k = m (m > --top-k), else nothing."""
+        compared = [x.entry["compare"] for x in self.layers if x.entry.get("compare")]
+        if not compared or self.metrics().get("compare_overlap_at_m_min") is not None:
+            return {}
+        small = min(c["m"] for c in compared)
+        if small <= self.config.top_k:
+            return {}
+        why = (
+            f"m > top-k: every layer's output size m exceeds --top-k {self.config.top_k} "
+            f"(smallest m = {small}); rerun with --top-k {small} or more"
+        )
+        return {"nonfinite": {"compare_overlap_at_m_min": why}}
 
 
 def _min(v: list[float]) -> float | None:
@@ -346,7 +362,20 @@ def _compare(b: _Block, other: _Block) -> dict[str, Any]:
         "exact_overlap_at_m": _finite_or_none(float(exact[m - 1])) if m <= len(exact) else None,
         "kron_overlap_at_m": _finite_or_none(float(kron[m - 1])) if m <= len(kron) else None,
         "exact_overlap_peak_k": int(torch.argmax(exact)) + 1,
+        "reasons": _at_m_reasons(m, len(exact)),
     }
+
+
+def _at_m_reasons(m: int, k: int) -> dict[str, str]:
+    """Why the overlaps at k = m are null: the top-k eigenspaces stop below m. Each reason
+    starts with its short cause, before the first colon (what the table shows)."""
+    if m <= k:
+        return {}
+    why = (
+        f"m > top-k: the overlap at k = m needs the top m eigenpairs of each block, and the "
+        f"layer's output size m = {m} exceeds --top-k {k}; rerun with --top-k {m} or more"
+    )
+    return {"exact_overlap_at_m": why, "kron_overlap_at_m": why}
 
 
 def cross_overlaps(a: KfacResult, b: KfacResult) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from flatcli.pacbayes.bound import Certificate, best_grid_point, certify
 from flatcli.pacbayes.montecarlo import deterministic_error, snn_errors
 from flatcli.pacbayes.optimize import Method, Posterior, optimize_posterior
 from flatcli.pacbayes.posterior import Basis, kfac_basis
-from flatcli.pacbayes.prior import resolve_prior
+from flatcli.pacbayes.prior import check_batchnorm, resolve_prior
 from flatcli.progress import ProgressFn, no_progress
 
 __all__ = ["PacBayesConfig", "PacBayesResult", "compute_pacbayes", "pacbayes_on_run"]
@@ -162,6 +163,12 @@ def compute_pacbayes(
     certificate, mc = _certify(model, posterior, x, y, prior_mean, config, progress)
     trained = {k: v.detach() for k, v in model.named_parameters()}
     train_error = deterministic_error(model, trained, x, y)
+    with torch.no_grad():
+        chance = 1.0 - 1.0 / max(1, model(x[:1]).shape[-1])
+    vacuity = vacuity_note(certificate, chance)
+    if vacuity:
+        warnings.warn(vacuity, UserWarning, stacklevel=2)
+        notes.append(vacuity)
     test_error = snn_test = None
     if x_test is not None and y_test is not None and x_test.shape[0] > 0:
         test_error = deterministic_error(model, trained, x_test, y_test)
@@ -182,6 +189,7 @@ def compute_pacbayes(
     j_opt = config.b * math.log(config.c / posterior.prior_variance)
     info = {
         "num_params": posterior.num_params(),
+        "chance_error": chance,
         "optimised_prior_variance": posterior.prior_variance,
         "optimised_j": j_opt,
         "mc_train_error_std": mc["std"],
@@ -258,9 +266,19 @@ def pacbayes_on_run(run: Any, config: PacBayesConfig, progress: ProgressFn) -> P
 
     w₀ comes from ``config.prior_init`` or the initial weights the checkpoint records; the
     test split of the run's dataset (when it has one) gives ``test_error``/``snn_test_error``.
+
+    Raises:
+        UsageError: the model has BatchNorm running statistics (estimated on the certified
+            examples: the data-free bound would not hold), or the prior depends on the data
+            (see :func:`flatcli.pacbayes.prior.resolve_prior`).
     """
+    check_batchnorm(run.model, Path(run.path).name)
     prior, source = resolve_prior(
-        run.model, run.checkpoint, config.prior_init, unsafe=config.unsafe_load
+        run.model,
+        run.checkpoint,
+        config.prior_init,
+        unsafe=config.unsafe_load,
+        data_free=config.prior_is_data_free,
     )
     x_test = y_test = None
     dataset = run.dataset
@@ -297,6 +315,33 @@ def convergence_note(curve: list[dict], tolerance: float = 0.02) -> str | None:
         f"the bound's objective was still falling when the optimisation stopped "
         f"({100 * drop:.0f} % over the last {window} epoch(s), KL {curve[-1]['kl']:.4g}): "
         "more --epochs would likely give a tighter bound"
+    )
+
+
+def vacuity_note(certificate: Certificate, chance_error: float) -> str | None:
+    """What would make a vacuous bound non-vacuous, or None when the bound says something.
+
+    A bound is vacuous when it is 1 (``Certificate.vacuous``) or no better than guessing: at
+    least ``chance_error`` = 1 − 1/K, the error of a uniform guess among K classes (0.5 for two).
+    With a data-free prior the KL from the initialisation to the trained weights is large
+    against m; what shrinks B_RE is a prior centred nearer them, trained on part of the data
+    (data-dependent priors: Dziugaite et al. 2021; Pérez-Ortiz et al. 2021), and a larger m.
+    """
+    c = certificate
+    if not c.vacuous and c.bound < chance_error:
+        return None
+    what = (
+        "is vacuous (1: it says nothing)"
+        if c.vacuous
+        else f"is no better than guessing (error {chance_error:.3g} among "
+        f"{round(1 / (1 - chance_error))} classes)"
+    )
+    return (
+        f"the bound {c.bound:.4g} {what}: a prior centred on the initialisation is far from the "
+        f"trained weights (KL {c.kl:.4g} against m = {c.num_train} examples, B_RE {c.b_re:.3g}); "
+        "what would make it non-vacuous is a prior trained on part of the training data (a "
+        "data-dependent prior, Dziugaite et al. 2021; Pérez-Ortiz et al. 2021; not yet in "
+        "flatcli) and more training examples m (B_RE falls like KL/m)"
     )
 
 

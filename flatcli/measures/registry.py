@@ -60,7 +60,10 @@ class Measure:
     by the keys of ``metrics``) and ``details()`` (JSON-ready). ``cost`` says what one
     computation costs, in passes over the data or in products. ``reports(config)``, when
     given, says which metric keys a computation with ``config`` computes (default: all); the
-    result's other keys are absent or None.
+    result's other keys are absent or None. ``check(run, config)``, when given, refuses a
+    request that cannot succeed on this loaded checkpoint (more eigenvalues than parameters, a
+    basis larger than memory) with a :class:`~flatcli.errors.UsageError`, cheaply and before
+    any work: :func:`compute` calls it first (:func:`check`).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Measure:
     metrics: tuple[Metric, ...]
     cost: str
     reports: Callable[[Any], Sequence[str]] | None = None
+    check: Callable[[Run, Any], None] | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -121,13 +125,14 @@ def register_measure(
     cost: str,
     command: str | None = None,
     reports: Callable[[Any], Sequence[str]] | None = None,
+    check: Callable[[Run, Any], None] | None = None,
 ) -> Measure:
     """:func:`register` the :class:`Measure` of these fields; ``command`` defaults to ``name``.
 
     What a measure module ends with (``compute``: often :func:`on_run` of its library function).
     """
     return register(
-        Measure(name, command or name, config_type, compute, tuple(metrics), cost, reports)
+        Measure(name, command or name, config_type, compute, tuple(metrics), cost, reports, check)
     )
 
 
@@ -245,8 +250,30 @@ def compute(
         config = make_config(measure, run, **options)
     elif options:
         raise UsageError("pass either config or keyword options, not both")
+    check(measure, run, config)
     with torch_warnings_silenced():
         return measure.compute(run, config, progress or no_progress)
+
+
+BEFORE_WORK = "before_work"
+"""The attribute :func:`check` sets (True) on the UsageError a measure's check raises: the
+runner counts it, like a usage error while loading, as bad usage found before work (exit 2)."""
+
+
+def check(measure: Measure, run: Run, config: Any) -> None:
+    """Run ``measure.check(run, config)`` (if the measure has one).
+
+    Raises:
+        UsageError: the request cannot succeed on this checkpoint; marked ``before_work``
+            (:data:`BEFORE_WORK`) so the runner reports it as bad usage (exit 2).
+    """
+    if measure.check is None:
+        return
+    try:
+        measure.check(run, config)
+    except UsageError as e:
+        setattr(e, BEFORE_WORK, True)
+        raise
 
 
 @contextlib.contextmanager

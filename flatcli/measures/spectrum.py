@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from flatcli.configs.spectrum import SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.lanczos import EigenResult, lanczos
+from flatcli.curvature.memory import available_memory, lanczos_memory
 from flatcli.curvature.operators import (
     CurvatureOperator,
     OperatorBlock,
@@ -38,11 +39,19 @@ from flatcli.curvature.operators import (
 from flatcli.curvature.params import select_parameters
 from flatcli.curvature.trace import TraceEstimate, hutchinson, hutchpp
 from flatcli.dtypes import DTYPES
+from flatcli.errors import UsageError
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.progress import ProgressFn
 
-__all__ = ["TraceMethod", "SpectrumConfig", "LayerSpectrum", "SpectrumResult", "compute_spectrum"]
+__all__ = [
+    "TraceMethod",
+    "SpectrumConfig",
+    "LayerSpectrum",
+    "SpectrumResult",
+    "check_spectrum",
+    "compute_spectrum",
+]
 
 DENSITY_STEPS = 90
 """Lanczos steps per density run when ``lanczos_steps`` is not given (PyHessian uses 100)."""
@@ -172,6 +181,77 @@ def _trace(op: CurvatureOperator | OperatorBlock, config: SpectrumConfig) -> Tra
     return estimator(op, config.probes, config.seed, config.trace_rel_stderr)
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_spectrum(model: nn.Module, config: SpectrumConfig) -> None:
+    """Refuse, before anything is allocated, a spectrum that cannot be computed on ``model``.
+
+    ``top_k`` must not exceed the number of parameters analysed (all trainable parameters, or
+    those ``layers`` selects): the matrix has no more eigenvalues. The Lanczos runs' float64
+    vectors plus the model's copies (:func:`~flatcli.curvature.memory.lanczos_memory`) must fit
+    in the memory available on the model's device
+    (:func:`~flatcli.curvature.memory.available_memory`).
+
+    Raises:
+        UsageError: a layer pattern that matches nothing, ``top_k`` above the parameter count,
+            ``lanczos_steps`` below ``top_k``, or an estimate above the available memory (the
+            message gives both and the option that lowers it).
+    """
+    selected = select_parameters(model, config.layers)
+    named = dict(model.named_parameters())
+    dim = sum(named[n].numel() for n in selected)
+    what = (
+        "all trainable parameters"
+        if config.layers is None
+        else f"those of --layer {' '.join(config.layers)}"
+    )
+    k = config.top_k
+    if k > dim:
+        raise UsageError(
+            f"--top-k {k} is more than the {dim} parameters analysed ({what}): the matrix has "
+            f"{dim} eigenvalues; pass --top-k {dim} or less"
+        )
+    if k > 0 and config.lanczos_steps is not None and config.lanczos_steps < k:
+        raise UsageError(
+            f"--lanczos-steps {config.lanczos_steps} is less than --top-k {k}: Lanczos needs at "
+            f"least one product per eigenvalue; raise --lanczos-steps or lower --top-k"
+        )
+    p0 = next(iter(model.parameters()), None)
+    if p0 is None or dim == 0:
+        return
+    density_steps = (config.lanczos_steps or DENSITY_STEPS) if config.density else 0
+    eigen = lanczos_memory(dim, k, config.lanczos_steps, return_vectors=config.eigenvectors)
+    total = sum(p.numel() for p in model.parameters())
+    need = lanczos_memory(
+        dim,
+        k,
+        config.lanczos_steps,
+        density_steps=density_steps,
+        return_vectors=config.eigenvectors,
+        model_params=total,
+        dtype=p0.dtype,
+    )
+    device = p0.device if p0.device.type != "mps" else "cpu"  # no float64 on MPS: on the CPU
+    free = available_memory(device)
+    if need.bytes <= free:
+        return
+    lower = (
+        "lower --top-k (or --lanczos-steps)"
+        if k > 0 and eigen.vectors >= need.vectors
+        else "lower --lanczos-steps (the steps of each density run)"
+    )
+    raise UsageError(
+        f"spectrum needs about {_size(need.bytes)} for its Lanczos vectors ({need.vectors} "
+        f"float64 vectors of {dim} parameters, plus the model), more than the "
+        f"{_size(free)} available on {device}; {lower}, or restrict the parameters with --layer"
+    )
+
+
 def compute_spectrum(
     model: nn.Module,
     x: Tensor,
@@ -198,9 +278,12 @@ def compute_spectrum(
         A :class:`SpectrumResult`.
 
     Raises:
-        UsageError: a bad option or a layer pattern that matches nothing.
+        UsageError: a bad option, a layer pattern that matches nothing, or a request
+            :func:`check_spectrum` refuses (``top_k`` above the parameter count, more memory
+            than is available).
     """
     config = config or SpectrumConfig()
+    check_spectrum(model, config)
     head_dtype = None if config.head_dtype is None else DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
     blocks = _layer_blocks(model, selected) if config.per_layer else []
@@ -236,10 +319,9 @@ def compute_spectrum(
     op = full.restrict(selected)
     eigen = trace = density = None
     if config.top_k > 0:
-        k = min(config.top_k, op.dim)
         eigen = lanczos(
             op,
-            k,
+            config.top_k,
             config.which,
             steps=config.lanczos_steps,
             tol=config.tol,
@@ -360,4 +442,5 @@ _registry.register_measure(
     cost="top-k: up to max(20k, 100) products; --trace: --probes products; --density: "
     "runs × 90 products (a product = one forward+backward pass over the examples)",
     reports=_spectrum_reports,
+    check=lambda run, config: check_spectrum(run.model, config),
 )

@@ -54,6 +54,9 @@ from flatcli.run import (
     run_checkpoints,
 )
 
+NO_GAP = "no_gap"
+"""The ``details.generalization`` key saying why a checkpoint has no gap (it is excluded)."""
+
 __all__ = [
     "LoadOptions",
     "RankConfig",
@@ -63,6 +66,7 @@ __all__ = [
     "rank_checkpoints",
     "sweep_statistics",
     "metric_sign",
+    "missing_gap",
 ]
 
 
@@ -167,6 +171,13 @@ class RankResult:
         """One row per checkpoint."""
         return self.outcome.results
 
+    @staticmethod
+    def gap(row: Mapping[str, Any]) -> Any:
+        """A row's gap as a table shows it: the number, or ``no gap (why)`` for a checkpoint
+        excluded for lack of one (:func:`missing_gap`)."""
+        why = missing_gap(row)
+        return f"no gap ({why})" if why else row.get("gap")
+
     @property
     def interrupted(self) -> bool:
         """Whether Ctrl-C ended the sweep early."""
@@ -217,9 +228,12 @@ def _generalization(
     cache: ResultCache,
     prints: _Fingerprints,
 ) -> tuple[dict[str, Any], dict[str, Hashable]]:
-    """(generalization numbers with their ``source``, hyperparameters) of one checkpoint."""
+    """(generalization numbers with their ``source``, hyperparameters) of one checkpoint; a
+    checkpoint the ``--table`` lacks has only ``source`` and ``no_gap`` (why it has none)."""
     if table is not None:
         row = table.find(path)
+        if row is None:
+            return {"source": "table", NO_GAP: "not in --table"}, {}
         return {**row["generalization"], "source": "table"}, dict(row["hyperparameters"])
     hparams = record_hyperparameters(run.record or {}, run.spec)
     test_size = len(run.dataset.test) if run.dataset.test is not None else None
@@ -266,7 +280,9 @@ def _rank_measure(
             ctx.row["hyperparameters"] = hparams
             details["generalization"] = gen
             ctx.row["gap"] = gap_of(gen, config.gap)
-            if ctx.row["gap"] is None:
+            if ctx.row["gap"] is None and gen["source"] == "table":  # excluded, still measured
+                gen.setdefault(NO_GAP, f"{config.gap} gap empty in --table")
+            elif ctx.row["gap"] is None:
                 raise CheckpointError(
                     f"no {config.gap} gap for {ctx.path.name}: its {gen['source']} lacks "
                     + ("train_acc/test_acc" if config.gap == "acc" else "train_loss/test_loss")
@@ -294,6 +310,14 @@ class _Row:
 
     def details(self) -> dict[str, Any]:
         return self.info
+
+
+def missing_gap(row: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint that did not fail has no gap (``details.generalization.no_gap``: not in
+    the ``--table``, or an empty cell there), else None."""
+    if row.get("error") is not None or row.get("gap") is not None:
+        return None
+    return ((row.get("details") or {}).get("generalization") or {}).get(NO_GAP)
 
 
 def _finite(v: Any) -> bool:
@@ -391,7 +415,11 @@ def sweep_statistics(
             if failed:
                 parts.append(f"{failed} failed to load or measure")
             if len(rows) - failed - len(ok):
-                parts.append(f"{len(rows) - failed - len(ok)} have no gap")
+                why = sorted({missing_gap(r) or "" for r in rows if r.get("error") is None} - {""})
+                parts.append(
+                    f"{len(rows) - failed - len(ok)} have no gap"
+                    + (f" ({'; '.join(why)})" if why else "")
+                )
             if no_value:
                 parts.append(f"{no_value} have no finite value of {key}")
             reasons["excluded"] = "; ".join(parts)

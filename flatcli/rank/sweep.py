@@ -156,12 +156,13 @@ class SweepTable:
     _by_path: dict[str, int] = field(default_factory=dict)
     _by_name: dict[str, list[int]] = field(default_factory=dict)
 
-    def find(self, checkpoint: Path) -> dict[str, Any]:
+    def find(self, checkpoint: Path) -> dict[str, Any] | None:
         """The row of ``checkpoint``: matched by path (relative to the table's folder or the
-        working directory), else by file name when that is unambiguous.
+        working directory), else by file name when that is unambiguous; None when the table has
+        no row for it (a checkpoint without a gap, not an error).
 
         Raises:
-            CheckpointError: no row (or several rows by name) for the checkpoint.
+            CheckpointError: several rows by name for the checkpoint.
         """
         resolved = str(Path(checkpoint).resolve())
         if resolved in self._by_path:
@@ -174,7 +175,7 @@ class SweepTable:
                 f"{self.path} has {len(hits)} rows for a file named {Path(checkpoint).name}; "
                 "give its checkpoint column as a path"
             )
-        raise CheckpointError(f"{self.path} has no row for {checkpoint}")
+        return None
 
 
 def _cell(text: str) -> Any:

@@ -53,6 +53,19 @@ def test_report_keys_compare_and_plot(setup):
     assert "decoupling" in res.output
 
 
+def test_compare_says_why_overlap_at_m_is_missing(setup):
+    """Layer 1 has m = 5 outputs, layer 3 m = 3: with --top-k 4 the first has no overlap at
+    k = m; its table cell says why instead of a bare '-', its details name --top-k and m."""
+    tmp = setup
+    args = ["--top-k", "4", "--probes", "4", "--compare", tmp / "m1.pt"]
+    res, report = report_of("kfac", tmp, tmp / "c.json", *args, ckpt="m0.pt")
+    layers = report["results"][0]["details"]["layers"]
+    assert layers[0]["compare"]["exact_overlap_at_m"] is None
+    assert "--top-k 5 or more" in layers[0]["compare"]["reasons"]["exact_overlap_at_m"]
+    assert layers[1]["compare"]["exact_overlap_at_m"] is not None
+    assert "n/a (m > top-k)" in res.output
+
+
 def test_layer_option_mc_fisher_and_gate(setup):
     tmp = setup
     args = ["--layer", "3", "--fisher", "mc", "--mc-samples", "50", "--top-k", "2", "--probes", "4"]

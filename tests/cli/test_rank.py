@@ -187,6 +187,42 @@ def test_table_for_checkpoints_without_records(tmp_path, toy):
     assert report["sweep"]["noise_filter"].startswith("no test-set size")
 
 
+def test_checkpoint_missing_from_table_is_a_missing_gap_not_an_error(tmp_path, toy):
+    """A checkpoint the --table lacks (or whose gap cell is empty) is measured, shown with
+    'no gap (why)' and excluded from the statistics with that reason; no error row, exit 0."""
+    from tests.rank.helpers import write_data
+
+    ds = write_data(tmp_path)
+    paths = [
+        write_checkpoint(
+            tmp_path / f"n{i}", ds, hidden=3, lr=lr, batch_size=8, seed=0, gap=0.1, record=False
+        )
+        for i, lr in enumerate([0.1, 0.2, 0.3, 0.4])
+    ]
+    rows = [f"{p.name},{0.1 * (i + 1)},{0.1 * (i + 1)}" for i, p in enumerate(paths[:2])]
+    rows.append(f"{paths[2].name},,0.3")  # in the table, without a gap
+    (tmp_path / "runs.csv").write_text("checkpoint,gap,lr\n" + "\n".join(rows) + "\n")
+    (tmp_path / "model.yaml").write_text(
+        "arch: mlp\nkwargs: {in_features: 6, num_classes: 3, hidden: [3]}\n"
+    )
+    out = tmp_path / "r.json"
+    args = ["--measures", "toy_norm", "--table", tmp_path / "runs.csv", "--dataset", ds]
+    res = _rank(tmp_path, *args, "--json", out, "--no-cache")
+    assert res.exit_code == 0, res.output
+    assert "no gap (not in --table)" in res.output and "error" not in res.output
+    assert "no gap (acc gap empty in --table)" in res.output
+    report = _report(out)
+    by_name = {r["checkpoint"].rsplit("/", 1)[-1]: r for r in report["results"]}
+    missing = by_name[paths[3].name]
+    assert missing["error"] is None and missing["gap"] is None
+    assert missing["details"]["generalization"]["no_gap"] == "not in --table"
+    assert missing["metrics"]["toy_norm"] is not None  # still measured
+    st = report["statistics"]["toy_norm"]
+    assert st["n"] == 2 and st["excluded"] == 2
+    assert st["reasons"]["excluded"] == "2 have no gap (acc gap empty in --table; not in --table)"
+    assert report["sweep"]["failed"] == 0
+
+
 def test_plot_writes_one_png_per_metric(tmp_path, toy):
     pytest.importorskip("matplotlib")
     write_sweep(tmp_path)

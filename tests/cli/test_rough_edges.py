@@ -180,6 +180,40 @@ def test_unparseable_yaml_beside_the_checkpoint_exits_2(tmp_path):
     assert "cannot read spec" in res.output and "Traceback" not in res.output
 
 
+def _one_error_line(res) -> str:
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def test_labels_beyond_the_model_outputs_exit_2(tmp_path, monkeypatch):
+    # before: exit 1 (a CheckpointError), though the data or the spec is what must change
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Linear(6, 10)\n"
+    )
+    x = torch.randn(26, 6, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x, "y": torch.arange(26) % 13}, str(tmp_path / "data.safetensors"))
+    torch.save(torch.nn.Linear(6, 10).state_dict(), tmp_path / "c.pt")
+    model = ["--model", "./nets.py:make", "--dataset", "tensors:data.safetensors"]
+    res = _run("gamma", "c.pt", *model, *GAMMA_FAST)
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    assert "has 10 outputs" in line and "13 classes" in line and "num_classes" in line
+
+
+def test_a_state_dict_without_a_spec_exits_2(tmp_path, monkeypatch):
+    # before: exit 1 (a CheckpointError), though CONTRACTS.md and the README say 2
+    monkeypatch.chdir(tmp_path)
+    _blobs(tmp_path / "data.safetensors")
+    torch.save(torch.nn.Linear(6, 3).state_dict(), tmp_path / "c.pt")
+    res = _run("gamma", "c.pt", "--dataset", "tensors:data.safetensors", *GAMMA_FAST)
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    assert "no model spec" in line and "--model" in line and "c.yaml" in line
+
+
 # ---- --help and --version without torch ------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,3 +91,55 @@ def test_bad_options_exit_2(setup, args, message):
     res = _invoke(tmp, *args)
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+# ---- requests larger than the model or than memory: exit 2 before any work (issue #22) -----
+
+
+def _one_error_line(res) -> str:
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("layer", "count", "what"),
+    [([], 53, "all trainable parameters"), (["--layer", "3"], 18, "those of --layer 3")],
+)
+def test_top_k_above_the_parameter_count_exits_2(setup, layer, count, what):
+    # before: the whole spectrum (min(k, dim) eigenvalues), silently, exit 0
+    tmp, H = setup
+    assert H.shape[0] == 53
+    res = _invoke(tmp, "--top-k", str(count + 1), *layer)
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    assert f"--top-k {count + 1}" in line and f"{count} parameters" in line and what in line
+
+
+def test_top_k_equal_to_the_parameter_count_is_the_whole_spectrum(setup, tmp_path):
+    tmp, H = setup
+    _, rep = report_of("spectrum", tmp, tmp_path / "r.json", "--top-k", "18", "--layer", "3")
+    assert len(rep["results"][0]["details"]["eigenvalues"]) == 18
+
+
+def test_a_basis_larger_than_memory_exits_2_with_the_estimate(setup, monkeypatch):
+    # before: Lanczos allocated its basis and failed with a raw out-of-memory error (exit 1)
+    spectrum = importlib.import_module("flatcli.measures.spectrum")  # the module, not the function
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: 1000)
+    tmp, _ = setup
+    res = _invoke(tmp, "--top-k", "5")
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res)
+    need = spectrum.lanczos_memory(53, 5, model_params=53, dtype=torch.float64)
+    assert f"{need.vectors} float64 vectors of 53 parameters" in line
+    assert "1000 bytes available on cpu" in line and "lower --top-k" in line
+
+
+def test_density_steps_larger_than_memory_name_lanczos_steps(setup, monkeypatch):
+    spectrum = importlib.import_module("flatcli.measures.spectrum")  # the module, not the function
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: 1000)
+    tmp, _ = setup
+    res = _invoke(tmp, "--top-k", "0", "--density")
+    assert res.exit_code == 2, res.output
+    assert "lower --lanczos-steps" in _one_error_line(res)

@@ -125,3 +125,63 @@ def test_split_trained_rebuilds_the_training_labels(tmp_path):
         app, ["spectrum", str(out), "--split", "trained", "--top-k", "1", "--quiet"]
     )
     assert res.exit_code == 0, res.output
+
+
+NETS = """
+from torch import nn
+def make(hidden=4):
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+"""
+
+
+def _train_factory(tmp_path, monkeypatch, out):
+    """``flatcli train --model src/nets.py:make`` from ``tmp_path``, written to ``out``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "src" / "nets.py").write_text(NETS)
+    _blobs(tmp_path / "blobs.safetensors")
+    args = ["train", "--model", "src/nets.py:make", "--dataset", "tensors:blobs.safetensors"]
+    return CliRunner().invoke(app, [*args, "-o", str(out), "--epochs", "1"])
+
+
+def test_train_from_a_factory_writes_its_spec_beside_the_checkpoint(tmp_path, monkeypatch):
+    """A file factory's model: train writes runs/x.yaml (the factory relative to the YAML) that
+    builds the checkpoint's model; a rerun keeps it; another model's YAML there is exit 2 before
+    training, and nothing is written."""
+    from flatcli.io.spec import read_spec_file
+
+    res = _train_factory(tmp_path, monkeypatch, "runs/x.safetensors")
+    assert res.exit_code == 0, res.output
+    spec_file = tmp_path / "runs" / "x.yaml"
+    assert "x.yaml beside it: later commands build the model from it" in res.output
+    import yaml
+
+    written = yaml.safe_load(spec_file.read_text())
+    assert written["factory"] == "../src/nets.py:make" and written["kwargs"] == {}
+    assert written["input_shape"] == [8] and written["dataset"] == "tensors:../blobs.safetensors"
+    monkeypatch.chdir(tmp_path / "src")  # resolved against the YAML's folder, not the cwd
+    net = build_model(read_spec_file(spec_file))
+    net.load_state_dict(load_checkpoint(tmp_path / "runs" / "x.safetensors").state_dict)
+    res = _train_factory(tmp_path, monkeypatch, "runs/x.safetensors")  # the same model: kept
+    assert res.exit_code == 0 and "kept" in res.output and "x.yaml" in res.output
+    (tmp_path / "runs" / "y.yaml").write_text("arch: mlp\n")
+    res = _train_factory(tmp_path, monkeypatch, "runs/y.safetensors")
+    assert res.exit_code == 2 and "describes another model" in res.output
+    assert not (tmp_path / "runs" / "y.safetensors").exists()
+    assert (tmp_path / "runs" / "y.yaml").read_text() == "arch: mlp\n"
+
+
+def test_zoo_model_writes_no_spec_file(tmp_path):
+    data = tmp_path / "blobs.safetensors"
+    _blobs(data)
+    res = CliRunner().invoke(app, _train_args(data, tmp_path / "m.safetensors", "--epochs", "1"))
+    assert res.exit_code == 0 and not (tmp_path / "m.yaml").exists()
+
+
+def test_later_commands_build_a_factory_model_from_the_spec_beside_it(tmp_path, monkeypatch):
+    import flatcli
+
+    assert _train_factory(tmp_path, monkeypatch, "runs/x.safetensors").exit_code == 0
+    monkeypatch.chdir(tmp_path / "src")
+    run = flatcli.load(tmp_path / "runs" / "x.safetensors")  # no --model
+    assert run.spec.factory.endswith("nets.py:make")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -63,3 +65,56 @@ def test_make_operator_uses_auto_batch_size(monkeypatch):
     V = torch.randn(op.dim, 5, dtype=torch.float64)  # k columns shrink the auto chunk
     assert op._chunk_size(5) == 1
     assert torch.allclose(op.matmat(V), ref.matmat(V), rtol=1e-12, atol=1e-14)
+
+
+# ---- the Lanczos estimate: what the spectrum checks before it allocates (issue #22) ---------
+
+
+def test_lanczos_memory_covers_the_basis_lanczos_allocates(monkeypatch):
+    from flatcli.curvature.linop import DenseOperator
+    from flatcli.curvature.memory import lanczos_memory
+
+    lanczos_module = importlib.import_module("flatcli.curvature.lanczos")  # not the function
+    n, k = 300, 5
+    # cap the basis at 30 rows, so the 100 steps thick-restart and keep Ritz vectors
+    monkeypatch.setattr(lanczos_module, "BASIS_MEMORY_BYTES", 8 * (n + 1) * 30)
+    rows = []
+    init = lanczos_module._Lanczos.__init__
+
+    def spy(self, op, capacity):
+        init(self, op, capacity)
+        rows.append(self.V.shape[0])
+
+    monkeypatch.setattr(lanczos_module._Lanczos, "__init__", spy)
+    A = torch.diag(torch.linspace(0.0, 1.0, n, dtype=torch.float64))
+    lanczos_module.lanczos(DenseOperator(A), k, tol=1e-12)
+    est = lanczos_memory(n, k)
+    # 31 basis rows and the 17 Ritz vectors a restart keeps
+    assert rows == [31] and est.vectors == 31 + 17 and est.dim == n
+    assert est.bytes == est.vectors * n * 8
+
+
+def test_lanczos_memory_adds_the_model_eigenvectors_and_density():
+    from flatcli.curvature.memory import PARAM_COPIES, lanczos_memory
+
+    base = lanczos_memory(1000, 10)
+    assert base.vectors == 201  # min(dim, max(20 k, 100)) steps, all kept, plus the next one
+    with_model = lanczos_memory(1000, 10, model_params=1000, dtype=torch.float64)
+    assert with_model.bytes == base.bytes + PARAM_COPIES * 1000 * 8
+    vectors = lanczos_memory(1000, 10, return_vectors=True, dtype=torch.float32)
+    assert vectors.vectors == 211 and vectors.bytes == 211 * 1000 * 8 + 10 * 1000 * 4
+    assert lanczos_memory(1000, 0, density_steps=90).vectors == 91
+    assert lanczos_memory(50, 0, density_steps=90).vectors == 51  # capped at the dimension
+    assert lanczos_memory(1000, 10, density_steps=500).vectors == 501  # the larger run counts
+    # the issue's run: LeNet-5 (61,706 parameters), --top-k 5000: about 8.6 GB of vectors
+    assert lanczos_memory(61_706, 5000).bytes > 8e9
+
+
+def test_available_memory_reads_memavailable(tmp_path):
+    from flatcli.curvature.memory import _meminfo_available
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       8000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n")
+    assert _meminfo_available(str(info)) == 2048 * 1024
+    assert _meminfo_available(str(tmp_path / "absent")) is None
+    assert available_memory("cpu") > 0

@@ -71,8 +71,8 @@ def test_bad_kwargs_named():
 
 def test_resolution_order(tmp_path):
     ckpt = tmp_path / "run1.pt"
-    with pytest.raises(CheckpointError, match="no model spec .*--model"):
-        resolve_spec(ckpt, None, None)
+    with pytest.raises(SpecError, match=r"no model spec .*--model.*run1\.yaml"):
+        resolve_spec(ckpt, None, None)  # a SpecError: bad usage, exit 2
     (tmp_path / "model.yaml").write_text("arch: lenet5\n")
     assert resolve_spec(ckpt, None, None).arch == "lenet5"
     (tmp_path / "run1.yaml").write_text("arch: mlp\n")

@@ -122,6 +122,28 @@ def test_conv_net_and_compare():
     assert "Eq. 35" in res.details()["conventions"]["conv"]
 
 
+def test_overlap_at_m_null_only_with_its_reason():
+    """m > --top-k: the overlaps at k = m are null, and details say why, naming m and --top-k;
+    with every layer so, the metric is null with its reason too (issue #22, item 8)."""
+    a, b = relu_mlp(0), relu_mlp(1)  # layers 0, 2, 4 with m = 4, 4, 3
+    x, y = data(12, (5,))
+    res = compute_kfac(a, x, y, KfacConfig(top_k=3, probes=4), compare_model=b)
+    cmp = {e["name"]: e["compare"] for e in res.details()["layers"]}
+    for name in ("0", "2"):
+        assert cmp[name]["exact_overlap_at_m"] is None and cmp[name]["kron_overlap_at_m"] is None
+        why = cmp[name]["reasons"]["exact_overlap_at_m"]
+        assert why.startswith("m > top-k:") and "m = 4 exceeds --top-k 3" in why
+        assert "--top-k 4 or more" in why
+        assert cmp[name]["reasons"]["kron_overlap_at_m"] == why
+    assert cmp["4"]["exact_overlap_at_m"] is not None and cmp["4"]["reasons"] == {}
+    assert res.metrics()["compare_overlap_at_m_min"] == cmp["4"]["exact_overlap_at_m"]
+    assert "nonfinite" not in res.details()
+    res = compute_kfac(a, x, y, KfacConfig(top_k=2, probes=4), compare_model=b)
+    assert res.metrics()["compare_overlap_at_m_min"] is None
+    why = res.details()["nonfinite"]["compare_overlap_at_m_min"]
+    assert why.startswith("m > top-k:") and "--top-k 2 (smallest m = 3)" in why
+
+
 def _mean_input(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     """The layer's mean input in float64: over examples, and over positions for a convolution
     (the mean unfolded patch)."""

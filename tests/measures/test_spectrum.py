@@ -189,3 +189,42 @@ def test_other_cases_match_their_dense_hessian(case):
     )
     assert res.metrics()["trace"] == pytest.approx(float(torch.trace(H)), rel=1e-9, abs=1e-12)
     assert res.details()["mode"] == "eval"
+
+
+# ---- refused before any work: more eigenvalues than parameters, more memory than there is ----
+
+
+def test_top_k_above_the_parameter_count_is_refused(mlp):
+    model, x, y, H = mlp
+    dim = H.shape[0]
+    with pytest.raises(UsageError, match=rf"--top-k {dim + 1} is more than the {dim} parameters"):
+        compute_spectrum(model, x, y, SpectrumConfig(top_k=dim + 1))
+
+
+def test_a_basis_larger_than_memory_is_refused_before_any_product(mlp, monkeypatch):
+    import importlib
+
+    spectrum = importlib.import_module("flatcli.measures.spectrum")
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: 100)
+    monkeypatch.setattr(spectrum, "OperatorCache", None)  # building an operator would fail
+    model, x, y, _ = mlp
+    with pytest.raises(
+        UsageError, match=r"more than the 100 bytes available on cpu; lower --top-k"
+    ):
+        compute_spectrum(model, x, y, SpectrumConfig(top_k=2))
+
+
+def test_the_registered_check_marks_its_refusal_as_before_work(mlp):
+    from flatcli.measures.registry import BEFORE_WORK, check, get_measure
+    from flatcli.measures.spectrum import SpectrumConfig as Config
+
+    model, x, y, H = mlp
+
+    class _Run:
+        pass
+
+    run = _Run()
+    run.model = model
+    with pytest.raises(UsageError) as info:
+        check(get_measure("spectrum"), run, Config(top_k=H.shape[0] + 1))
+    assert getattr(info.value, BEFORE_WORK) is True

@@ -80,3 +80,40 @@ def write_problem(folder: Path, *, steps: int = 300, seed: int = 0) -> dict[str,
     torch.save(net.state_dict(), paths["noinit_pt"])
     torch.save(init, paths["init_pt"])
     return paths
+
+
+BN_SPEC = {"arch": "mlp", "kwargs": {**SPEC["kwargs"], "batchnorm": True}}
+
+
+def write_batchnorm(folder: Path, *, steps: int = 20, seed: int = 0) -> Path:
+    """``bn.safetensors``: an MLP with BatchNorm1d, trained in train mode (so its running
+    statistics come from the training examples), with its initialisation recorded."""
+    folder = Path(folder)
+    data = make_data(seed=seed)
+    if not (folder / "data.safetensors").exists():
+        save_file({k: v.contiguous() for k, v in data.items()}, str(folder / "data.safetensors"))
+    torch.manual_seed(seed)
+    net = get_model("mlp", **BN_SPEC["kwargs"])
+    init = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(data["x_train"]), data["y_train"]).backward()
+        opt.step()
+    path = folder / "bn.safetensors"
+    meta = {"dataset": f"tensors:{folder / 'data.safetensors'}"}
+    save_checkpoint(path, net.state_dict(), BN_SPEC, meta, init_state_dict=init)
+    return path
+
+
+def write_trained_prior(folder: Path, source: Path, *, epochs: int = 3) -> Path:
+    """``prior_trained.safetensors``: the weights of ``source`` nudged, with a flatcli training
+    record (``train``, ``results``), as ``flatcli train`` writes one."""
+    from flatcli.io.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(source)
+    state = {k: v + 0.01 for k, v in ckpt.state_dict.items()}
+    meta = {**(ckpt.meta or {}), "train": {"epochs": epochs}, "results": {"epochs": epochs}}
+    path = Path(folder) / "prior_trained.safetensors"
+    save_checkpoint(path, state, SPEC, meta)
+    return path
