@@ -349,20 +349,23 @@ def _raise_if(error: BaseException | None, what: str) -> None:
 
 @contextlib.contextmanager
 def _warnings_as_lines(name: str, sink: Sink) -> Iterator[None]:
-    """flatcli's own warnings inside the block (a dataset that differs from the recorded one,
-    an optimisation that had not converged) passed to the sink afterwards, one line each."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
-            yield
-    finally:
-        if distributed.is_main():
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    sink.warning(f"{name}: {w.message}")
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    """flatcli's warnings inside the block (a cost estimate, a dataset that differs from the
+    recorded one, an optimisation that had not converged) passed to the sink as they are
+    raised, one line each, on the main process: a cost estimate comes before the work."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, module=r"flatcli\.")
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *where: Any, **kw: Any) -> None:
+            if not distributed.is_main():
+                return
+            if issubclass(category, UserWarning):
+                sink.warning(f"{name}: {message}")
+            else:
+                previous(message, category, *where, **kw)
+
+        warnings.showwarning = show
+        yield
 
 
 def compute_cached(measure: Any, ctx: Run, config: Any, cache: Any, fingerprint: str) -> dict:

@@ -32,6 +32,7 @@ from torch import Tensor
 from flatcli.curvature.lanczos import lanczos_quadrature
 from flatcli.curvature.linop import LinearOperator, random_vectors, work_device
 from flatcli.distributed import broadcast_for
+from flatcli.progress import ProgressFn, no_progress
 
 __all__ = ["Density", "spectral_density"]
 
@@ -96,6 +97,7 @@ def spectral_density(
     sigma: float | None = None,
     sigma_fraction: float = DEFAULT_SIGMA_FRACTION,
     pad: float | None = None,
+    progress: ProgressFn | None = None,
 ) -> Density:
     """Stochastic Lanczos quadrature estimate of the spectral density of ``op``.
 
@@ -109,6 +111,8 @@ def spectral_density(
         sigma: Gaussian width; default ``sigma_fraction`` times the range of the nodes.
         sigma_fraction: see ``sigma``.
         pad: margin of the grid beyond the extreme nodes; default ``5σ``.
+        progress: called as ``progress("density", steps done, runs · m)`` after each Lanczos
+            step (``m = min(steps, dim)``; a run that breaks down early counts as ``m``).
 
     Returns:
         A :class:`Density`.
@@ -120,9 +124,13 @@ def spectral_density(
     m = min(steps, op.dim)
     nodes = torch.zeros(runs, m, dtype=torch.float64)
     weights = torch.zeros(runs, m, dtype=torch.float64)
+    report = progress or no_progress
     for r in range(runs):
         v = broadcast_for(op, random_vectors(op.dim, 1, generator, probe, work_device(op))[:, 0])
-        theta, w = lanczos_quadrature(op, v, m)
+        theta, w = lanczos_quadrature(
+            op, v, m, progress=lambda _, j, _m, r=r: report("density", r * m + j, runs * m)
+        )
+        report("density", (r + 1) * m, runs * m)
         j = len(theta)
         nodes[r, :j], weights[r, :j] = theta, w
         nodes[r, j:] = theta[-1]  # padding carries weight 0

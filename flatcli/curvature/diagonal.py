@@ -53,7 +53,7 @@ from flatcli.curvature.operators import CurvatureOperator, OperatorBlock, make_o
 from flatcli.curvature.params import select_parameters, unflatten
 from flatcli.curvature.trace import hutchinson_diagonal
 from flatcli.errors import UsageError
-from flatcli.progress import ProgressFn, no_progress
+from flatcli.progress import ProgressFn, format_seconds, no_progress
 
 __all__ = [
     "DiagMethod",
@@ -188,15 +188,6 @@ def _exact_diagonal(
     return out, estimate
 
 
-def format_seconds(seconds: float) -> str:
-    """A duration for people: ``"40 s"``, ``"3.2 min"``, ``"2.5 h"``."""
-    if seconds < 90:
-        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def ggn_diagonal(
     model: nn.Module,
     x: Tensor,
@@ -293,8 +284,9 @@ def curvature_diagonal(
             loss, chunking and head dtype are used; restricted to ``params`` when given) instead
             of building one. ``products`` counts only the products spent here.
         force: run "exact" even when its estimated time exceeds :data:`EXACT_MAX_SECONDS`.
-        progress: optional ``(description, done, total)`` callback ("exact": per product block,
-            the first call saying the estimated cost).
+        progress: optional ``(description, done, total)`` callback, counted in products
+            ("exact": per product block, the first call saying the estimated cost;
+            "hutchinson": per probe block, out of all groups' probes).
 
     Raises:
         UsageError: unknown method, or "exact" estimated above :data:`EXACT_MAX_SECONDS`
@@ -352,8 +344,17 @@ def curvature_diagonal(
         groups = max(1, min(groups, probes // 2))
         per = math.ceil(probes / groups)
         means, variances = [], []
+        report = progress or no_progress
+        report("hutchinson diagonal", 0, per * groups)
         for g in range(groups):
-            mean, se = hutchinson_diagonal(op, per, group_seed(seed, g))
+            mean, se = hutchinson_diagonal(
+                op,
+                per,
+                group_seed(seed, g),
+                progress=lambda _, done, _p, g=g: report(
+                    "hutchinson diagonal", g * per + done, per * groups
+                ),
+            )
             means.append(mean.double().cpu())
             variances.append(se.double().cpu() ** 2)
         stacked = torch.stack(means)

@@ -44,6 +44,7 @@ from torch import Tensor
 from flatcli.configs.spectrum import DEFAULT_TOL, Which
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
 from flatcli.distributed import broadcast_for
+from flatcli.progress import ProgressFn, no_progress
 
 __all__ = ["Which", "EigenResult", "basis_size", "lanczos", "lanczos_quadrature"]
 
@@ -211,6 +212,7 @@ def lanczos(
     *,
     max_basis: int | None = None,
     verify: bool = False,
+    progress: ProgressFn | None = None,
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenvalues of a symmetric operator.
 
@@ -232,6 +234,8 @@ def lanczos(
             capped so the float64 basis fits in 2 GiB.
         verify: measure the residuals with ``k`` extra products instead of trusting the
             Lanczos relation (they differ by rounding, and by the noise of a float32 operator).
+        progress: called as ``progress("lanczos", steps taken, step budget)`` after each step
+            (the budget of :func:`basis_size`; a converged run stops below it).
 
     Returns:
         An :class:`EigenResult`.
@@ -251,9 +255,11 @@ def lanczos(
     ok = False
     explored = False  # the basis once spanned an invariant subspace (to tolerance)
     previous: Tensor | None = None
+    progress = progress or no_progress
     while True:
         breakdown = proc.step()
         used += 1
+        progress("lanczos", used, steps)
         explored = explored or (breakdown and proc.m < k)
         if proc.m >= k:
             theta, Y, res = proc.ritz()
@@ -303,7 +309,9 @@ def lanczos(
     )
 
 
-def lanczos_quadrature(op: LinearOperator, v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+def lanczos_quadrature(
+    op: LinearOperator, v: Tensor, steps: int, *, progress: ProgressFn | None = None
+) -> tuple[Tensor, Tensor]:
     """Gauss quadrature of the spectral measure of ``v``: ``m`` Lanczos steps from ``v``.
 
     With ``A = Σ λ_i u_i u_iᵀ`` and unit ``v``, ``vᵀ f(A) v = Σ_i (u_iᵀ v)² f(λ_i)
@@ -317,6 +325,7 @@ def lanczos_quadrature(op: LinearOperator, v: Tensor, steps: int) -> tuple[Tenso
         op: a symmetric operator.
         v: ``(dim,)`` start vector (normalised here).
         steps: Lanczos steps ``m`` (capped at ``dim``).
+        progress: called as ``progress("lanczos", steps taken, m)`` after each step.
 
     Returns:
         ``(nodes, weights)``: float64 CPU tensors of length ``j <= m``.
@@ -324,8 +333,11 @@ def lanczos_quadrature(op: LinearOperator, v: Tensor, steps: int) -> tuple[Tenso
     m = min(steps, op.dim)
     proc = _Lanczos(op, m)
     proc.start(v.to(device=proc.device, dtype=torch.float64))
-    for _ in range(m):
-        if proc.step():
+    for j in range(m):
+        breakdown = proc.step()
+        if progress is not None:
+            progress("lanczos", j + 1, m)
+        if breakdown:
             break
     theta, Y = torch.linalg.eigh(proc.T[: proc.m, : proc.m])
     return theta, Y[0] ** 2

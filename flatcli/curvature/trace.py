@@ -33,6 +33,7 @@ from torch import Tensor
 
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
 from flatcli.distributed import broadcast_for
+from flatcli.progress import ProgressFn, no_progress
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp", "hutchinson_diagonal"]
 
@@ -84,11 +85,12 @@ def _probe_samples(
     target_rel_stderr: float | None = None,
     block_size: int = DEFAULT_BLOCK,
     min_probes: int = MIN_PROBES,
+    progress: ProgressFn = no_progress,
 ) -> Tensor:
     """Up to ``count`` samples ``zᵀ P A P z`` (``P = I − QQᵀ`` when ``project`` is ``Q``).
 
     With a target, stops after the first block at which ``stderr <= target · |offset + mean|``
-    and at least ``min_probes`` samples are in.
+    and at least ``min_probes`` samples are in. ``progress(done)`` after each block.
     """
     device = work_device(op)
     parts: list[Tensor] = []
@@ -100,6 +102,7 @@ def _probe_samples(
             Z = Z - project @ (project.T @ Z)
         parts.append((Z * apply_float64(op, Z)).sum(dim=0))
         done += b
+        progress(done)
         if target_rel_stderr is not None and done >= max(2, min_probes):
             mean, stderr = _mean_stderr(torch.cat(parts))
             if stderr <= target_rel_stderr * abs(offset + mean):
@@ -120,6 +123,7 @@ def hutchinson(
     *,
     block_size: int = DEFAULT_BLOCK,
     min_probes: int = MIN_PROBES,
+    progress: ProgressFn | None = None,
 ) -> TraceEstimate:
     """Hutchinson's trace estimate with Rademacher probes and its standard error.
 
@@ -131,11 +135,13 @@ def hutchinson(
             ``block_size`` probes, after ``min_probes``).
         block_size: probes per ``matmat``.
         min_probes: fewest probes before an adaptive stop.
+        progress: called as ``progress("trace", probes done, probes)`` after each block.
 
     Returns:
         A :class:`TraceEstimate`.
     """
     _check(probes, 1, "hutchinson")
+    report = progress or no_progress
     start = op.matvecs
     samples = _probe_samples(
         op,
@@ -144,6 +150,7 @@ def hutchinson(
         target_rel_stderr=target_rel_stderr,
         block_size=block_size,
         min_probes=min_probes,
+        progress=lambda done: report("trace", done, probes),
     )
     value, stderr = _mean_stderr(samples)
     return TraceEstimate(value, stderr, samples.numel(), op.matvecs - start)
@@ -157,6 +164,7 @@ def hutchpp(
     *,
     block_size: int = DEFAULT_BLOCK,
     min_probes: int = MIN_PROBES,
+    progress: ProgressFn | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer et al. 2021, Alg. 1): ``tr(Qᵀ A Q) + Hutchinson((I−QQᵀ) A (I−QQᵀ))``.
 
@@ -171,6 +179,8 @@ def hutchpp(
             fraction of the estimate.
         block_size: residual probes per ``matmat``.
         min_probes: fewest residual probes before an adaptive stop.
+        progress: called as ``progress("trace", products done, probes)`` after the sketch,
+            ``A Q`` and each block of residual probes.
 
     Returns:
         A :class:`TraceEstimate` whose ``stderr`` and ``probes`` are those of the residual part.
@@ -180,8 +190,11 @@ def hutchpp(
     generator = torch.Generator().manual_seed(seed)
     s = probes // 3
     S = broadcast_for(op, random_vectors(op.dim, s, generator, "rademacher", work_device(op)))
+    report = progress or no_progress
     Q, _ = torch.linalg.qr(apply_float64(op, S))  # (dim, s), orthonormal columns
+    report("trace", s, probes)
     low = float((Q * apply_float64(op, Q)).sum())  # tr(Qᵀ A Q)
+    report("trace", 2 * s, probes)
     samples = _probe_samples(
         op,
         probes - 2 * s,
@@ -191,13 +204,19 @@ def hutchpp(
         target_rel_stderr=target_rel_stderr,
         block_size=block_size,
         min_probes=min_probes,
+        progress=lambda done: report("trace", 2 * s + done, probes),
     )
     rest, stderr = _mean_stderr(samples)
     return TraceEstimate(low + rest, stderr, samples.numel(), op.matvecs - start)
 
 
 def hutchinson_diagonal(
-    op: LinearOperator, probes: int = 100, seed: int = 0, *, block_size: int = DEFAULT_BLOCK
+    op: LinearOperator,
+    probes: int = 100,
+    seed: int = 0,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    progress: ProgressFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson's estimate of ``diag(A)`` (Bekas, Kokiopoulou & Saad 2007) and its stderr.
 
@@ -210,6 +229,8 @@ def hutchinson_diagonal(
         probes: number of probes (one product each).
         seed: seeds the probes.
         block_size: probes per ``matmat``.
+        progress: called as ``progress("diagonal probes", probes done, probes)`` after each
+            block.
 
     Returns:
         ``(diagonal, stderr)``: float64 ``(dim,)`` tensors on the operator's (work) device;
@@ -231,6 +252,8 @@ def hutchinson_diagonal(
         mean += delta * (b / total)
         m2 += ((X - xm[:, None]) ** 2).sum(dim=1) + delta**2 * (count * b / total)
         count = total
+        if progress is not None:
+            progress("diagonal probes", count, probes)
     if count < 2:
         return mean, torch.full_like(mean, math.nan)
     return mean, (m2 / (count - 1)).sqrt() / math.sqrt(count)

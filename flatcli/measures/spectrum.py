@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flatcli.configs.spectrum import SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
-from flatcli.curvature.lanczos import EigenResult, lanczos
+from flatcli.curvature.lanczos import EigenResult, basis_size, lanczos
 from flatcli.curvature.memory import available_memory, lanczos_memory
 from flatcli.curvature.operators import (
     CurvatureOperator,
@@ -42,7 +42,7 @@ from flatcli.dtypes import DTYPES
 from flatcli.errors import UsageError
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
-from flatcli.progress import ProgressFn
+from flatcli.progress import Budget, ProgressFn
 
 __all__ = [
     "TraceMethod",
@@ -176,9 +176,44 @@ def _layer_blocks(model: nn.Module, selected: list[str]) -> list[tuple[str, list
     return blocks
 
 
-def _trace(op: CurvatureOperator | OperatorBlock, config: SpectrumConfig) -> TraceEstimate:
+def _trace(
+    op: CurvatureOperator | OperatorBlock, config: SpectrumConfig, progress: ProgressFn
+) -> TraceEstimate:
     estimator = hutchpp if config.trace_method == TraceMethod.HUTCHPP else hutchinson
-    return estimator(op, config.probes, config.seed, config.trace_rel_stderr)
+    return estimator(op, config.probes, config.seed, config.trace_rel_stderr, progress=progress)
+
+
+_PRODUCTS = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}
+
+
+def _budget(
+    progress: ProgressFn | None, config: SpectrumConfig, dim: int, layer_dims: list[int]
+) -> Budget:
+    """The run's products, stage by stage (the order :func:`compute_spectrum` spends them),
+    and the options that lower the costly ones."""
+    total, cheaper = 0, ["--max-examples"]
+    if config.top_k > 0:
+        total += basis_size(dim, config.top_k, config.lanczos_steps)[0]
+        cheaper.append("a smaller --top-k")
+    if config.trace:
+        total += config.probes
+        cheaper.append("fewer --probes")
+    if config.density:
+        total += config.density_runs * min(config.lanczos_steps or DENSITY_STEPS, dim)
+        cheaper.append("fewer --density-runs")
+    for d in layer_dims:
+        total += (basis_size(d, 1)[0] if config.top_k > 0 else 0) + config.probes * config.trace
+    if layer_dims:
+        cheaper.append("no --per-layer")
+    if config.top_k > 0 or config.density:
+        cheaper.append("a smaller --lanczos-steps")
+    return Budget(
+        progress,
+        "spectrum",
+        total,
+        unit=f"{_PRODUCTS.get(config.matrix, config.matrix)}-vector products",
+        cheaper=", ".join(cheaper[:-1]) + " or " + cheaper[-1],
+    )
 
 
 def _size(n: float) -> str:
@@ -269,7 +304,11 @@ def compute_spectrum(
         y: int64 labels (N,).
         config: what to compute (default :class:`SpectrumConfig()`: the top 10 Hessian
             eigenvalues).
-        progress: called as ``progress(description, done, total)`` after each stage.
+        progress: called as ``progress(description, done, total)``, counted in products out of
+            the run's budget (every Lanczos step budget, trace probe and density step; a stage
+            that stops early jumps to its budget). Once the second product is timed, an
+            estimate above :data:`flatcli.progress.WARN_SECONDS` is said in a ``UserWarning``
+            naming the options that make it cheaper.
         operators: an :class:`~flatcli.curvature.operators.OperatorCache` of ``(model, x, y)``
             (with this config's batch size and seed) to take the operator from, shared with
             other measures of the same checkpoint; default a new one.
@@ -287,20 +326,6 @@ def compute_spectrum(
     head_dtype = None if config.head_dtype is None else DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
     blocks = _layer_blocks(model, selected) if config.per_layer else []
-    stages = [
-        ("eigenvalues", config.top_k > 0),
-        ("trace", config.trace),
-        ("density", config.density),
-    ] + [(f"layer {name}", True) for name, _ in blocks]
-    total = sum(on for _, on in stages)
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(f"spectrum: {what}", done, total)
-
     ops = (
         operators
         if operators is not None
@@ -317,8 +342,12 @@ def compute_spectrum(
     )
     # a block of the shared operator: its own product count, even when it is all of it
     op = full.restrict(selected)
+    named = dict(model.named_parameters())
+    layer_dims = [sum(named[n].numel() for n in params) for _, params in blocks]
+    budget = _budget(progress, config, op.dim, layer_dims)
     eigen = trace = density = None
     if config.top_k > 0:
+        steps = basis_size(op.dim, config.top_k, config.lanczos_steps)[0]
         eigen = lanczos(
             op,
             config.top_k,
@@ -327,16 +356,19 @@ def compute_spectrum(
             tol=config.tol,
             seed=config.seed,
             return_vectors=config.eigenvectors,
+            progress=budget.stage("eigenvalues", steps),
         )
-        tick("eigenvalues")
     if config.trace:
-        trace = _trace(op, config)
-        tick("trace")
+        trace = _trace(op, config, budget.stage("trace", config.probes))
     if config.density:
+        m = min(config.lanczos_steps or DENSITY_STEPS, op.dim)
         density = spectral_density(
-            op, config.density_runs, config.lanczos_steps or DENSITY_STEPS, config.seed
+            op,
+            config.density_runs,
+            m,
+            config.seed,
+            progress=budget.stage("density", config.density_runs * m),
         )
-        tick("density")
     matvecs = op.matvecs
 
     per_layer = None
@@ -347,9 +379,18 @@ def compute_spectrum(
             top = None
             if config.top_k > 0:
                 top = float(
-                    lanczos(block, 1, config.which, tol=config.tol, seed=config.seed).eigenvalues[0]
+                    lanczos(
+                        block,
+                        1,
+                        config.which,
+                        tol=config.tol,
+                        seed=config.seed,
+                        progress=budget.stage(f"layer {name}", basis_size(block.dim, 1)[0]),
+                    ).eigenvalues[0]
                 )
-            est = _trace(block, config) if config.trace else None
+            est = None
+            if config.trace:
+                est = _trace(block, config, budget.stage(f"layer {name} trace", config.probes))
             per_layer.append(
                 LayerSpectrum(
                     name=name,
@@ -361,7 +402,7 @@ def compute_spectrum(
                 )
             )
             matvecs += block.matvecs
-            tick(f"layer {name}")
+    budget.finish()
 
     return SpectrumResult(
         config=config,

@@ -150,13 +150,17 @@ def test_float32_model_with_a_float64_head(mlp):
     torch.testing.assert_close(_eig(res), torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-4, atol=0)
 
 
-def test_progress_reports_each_stage(mlp):
+def test_progress_counts_products_out_of_the_whole_budget(mlp):
     model, x, y, _ = mlp
     calls = []
     cfg = SpectrumConfig(top_k=1, trace=True, probes=6, per_layer=True)
     compute_spectrum(model, x, y, cfg, progress=lambda *a: calls.append(a))
-    assert [c[1:] for c in calls] == [(i, 5) for i in range(1, 6)]
-    assert calls[-1][0] == "spectrum: layer 5"
+    total = calls[0][2]
+    # Lanczos step budgets (min(dim, 100)) plus 6 probes: all 74 parameters, then each layer
+    assert {c[2] for c in calls} == {total} and total == 74 + 6 + (35 + 6) + (24 + 6) + (15 + 6)
+    done = [c[1] for c in calls]
+    assert done == sorted(done) and done[-1] == total and calls[0][1] == 0
+    assert calls[0][0] == "spectrum: eigenvalues" and calls[-1][0].startswith("spectrum: layer")
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,13 @@ def compute(shared: Shared) -> Outcome:
             products=full.products if full is not diag else 0,
         )
     op = shared.hessian(config.classic_loss).restrict(None)  # a block: its own product count
-    est = hutchinson(op, config.trace_probes, config.seed, config.trace_rel_stderr)
+    est = hutchinson(
+        op,
+        config.trace_probes,
+        config.seed,
+        config.trace_rel_stderr,
+        progress=lambda _, done, total: shared.progress("hessian trace probes", done, total),
+    )
     return Outcome(
         value=est.value,
         settings={
