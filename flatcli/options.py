@@ -3,7 +3,7 @@
 A measure's config (``SpectrumConfig``, ``GammaConfig``, ...) is the one definition of its
 options. A field made with :func:`option` has a name, a type, a default and a :class:`Flag`
 (the flag, its help, its bounds); from these the command line's signature (``flatcli.cli``),
-the options object (the config itself) and the report's ``config`` (:func:`config_dict`) follow.
+the options object (the config itself) and the report's ``config`` (:func:`plain_dict`) follow.
 Fields made with plain ``dataclasses.field`` (``seed``, ``batch_size``: common options, set by
 the runner) are not flags of the command.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-__all__ = ["Flag", "option", "choices", "flags_of", "config_dict", "from_flags"]
+__all__ = ["Flag", "option", "choices", "flags_of", "plain_dict", "from_flags"]
 
 _KEY = "flatcli.option"
 
@@ -124,7 +124,7 @@ def from_flags(config_type: type, values: dict[str, Any], **fixed: Any) -> Any:
     return config_type(**kwargs, **fixed)
 
 
-def config_dict(config: Any) -> dict[str, Any]:
+def plain_dict(config: Any) -> dict[str, Any]:
     """A config as JSON-ready values: tuples as lists, Enums as their values, paths as text."""
 
     def plain(value: Any) -> Any:

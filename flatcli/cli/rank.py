@@ -77,11 +77,12 @@ def rank(
     )
     keys = list(config.metrics)
     cols = [(k, k) for k in keys]
-    rows = [{**r, "gap": result.gap(e)} for e in result.rows for r in table_rows([e], cols, None)]
+    cells = table_rows(result.rows, cols, None)  # one row per checkpoint
+    rows = [{**r, "gap": result.gap(e)} for e, r in zip(result.rows, cells, strict=True)]
     columns = [("checkpoint", "checkpoint"), ("gap", f"{config.gap} gap")]
     out.table(
         "flatcli rank",
-        columns + [(k, k) for k in keys],
+        columns + cols,
         sort_rows(rows, view.sort, ["gap", *keys]),
     )
     ci = "[{:.3f}, {:.3f}]"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flatcli.configs._checks import head_dtype_name, require
 from flatcli.configs.choices import LossName
 from flatcli.errors import UsageError, choice
-from flatcli.options import choices, config_dict, option
+from flatcli.options import choices, option, plain_dict
 
 if TYPE_CHECKING:
     import torch
@@ -206,7 +206,7 @@ class SharpnessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready values (the report's ``config``)."""
-        return config_dict(self)
+        return plain_dict(self)
 
     @property
     def head(self) -> torch.dtype | None:
