@@ -56,6 +56,8 @@ class Budget:
         unit: what the budgets count (``"Hessian-vector products"``).
         cheaper: the options that make it cheaper (``"--max-examples or a smaller --top-k"``).
         warn_seconds: the threshold; default :data:`WARN_SECONDS`.
+        may_stop_early: a stage may stop before its budget (a converging Lanczos run): the
+            line then says ``"up to {total}"`` and the descriptions ``(≤ time)``.
     """
 
     def __init__(
@@ -67,8 +69,10 @@ class Budget:
         unit: str,
         cheaper: str,
         warn_seconds: float | None = None,
+        may_stop_early: bool = False,
     ) -> None:
         self.progress = progress or no_progress
+        self.bound = "up to" if may_stop_early else "about"
         self.label, self.unit, self.cheaper = label, unit, cheaper
         self.total = max(1, int(total))
         self.warn_seconds = WARN_SECONDS if warn_seconds is None else warn_seconds
@@ -117,9 +121,9 @@ class Budget:
         self.estimate = per * self.total
         if self.estimate > self.warn_seconds:
             when = format_seconds(self.estimate)
-            self._suffix = f" (≈ {when})"
+            self._suffix = f" ({'≤' if self.bound == 'up to' else '≈'} {when})"
             warnings.warn(
-                f"{self.label}: about {self.total:,} {self.unit} × {format_seconds(per)} ≈ "
+                f"{self.label}: {self.bound} {self.total:,} {self.unit} × {format_seconds(per)} ≈ "
                 f"{when}; {self.cheaper} is cheaper",
                 UserWarning,
                 stacklevel=2,

@@ -47,8 +47,11 @@ from torch.func import hessian, jacrev, vmap
 from flatcli import distributed
 from flatcli.configs.sharpness import DiagMethod
 from flatcli.curvature._functional import FunctionalModel, head_loss, quiet_jit_warning
+from flatcli.curvature._ggn_capture import captured_ggn_diagonal
+from flatcli.curvature.capture import CaptureUnsupported, plan
 from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.losses import get_loss
+from flatcli.curvature.memory import activation_bytes_per_example, cpu_chunk
 from flatcli.curvature.operators import CurvatureOperator, OperatorBlock, make_operator
 from flatcli.curvature.params import select_parameters, unflatten
 from flatcli.curvature.trace import hutchinson_diagonal
@@ -72,6 +75,10 @@ EXACT_BLOCK = 64
 """Unit vectors per product block of ``method="exact"`` (progress is reported per block)."""
 
 GGN_WORKSPACE_BYTES = 256 * 2**20
+CAPTURE_BUDGET = 1 << 30
+"""Bytes of activations (K copies of each example) a captured-diagonal chunk may use."""
+CAPTURE_WORKSPACE = 1 << 24
+"""Elements a block of per-(example, logit) weight gradients may hold."""
 """Memory for one chunk of per-example Jacobians (chunk · K · P numbers) in ``ggn_diagonal``."""
 
 
@@ -206,8 +213,14 @@ def ggn_diagonal(
         x, y: examples and int64 labels.
         loss_fn: per-example loss head or its name ("ce", "nsce").
         params: parameter names/patterns (default all with requires_grad).
-        batch_size: examples per chunk; default fits ``GGN_WORKSPACE_BYTES`` of Jacobians.
+        batch_size: rows per forward (each example is forwarded once per logit); default fits
+            ``CAPTURE_BUDGET`` bytes of activations (``GGN_WORKSPACE_BYTES`` of Jacobians on
+            the fallback path).
         head_dtype: dtype of the head Hessian and the accumulation (default float64).
+
+    The layer capture (:mod:`flatcli.curvature._ggn_capture`) forms squared per-example
+    gradients layer by layer; a model it cannot capture (a parameter used outside its module's
+    forward, batch statistics) falls back to per-example Jacobians by ``vmap(jacrev)``.
     """
     if isinstance(loss_fn, str):
         loss_fn = get_loss(loss_fn)
@@ -219,35 +232,74 @@ def ggn_diagonal(
     hd = head_dtype or torch.float64
     loss = head_loss(loss_fn, hd)
 
-    def logits_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return fm(p, xi.unsqueeze(0)).squeeze(0)
-
     def head_one(z: Tensor, yi: Tensor) -> Tensor:
         return loss(z.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
 
-    jac = vmap(jacrev(logits_one), in_dims=(None, 0))
     head_hess = vmap(hessian(head_one), in_dims=(0, 0))
-    dim = sum(p.numel() for p in fm.params.values())
     with torch.no_grad():
         first = next(iter_chunks(x, None, 1, fm.device, fm.dtype))
         k = int(fm(fm.params, first.x).shape[1])
-    if batch_size is None:
-        per = k * dim * torch.empty((), dtype=fm.dtype).element_size()
-        batch_size = max(1, min(n, GGN_WORKSPACE_BYTES // max(per, 1)))
-    out = {name: torch.zeros(p.shape, dtype=hd, device=fm.device) for name, p in fm.params.items()}
     a, b = distributed.shard_bounds(n)  # (0, n) in one process; this rank's share under torchrun
+
+    def head_hessian(z: Tensor, yy: Tensor) -> Tensor:
+        with quiet_jit_warning():  # the head Hessian's first forward-mode AD call
+            return head_hess(z, yy)
+
+    try:
+        targets = plan(model, names)
+        size = max(1, batch_size // k) if batch_size else _capture_chunk(model, x, k)
+        chunks = iter_chunks(x, y, size, fm.device, fm.dtype, start=a, stop=b)
+        out = captured_ggn_diagonal(
+            model, targets, chunks, head_hessian, hd, classes=k, workspace=CAPTURE_WORKSPACE
+        )
+    except CaptureUnsupported:  # e.g. a parameter used outside its module: per-example Jacobians
+        out = _jacobian_ggn_diagonal(fm, x, y, head_hessian, hd, k, batch_size, a, b)
+    out = distributed.all_reduce_sum(out)  # one collective; the identity in one process
+    return {name: (out[name] / n).double().cpu() for name in fm.params}
+
+
+def _capture_chunk(model: nn.Module, x: Tensor, k: int) -> int:
+    """Examples per chunk of the captured diagonal: K copies of each fit ``CAPTURE_BUDGET``
+    (and, on the CPU, :func:`~flatcli.curvature.memory.cpu_chunk`)."""
+    per = 4 * k * activation_bytes_per_example(model, tuple(x.shape[1:]))
+    size = max(1, min(int(x.shape[0]), CAPTURE_BUDGET // max(1, per)))
+    if x.device.type == "cpu" and next(model.parameters()).device.type == "cpu":
+        size = min(size, max(1, cpu_chunk(model, x) // k))
+    return size
+
+
+def _jacobian_ggn_diagonal(
+    fm: FunctionalModel,
+    x: Tensor,
+    y: Tensor,
+    head_hessian: Callable[[Tensor, Tensor], Tensor],
+    hd: torch.dtype,
+    k: int,
+    batch_size: int | None,
+    a: int,
+    b: int,
+) -> dict[str, Tensor]:
+    """``Σ_n Σ_k λ_nk (J_nᵀ u_nk)²`` over examples a:b from per-example Jacobians (vmap(jacrev))."""
+
+    def logits_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return fm(p, xi.unsqueeze(0)).squeeze(0)
+
+    jac = vmap(jacrev(logits_one), in_dims=(None, 0))
+    if batch_size is None:
+        dim = sum(p.numel() for p in fm.params.values())
+        per = k * dim * torch.empty((), dtype=fm.dtype).element_size()
+        batch_size = max(1, min(b - a, GGN_WORKSPACE_BYTES // max(per, 1)))
+    out = {name: torch.zeros(p.shape, dtype=hd, device=fm.device) for name, p in fm.params.items()}
     for chunk in iter_chunks(x, y, batch_size, fm.device, fm.dtype, start=a, stop=b):
         with torch.no_grad():
             z = fm(fm.params, chunk.x).to(hd)
-        with quiet_jit_warning():  # the head Hessian's first forward-mode AD call
-            lam, u = torch.linalg.eigh(head_hess(z, chunk.y))  # (B, K), (B, K, K): u[:, :, k]
+        lam, u = torch.linalg.eigh(head_hessian(z, chunk.y))  # (B, K), (B, K, K): u[:, :, k]
         jacs = jac(fm.params, chunk.x)  # {name: (B, K, *shape)}
         for name, jn in jacs.items():
             jn = jn.to(hd).reshape(jn.shape[0], k, -1)  # (B, K, P_name)
             proj = torch.einsum("bck,bcp->bkp", u, jn)  # u_kᵀ J_n
             out[name] += torch.einsum("bk,bkp->p", lam, proj**2).view(out[name].shape)
-    out = distributed.all_reduce_sum(out)  # one collective; the identity in one process
-    return {name: (v / n).double().cpu() for name, v in out.items()}
+    return out
 
 
 def curvature_diagonal(

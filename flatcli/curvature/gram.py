@@ -63,7 +63,7 @@ from flatcli.curvature._ghost import GhostUnsupported, add_row_gram, ghost_grams
 from flatcli.curvature.capture import has_batch_statistics, plan
 from flatcli.curvature.data import move_inputs
 from flatcli.curvature.losses import cross_entropy
-from flatcli.curvature.memory import activation_bytes_per_example
+from flatcli.curvature.memory import activation_bytes_per_example, cpu_chunk
 from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
 from flatcli.progress import ProgressFn, no_progress
@@ -173,6 +173,7 @@ class GramEngine:
         self.coupled = has_batch_statistics(self.model)
         self.fallback_reason: str | None = None
         self._per_example_bytes: int | None = None
+        self._cpu_chunk: int | None = None
         self.targets = None
         self._requested = requested
         if requested is GramMethod.MATERIALIZE:
@@ -241,7 +242,12 @@ class GramEngine:
         per = 4 * self._per_example_bytes  # activations, recorded layer inputs/outputs, grads
         if self.method is GramMethod.MATERIALIZE:  # plus the chunk's gradient rows
             per += 2 * self.num_params * torch.finfo(self.functional.dtype).bits // 8
-        return max(1, min(MAX_CHUNK, CHUNK_BUDGET // max(1, per)))
+        size = max(1, min(MAX_CHUNK, CHUNK_BUDGET // max(1, per)))
+        if self.functional.device.type == "cpu":
+            if self._cpu_chunk is None:
+                self._cpu_chunk = cpu_chunk(self.model, x)
+            size = min(size, self._cpu_chunk)
+        return size
 
     def _unit_grams(self, x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
         if self.method is GramMethod.GHOST:

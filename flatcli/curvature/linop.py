@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "LinearOperator",
     "DenseOperator",
+    "Difference",
     "apply_float64",
     "work_device",
     "random_vectors",
@@ -96,6 +97,32 @@ class DenseOperator:
 
     def __repr__(self) -> str:
         return f"DenseOperator(dim={self.dim}, dtype={self.dtype}, device={self.device})"
+
+
+class Difference:
+    """``A − B`` of two operators on the same vectors, as a :class:`LinearOperator`.
+
+    A product costs one of each; ``matvecs`` counts products of the difference. The difference
+    is data-parallel when A is (its probes are then broadcast like A's).
+    """
+
+    def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
+        if a.dim != b.dim:
+            raise ValueError(f"Operators of sizes {a.dim} and {b.dim} cannot be subtracted.")
+        self.a, self.b = a, b
+        self.dim, self.dtype, self.device = a.dim, a.dtype, a.device
+        self.data_parallel = bool(getattr(a, "data_parallel", False))
+        self.matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v − B v`` for ``v`` of shape ``(dim,)``; counts one product."""
+        self.matvecs += 1
+        return self.a.matvec(v) - self.b.matvec(v)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``A V − B V`` for ``V`` of shape ``(dim, k)``; counts k products."""
+        self.matvecs += int(V.shape[1])
+        return self.a.matmat(V) - self.b.matmat(V)
 
 
 def work_device(op: LinearOperator) -> torch.device:

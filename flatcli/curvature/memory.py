@@ -29,6 +29,7 @@ __all__ = [
     "activation_bytes_per_example",
     "available_memory",
     "auto_batch_size",
+    "cpu_chunk",
     "LanczosMemory",
     "lanczos_memory",
 ]
@@ -39,16 +40,17 @@ ACTIVATION_FACTOR = 3.0
 PARAM_COPIES = 5
 """Parameters, gradient, tangent of the gradient, input vector, output vector."""
 
+CPU_TENSOR_BYTES = 4 * 2**20
+"""Largest activation a CPU chunk may save (:func:`cpu_chunk`): well below glibc's mmap
+threshold."""
+
 BUDGET_FRACTION_CUDA = 0.5
 BUDGET_FRACTION_CPU = 0.25
 
 
-def activation_bytes_per_example(model: nn.Module, x_shape: tuple[int, ...]) -> int:
-    """Bytes autograd saves for backward in a forward of one example of shape ``x_shape``.
-
-    Runs the model functionally (cloned buffers, so BatchNorm running statistics are untouched)
-    on two zero examples and halves the count. The output is counted too.
-    """
+def _saved_bytes(model: nn.Module, x_shape: tuple[int, ...]) -> tuple[dict[int, int], int]:
+    """Bytes of each storage autograd saves in a forward of TWO zero examples (parameters
+    excluded), and the output's bytes."""
     p0 = next(iter(model.parameters()), None)
     device = p0.device if p0 is not None else torch.device("cpu")
     dtype = p0.dtype if p0 is not None else torch.get_default_dtype()
@@ -68,8 +70,31 @@ def activation_bytes_per_example(model: nn.Module, x_shape: tuple[int, ...]) -> 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = functional_call(model, state, (x,))
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = sum(b for k, b in seen.items() if k not in param_ptrs)
-    return int((saved + out.numel() * out.element_size()) // 2)
+    return {k: b for k, b in seen.items() if k not in param_ptrs}, out.numel() * out.element_size()
+
+
+def activation_bytes_per_example(model: nn.Module, x_shape: tuple[int, ...]) -> int:
+    """Bytes autograd saves for backward in a forward of one example of shape ``x_shape``.
+
+    Runs the model functionally (cloned buffers, so BatchNorm running statistics are untouched)
+    on two zero examples and halves the count. The output is counted too.
+    """
+    saved, out = _saved_bytes(model, x_shape)
+    return int((sum(saved.values()) + out) // 2)
+
+
+def cpu_chunk(model: nn.Module, x: Tensor) -> int:
+    """Examples per chunk on the CPU whose largest saved activation stays within
+    :data:`CPU_TENSOR_BYTES` (at least 1, at most ``len(x)``).
+
+    glibc serves allocations above its mmap threshold (at most 32 MiB) by mapping fresh pages,
+    which the kernel faults in and zeroes on every use, and unmaps them when freed: a product
+    over one large chunk spent as much time in the kernel as in its arithmetic
+    (``benchmarks/bench_hvp.py``). Smaller chunks reuse heap memory.
+    """
+    saved, out = _saved_bytes(model, tuple(x.shape[1:]))
+    largest = max([out, *saved.values()]) // 2
+    return int(max(1, min(int(x.shape[0]), CPU_TENSOR_BYTES // max(1, largest))))
 
 
 def estimate_memory(

@@ -121,18 +121,23 @@ def hutchinson(
     seed: int = 0,
     target_rel_stderr: float | None = None,
     *,
+    offset: float = 0.0,
     block_size: int = DEFAULT_BLOCK,
     min_probes: int = MIN_PROBES,
     progress: ProgressFn | None = None,
 ) -> TraceEstimate:
     """Hutchinson's trace estimate with Rademacher probes and its standard error.
 
+    ``offset`` is a known part of the trace the estimate is added to (a control variate's
+    exact trace); the relative target is then of the total.
+
     Args:
         op: a symmetric operator.
         probes: number of probes (one product each); with a target, the most to use.
         seed: seeds the probes.
-        target_rel_stderr: stop once ``stderr <= target · |estimate|`` (checked every
-            ``block_size`` probes, after ``min_probes``).
+        target_rel_stderr: stop once ``stderr <= target · |offset + estimate|`` (checked
+            every ``block_size`` probes, after ``min_probes``).
+        offset: added to the estimate (no error of its own).
         block_size: probes per ``matmat``.
         min_probes: fewest probes before an adaptive stop.
         progress: called as ``progress("trace", probes done, probes)`` after each block.
@@ -147,13 +152,14 @@ def hutchinson(
         op,
         probes,
         torch.Generator().manual_seed(seed),
+        offset=offset,
         target_rel_stderr=target_rel_stderr,
         block_size=block_size,
         min_probes=min_probes,
         progress=lambda done: report("trace", done, probes),
     )
     value, stderr = _mean_stderr(samples)
-    return TraceEstimate(value, stderr, samples.numel(), op.matvecs - start)
+    return TraceEstimate(offset + value, stderr, samples.numel(), op.matvecs - start)
 
 
 def hutchpp(

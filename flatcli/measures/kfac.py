@@ -30,6 +30,7 @@ statistics (eval mode, App. B.2); its own affine parameters are not Kronecker-fa
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatcli import progress as _progress
 from flatcli.configs.kfac import KfacConfig
 from flatcli.curvature.kfac import (
     LayerFactors,
@@ -54,7 +56,7 @@ from flatcli.curvature.lanczos import lanczos
 from flatcli.curvature.operators import make_operator
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
-from flatcli.progress import ProgressFn
+from flatcli.progress import WARN_SECONDS, Budget, ProgressFn, format_seconds
 
 __all__ = [
     "KfacConfig",
@@ -245,12 +247,35 @@ def _analyse(
     )
     blocks: dict[str, _Block] = {}
     errors: dict[str, Any] = {}
+    dims = [op.restrict([w]).dim for w in weights]
+    ks = [min(config.top_k, d) for d in dims]
+    budgets = [
+        config.lanczos_steps or min(d, max(3 * k + 20, 60)) for d, k in zip(dims, ks, strict=True)
+    ]
+    total = sum(budgets) + config.probes * len(factors)
+    unit = f"{config.matrix} layer-block products"
+    _say_cost([op.restrict([w]) for w in weights], budgets, config, unit)
+    budget = Budget(
+        lambda d, a, b: progress(f"{tag}{d}", a, b),
+        "kfac",
+        total,
+        unit=unit,
+        cheaper=_CHEAPER,
+        warn_seconds=math.inf,  # said up front by _say_cost, timed layer by layer
+        may_stop_early=True,
+    )
     for i, (name, f) in enumerate(factors.items()):
         block = op.restrict([weights[i]])
-        k = min(config.top_k, block.dim)
-        steps = config.lanczos_steps or min(block.dim, max(3 * k + 20, 60))
+        k, steps = ks[i], budgets[i]
         eig = lanczos(
-            block, k, "largest", steps=steps, tol=config.tol, seed=config.seed, return_vectors=True
+            block,
+            k,
+            "largest",
+            steps=steps,
+            tol=config.tol,
+            seed=config.seed,
+            return_vectors=True,
+            progress=budget.stage(name, steps + config.probes),
         )
         err, se, probes = decoupling_error(block, f, probes=config.probes, seed=config.seed + 1)
         lam, U, mu, V = f.eig()
@@ -272,9 +297,40 @@ def _analyse(
             matvecs=eig.matvecs + probes,
         )
         errors[name] = (err, se, probes)
-        progress(f"{tag}kfac layers", i + 1, len(factors))
+    budget.finish()
     op.release()
     return factors, blocks, errors, seconds
+
+
+_CHEAPER = "--max-examples, --layers, a smaller --top-k or fewer --probes"
+
+
+def _say_cost(blocks: list[Any], budgets: list[int], config: KfacConfig, unit: str) -> None:
+    """Warn when the layers' products may take over :data:`WARN_SECONDS`: one product of each
+    block is timed (after a first that builds the shared graphs), times its budget."""
+    if not blocks:
+        return
+    g = torch.Generator().manual_seed(config.seed)
+
+    def product(block: Any) -> float:
+        v = torch.randn(block.dim, generator=g, dtype=torch.float64)
+        start = _progress.clock()
+        block.matvec(v.to(block.dtype).to(block.device))
+        return _progress.clock() - start
+
+    product(blocks[0])
+    seconds = [
+        product(b) * (steps + config.probes) for b, steps in zip(blocks, budgets, strict=True)
+    ]
+    estimate = sum(seconds)
+    if estimate > WARN_SECONDS:
+        count = sum(budgets) + config.probes * len(blocks)
+        warnings.warn(
+            f"kfac: up to {count:,} {unit} ≈ {format_seconds(estimate)} (each layer's product "
+            f"timed); {_CHEAPER} is cheaper",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _kron_gram(a: _Block, b: _Block) -> Tensor:

@@ -213,6 +213,7 @@ def _budget(
         total,
         unit=f"{_PRODUCTS.get(config.matrix, config.matrix)}-vector products",
         cheaper=", ".join(cheaper[:-1]) + " or " + cheaper[-1],
+        may_stop_early=config.top_k > 0 or config.trace_rel_stderr is not None,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from flatcli.curvature.linop import (
     DenseOperator,
+    Difference,
     LinearOperator,
     apply_float64,
     random_vectors,
@@ -101,3 +102,16 @@ def test_to_dense_recovers_the_matrix():
     op = DenseOperator(A)
     torch.testing.assert_close(to_dense(op, block=3), A)
     assert op.matvecs == 10
+
+
+def test_difference_is_a_minus_b_and_counts_its_products():
+    g = torch.Generator().manual_seed(0)
+    A, B = (torch.randn(5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    a, b = DenseOperator(A + A.T), DenseOperator(B + B.T)
+    diff = Difference(a, b)
+    V = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(diff.matmat(V), (A + A.T - B - B.T) @ V, rtol=0, atol=1e-14)
+    torch.testing.assert_close(diff.matvec(V[:, 0]), (A + A.T - B - B.T) @ V[:, 0])
+    assert (diff.matvecs, a.matvecs, b.matvecs) == (4, 4, 4)
+    with pytest.raises(ValueError, match="cannot be subtracted"):
+        Difference(a, DenseOperator(torch.eye(2)))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from flatcli.curvature import memory
 from flatcli.curvature.losses import normalized_cross_entropy
 from flatcli.curvature.operators import eval_mode, make_operator
 from flatcli.curvature.params import select_parameters
@@ -312,6 +313,29 @@ def test_cached_graph_is_reused_and_follows_in_place_changes(kind):
     ref = make_operator(kind, model, x, y).to_dense()
     assert_close(op.to_dense(), ref)
     assert op.describe()["hvp_method"] == "double-backward"
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_cpu_split_chunks_keep_every_graph_and_follow_in_place_changes(kind, monkeypatch):
+    """An automatic chunk split on the CPU (small activations per chunk) keeps each chunk's
+    graph: later products rebuild nothing, match the dense matrix, and see in-place changes."""
+    monkeypatch.setattr(memory, "CPU_TENSOR_BYTES", 4 * 6 * 8)  # 4 examples of the 6 inputs
+    model, x, y = make_case("mlp_tanh")
+    op = make_operator(kind, model, x, y, hvp_method="double-backward")
+    assert op.batch_size == 4 and op._cache_every_chunk
+    built = []
+    real = op._build_graph
+    monkeypatch.setattr(op, "_build_graph", lambda chunk: built.append(chunk.start) or real(chunk))
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = op.matvec(v)
+    assert built == [0, 4, 8] and len(op._graphs) == 3
+    assert torch.equal(op.matvec(v), first) and built == [0, 4, 8]  # all three reused
+    reference = dense_hessian if kind == "hessian" else dense_ggn
+    torch.testing.assert_close(first, reference(model, x, y) @ v, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        model[1].weight.mul_(1.5)
+    torch.testing.assert_close(op.matvec(v), reference(model, x, y) @ v, rtol=1e-10, atol=1e-13)
+    assert built == [0, 4, 8, 0, 4, 8] and len(op._graphs) == 3
 
 
 def test_cnn_bn_in_eval_mode_uses_running_statistics():

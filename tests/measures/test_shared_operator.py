@@ -26,7 +26,14 @@ def builds(monkeypatch):
     return seen
 
 
-HUTCH = dict(diag_method="hutchinson", probes=8, probe_groups=2, trace_probes=6, batch_size=12)
+HUTCH = dict(
+    diag_method="hutchinson",
+    probes=8,
+    probe_groups=2,
+    trace_method="hutchinson",
+    trace_probes=6,
+    batch_size=12,
+)
 
 
 def test_sharpness_builds_one_hessian_when_the_losses_agree(builds) -> None:

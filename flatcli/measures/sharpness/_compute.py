@@ -7,14 +7,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.diagonal import curvature_diagonal
 from flatcli.curvature.losses import get_loss
 from flatcli.curvature.operators import OperatorCache, eval_mode
 from flatcli.errors import MeasureError
 from flatcli.measures._config import finite_or_none
 from flatcli.measures.sharpness._config import SharpnessConfig
+from flatcli.measures.sharpness._cost import diagonal_passes, warn_cost
 from flatcli.measures.sharpness._definition import Definition, Shared, definitions
 from flatcli.progress import ProgressFn, no_progress
 
@@ -82,6 +85,11 @@ def weight_matrices(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names of parameters with >= 2 dims, names of the others), among those requiring grad."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+
+
+def _where(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
 
 
 def _chosen(config: SharpnessConfig) -> list[Definition]:
@@ -162,6 +170,14 @@ def _compute(
                 "The model has no weight matrices (parameters with >= 2 dimensions)."
             )
         info["excluded_params"] = excluded
+    with torch.no_grad():
+        first = next(iter_chunks(x, None, 1, *_where(model)))
+        classes = int(model(first.x).shape[1])
+    passes = [d.passes(config, classes) for d in chosen if d.passes is not None]
+    if any(d.needs_diagonal(config) for d in chosen):
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        passes.append(diagonal_passes(config, classes, params))
+    info["estimated_seconds"] = warn_cost(model, x, y, config, passes, classes)
     if any(d.needs_diagonal(config) for d in chosen):
         progress("curvature diagonal", 0, total)
         diag = curvature_diagonal(

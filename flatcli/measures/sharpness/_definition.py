@@ -128,6 +128,9 @@ class Definition:
         extras: further metrics (:class:`Extra`), reported after the stderr.
         weight_matrices: it sums over weight matrices (the model must have some).
         diagonal: ``diagonal(config)``: whether it uses the shared curvature diagonal.
+        passes: ``passes(config, classes)``: its own cost in gradient passes over the examples
+            (:mod:`~flatcli.measures.sharpness._cost`), the shared diagonal not included
+            (None: nothing beyond it).
     """
 
     name: str
@@ -143,6 +146,7 @@ class Definition:
     extras: tuple[Extra, ...] = ()
     weight_matrices: bool = False
     diagonal: Callable[[SharpnessConfig], bool] | None = None
+    passes: Callable[[SharpnessConfig, int], float] | None = None
 
     @property
     def metrics(self) -> tuple[Metric, ...]:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from flatcli.curvature._functional import FunctionalModel, head_loss
 from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.losses import get_loss
+from flatcli.curvature.memory import cpu_chunk
 from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
 from flatcli.measures.sharpness._definition import Outcome, Shared
@@ -164,7 +165,10 @@ def _worst_case(
             f"Need matching, non-empty x and y; got {int(x.shape[0])} and {int(y.shape[0])}."
         )
     fm = FunctionalModel(model, select_parameters(model, params))
-    bs = int(x.shape[0]) if batch_size is None else int(batch_size)
+    if batch_size is None:  # all at once, but in heap-sized chunks on the CPU (cpu_chunk)
+        bs = cpu_chunk(model, x) if fm.device.type == "cpu" else int(x.shape[0])
+    else:
+        bs = int(batch_size)
     if bs < 1:
         raise UsageError(f"batch_size must be a positive integer. Got {batch_size}.")
     loss = head_loss(loss_fn or cross_entropy, head_dtype)

@@ -34,6 +34,7 @@ define(
         label="adaptive sharpness",
         source="Kwon et al. 2021; Andriushchenko et al. 2023",
         description="max over ‖δ/|w|‖_p ≤ ρ of L(w+δ) − L(w)",
+        passes=lambda config, _: config.adaptive_steps + 1,
         cost="--adaptive-steps + 1 gradient passes over the examples",
         compute=compute,
     )

@@ -26,6 +26,7 @@ define(
         label="eps-sharpness",
         source="Keskar et al. 2017, Metric 2.1",
         description="100·(max L(w+δ) − L(w))/(1 + L(w)) over the box |δ| ≤ ε(|w|+1)",
+        passes=lambda config, _: config.eps_steps + 1,
         cost="--eps-steps + 1 gradient passes over the examples",
         compute=compute,
     )

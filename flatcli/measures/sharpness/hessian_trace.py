@@ -1,16 +1,30 @@
 """The Hessian trace (Tsuzuku et al. 2020, Eq. 5): tr ∇²L of the mean ``config.classic_loss``.
 
-A Hutchinson estimate (Rademacher probes) on the shared Hessian operator over all trainable
-parameters, with its standard error; with ``diag_method`` "exact" (small models) the exact sum
-of the exact Hessian diagonal instead, no standard error (the shared diagonal when it is that
-diagonal, i.e. of the same loss over all parameters).
+Over all trainable parameters, with a standard error:
+
+- ``trace_method="ggn-residual"`` (default): ``tr H = tr G + tr(H − G)``. The GGN trace is exact
+  (the sum of :func:`~flatcli.curvature.diagonal.ggn_diagonal`) and only the residual
+  ``H − G = 1/N Σ_n Σ_k r_nk ∇²f_nk`` is estimated, by Hutchinson with Rademacher probes
+  (``z ᵀ H z − z ᵀ G z`` from the shared Hessian and GGN operators). G is the control variate:
+  on the README's LeNet-5 a probe's standard deviation falls from 3.40 (H) to 1.45 (H − G)
+  while a probe costs about 1.6 Hessian-vector products, so equal error costs about 3x fewer
+  products. For networks piecewise linear in each weight (ReLU, max pooling) ``diag(H − G) =
+  0`` and the residual's expectation is 0.
+- ``"hutchinson"`` / ``"hutchpp"``: those estimators on H itself.
+
+With ``diag_method`` "exact" (small models) the exact sum of the exact Hessian diagonal instead,
+no standard error (the shared diagonal when it is that diagonal, i.e. of the same loss over all
+parameters).
 """
 
 from __future__ import annotations
 
-from flatcli.curvature.diagonal import DiagMethod, curvature_diagonal
+from flatcli.configs.sharpness import SharpnessConfig, TraceMethod
+from flatcli.curvature.diagonal import DiagMethod, curvature_diagonal, ggn_diagonal
+from flatcli.curvature.linop import Difference, LinearOperator
 from flatcli.curvature.losses import get_loss
-from flatcli.curvature.trace import hutchinson
+from flatcli.curvature.trace import hutchinson, hutchpp
+from flatcli.measures.sharpness._cost import DIAG_PASSES_PER_LOGIT, GVP_PASSES, HVP_PASSES
 from flatcli.measures.sharpness._definition import Definition, Outcome, Shared, define
 
 NAME = "hessian_trace"
@@ -48,26 +62,87 @@ def compute(shared: Shared) -> Outcome:
             },
             products=full.products if full is not diag else 0,
         )
-    op = shared.hessian(config.classic_loss).restrict(None)  # a block: its own product count
-    est = hutchinson(
-        op,
-        config.trace_probes,
-        config.seed,
-        config.trace_rel_stderr,
-        progress=lambda _, done, total: shared.progress("hessian trace probes", done, total),
-    )
+    hessian = shared.hessian(config.classic_loss).restrict(None)  # a block: its own count
+
+    def progress(_: str, done: int, total: int) -> None:
+        shared.progress("hessian trace probes", done, total)
+
+    residual = config.trace_method == TraceMethod.GGN_RESIDUAL.value
+    if config.trace_method == TraceMethod.HUTCHPP.value:
+        est = hutchpp(
+            hessian, config.trace_probes, config.seed, config.trace_rel_stderr, progress=progress
+        )
+    else:
+        exact = _ggn_trace(shared) if residual else 0.0
+        op: LinearOperator = hessian
+        if residual:
+            ggn = shared.operators.get("ggn", loss_fn=config.classic_loss, head_dtype=config.head)
+            op = Difference(hessian, ggn.restrict(None))
+        est = hutchinson(
+            op,
+            config.trace_probes,
+            config.seed,
+            config.trace_rel_stderr,
+            offset=exact,
+            progress=progress,
+        )
+    settings = {
+        "loss": config.classic_loss,
+        "estimator": _ESTIMATORS[config.trace_method],
+        "probes": est.probes,
+        "target_rel_stderr": config.trace_rel_stderr,
+        "hvp_method": hessian.hvp_method,
+    }
+    if residual:
+        settings.update(ggn_trace=exact, residual_trace=est.value - exact)
     return Outcome(
         value=est.value,
-        settings={
-            "loss": config.classic_loss,
-            "estimator": "hutchinson (Rademacher)",
-            "probes": est.probes,
-            "target_rel_stderr": config.trace_rel_stderr,
-            "hvp_method": op.hvp_method,
-        },
+        settings=settings,
         stderr=est.stderr,
         products=est.matvecs,
     )
+
+
+def _ggn_trace(shared: Shared) -> float:
+    """The exact trace of the GGN of ``classic_loss`` over all trainable parameters (the shared
+    diagonal's sum when it is that diagonal)."""
+    config, diag = shared.config, shared.diagonal
+    if (
+        diag is not None
+        and diag.method == DiagMethod.GGN.value
+        and config.loss == config.classic_loss
+        and not shared.excluded
+    ):
+        values = diag.values
+    else:
+        values = ggn_diagonal(
+            shared.model,
+            shared.x,
+            shared.y,
+            loss_fn=config.classic_loss,
+            batch_size=config.batch_size,
+            head_dtype=config.head,
+        )
+    return float(sum(float(v.sum()) for v in values.values()))
+
+
+def _passes(config: SharpnessConfig, classes: int) -> float:
+    """Gradient passes of the trace (:mod:`~flatcli.measures.sharpness._cost`); the exact
+    diagonal's cost is counted with the shared diagonal when it is that one."""
+    if config.diag_method == DiagMethod.EXACT.value:
+        return 0.0
+    if config.trace_method == TraceMethod.GGN_RESIDUAL.value:
+        shared = config.diag_method == DiagMethod.GGN.value and config.loss == config.classic_loss
+        diag = 0.0 if shared else DIAG_PASSES_PER_LOGIT * classes
+        return diag + config.trace_probes * (HVP_PASSES + GVP_PASSES)
+    return config.trace_probes * HVP_PASSES
+
+
+_ESTIMATORS = {
+    TraceMethod.GGN_RESIDUAL.value: "exact GGN trace + Hutchinson (Rademacher) on H - G",
+    TraceMethod.HUTCHINSON.value: "hutchinson (Rademacher)",
+    TraceMethod.HUTCHPP.value: "hutch++ (Meyer et al. 2021)",
+}
 
 
 define(
@@ -78,7 +153,10 @@ define(
         label="Hessian trace",
         source="Tsuzuku et al. 2020, Eq. 5",
         description="trace of the Hessian of the mean loss",
-        cost="--trace-probes Hessian-vector products (exact diagonal: one per weight)",
+        passes=_passes,
+        cost="ggn-residual: a GGN diagonal (K backward passes per example) and --trace-probes "
+        "Hessian- plus GGN-vector products; hutchinson/hutchpp: --trace-probes HVPs (exact "
+        "diagonal: one per weight)",
         compute=compute,
         stderr=lambda config: config.diag_method != DiagMethod.EXACT.value,
     )
