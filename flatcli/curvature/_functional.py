@@ -73,6 +73,27 @@ class FunctionalModel:
         return {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
 
 
+@contextmanager
+def attention_kernel(kind: str) -> Iterator[None]:
+    """``"math"``: ``scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``) runs its
+    math kernel, built of matmul and softmax, whose derivatives of every order and forward mode
+    exist (the fused flash and memory-efficient kernels have first-order backward only), and
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` skip their fused inference fast
+    path (no forward-mode derivative either); ``"default"``: torch's choice."""
+    if kind != "math":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def head_loss(
     loss_fn: Callable[..., Tensor], head_dtype: torch.dtype | None
 ) -> Callable[[Tensor, Tensor], Tensor]:

@@ -105,6 +105,7 @@ from flatcli.configs.spectrum import HvpMethod, Kind
 from flatcli.curvature._autodiff import FALLBACK_ERRORS, num_columns
 from flatcli.curvature._functional import (
     FunctionalModel,
+    attention_kernel,
     first_line,
     head_loss,
     is_oom,
@@ -360,6 +361,7 @@ class CurvatureOperator(_Products):
         self._init_kind(z, ftype, mc_samples)
 
         self.fallback_reason: str | None = None
+        self.attention: str = "default"
         self.hvp_method: str = requested
         self.matmat_method: str = "vmap"
         with quiet_jit_warning():  # torch's first jvp loads decompositions via jit.script
@@ -383,6 +385,7 @@ class CurvatureOperator(_Products):
             "hvp_method": self.hvp_method,
             "matmat_method": self.matmat_method,
             "fallback_reason": self.fallback_reason,
+            "attention_kernel": self.attention,
             "fisher_type": self.fisher_type,
             "mc_samples": self.mc_samples,
             "seed": self.seed,
@@ -498,9 +501,11 @@ class CurvatureOperator(_Products):
         self, chunk: Chunk, cols: Params, names: list[str], method: str, batched: bool
     ) -> Params:
         """Sum over the examples of ``chunk`` of their contributions to block ``names`` of A V."""
-        if method == HvpMethod.DOUBLE_BACKWARD:
-            return self._chunk_double_backward(self._graph(chunk), chunk, cols, names, batched)
-        return self._chunk_forward(chunk, cols, names, batched)
+        with attention_kernel(self.attention):
+            if method == HvpMethod.DOUBLE_BACKWARD:
+                graph = self._graph(chunk)
+                return self._chunk_double_backward(graph, chunk, cols, names, batched)
+            return self._chunk_forward(chunk, cols, names, batched)
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in (*self._fm.params.values(), *self._fm.fixed.values()))
@@ -574,16 +579,27 @@ class CurvatureOperator(_Products):
 
         dbl = HvpMethod.DOUBLE_BACKWARD.value
         order = list(self.preferred_methods) if requested == HvpMethod.AUTO else [requested]
-        for i, method in enumerate(order):
+        reasons: list[str] = []
+        tries = [(method, False) for method in order] + [(method, True) for method in order]
+        for i, (method, math_attention) in enumerate(tries):
+            self.attention = "math" if math_attention else "default"
             try:
                 self._chunk(first, random_cols(1), self.param_names, method, False)
             except FALLBACK_ERRORS as err:
-                if is_oom(err) or i == len(order) - 1:
+                self._graphs.clear()  # a graph built before the failure holds the failing op
+                if is_oom(err) or i == len(tries) - 1:
                     raise
-                self.fallback_reason = f"{method} failed ({first_line(err)})"
+                if not math_attention:
+                    reasons.append(f"{method} failed ({first_line(err)})")
                 continue
             self.hvp_method = method
             break
+        if self.attention == "math":
+            reasons.append(
+                "attention runs its math kernel without the fused fast path: the fused kernels "
+                "have no forward-mode or double-backward derivative"
+            )
+        self.fallback_reason = "; ".join(reasons) or None
         self._graphs.clear()
         if self.hvp_method == dbl:
             self.matmat_method = "loop"  # one graph per chunk, reused by every column
