@@ -239,9 +239,9 @@ def plan(model: nn.Module, names: list[str]) -> list[Target]:
             if p is None:
                 continue
             full = f"{mod_name}.{attr}" if mod_name else attr
-            if id(p) in owners:
+            if id(p) in owners and id(p) in selected:
                 raise CaptureUnsupported(f"parameter {full} is the same tensor as {owners[id(p)]}")
-            owners[id(p)] = full
+            owners.setdefault(id(p), full)
             if id(p) in selected:
                 direct[attr] = p
         if direct:
@@ -253,10 +253,16 @@ def plan(model: nn.Module, names: list[str]) -> list[Target]:
 
 
 class Recorder:
-    """Forward hooks that record (args, kwargs, output, versions) of every target while active."""
+    """Forward hooks that record (args, kwargs, output, versions) of every target while active.
 
-    def __init__(self, targets: list[Target]) -> None:
+    ``strict=False``: a parameter read outside its module's forward does not raise; the module's
+    name and the reason go to :attr:`misused` (the caller drops those targets).
+    """
+
+    def __init__(self, targets: list[Target], *, strict: bool = True) -> None:
         self.targets = targets
+        self.strict = strict
+        self.misused: dict[str, str] = {}  # target name -> why (when not strict)
         self.active = False
         self.clone = False
         self.stack: list[Target] = []  # targets whose forward is running, innermost last
@@ -304,9 +310,11 @@ class Recorder:
         elif isinstance(values, Tensor) and id(values) in self.owner:
             t = self.owner[id(values)]
             if t not in self.stack or (t.kind != "generic" and self.stack[-1] is not t):
-                raise CaptureUnsupported(
-                    f"parameter of {t.name or '<root>'} is used outside that module's own forward"
-                )
+                where = f"in {self.stack[-1].name or '<root>'}'s forward" if self.stack else ""
+                why = f"parameter of {t.name or '<root>'} is used outside that module's own forward"
+                if self.strict:
+                    raise CaptureUnsupported(why)
+                self.misused.setdefault(t.name, f"{why} {where}".strip())
 
     def remove(self) -> None:
         """Remove the hooks."""

@@ -261,7 +261,7 @@ def ggn_diagonal(
 def _capture_chunk(model: nn.Module, x: Tensor, k: int) -> int:
     """Examples per chunk of the captured diagonal: K copies of each fit ``CAPTURE_BUDGET``
     (and, on the CPU, :func:`~flatcli.curvature.memory.cpu_chunk`)."""
-    per = 4 * k * activation_bytes_per_example(model, tuple(x.shape[1:]))
+    per = 4 * k * activation_bytes_per_example(model, tuple(x.shape[1:]), x.dtype)
     size = max(1, min(int(x.shape[0]), CAPTURE_BUDGET // max(1, per)))
     if x.device.type == "cpu" and next(model.parameters()).device.type == "cpu":
         size = min(size, max(1, cpu_chunk(model, x) // k))

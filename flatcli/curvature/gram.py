@@ -238,7 +238,9 @@ class GramEngine:
         if self.chunk_size is not None:
             return int(self.chunk_size)
         if self._per_example_bytes is None:
-            self._per_example_bytes = activation_bytes_per_example(self.model, tuple(x.shape[1:]))
+            self._per_example_bytes = activation_bytes_per_example(
+                self.model, tuple(x.shape[1:]), x.dtype
+            )
         per = 4 * self._per_example_bytes  # activations, recorded layer inputs/outputs, grads
         if self.method is GramMethod.MATERIALIZE:  # plus the chunk's gradient rows
             per += 2 * self.num_params * torch.finfo(self.functional.dtype).bits // 8
@@ -310,7 +312,9 @@ class GramEngine:
             c = int(self.chunk_size)
         else:  # each batched cotangent row runs a backward through the whole batch
             if self._per_example_bytes is None:
-                self._per_example_bytes = activation_bytes_per_example(self.model, x.shape[1:])
+                self._per_example_bytes = activation_bytes_per_example(
+                    self.model, tuple(x.shape[1:]), x.dtype
+                )
             row = 4 * n * self._per_example_bytes + 2 * self.num_params * z.element_size()
             c = max(1, min(n, CHUNK_BUDGET // max(1, row)))
         rows = []

@@ -89,6 +89,7 @@ from flatcli.progress import ProgressFn, no_progress
 __all__ = [
     "FisherMode",
     "LayerFactors",
+    "FactorSet",
     "kfac_factors",
     "factored_layers",
     "kron_top",
@@ -200,7 +201,7 @@ def factored_layers(model: nn.Module, layers: Sequence[str] | str | None = None)
 
 
 def _chunk_size(model: nn.Module, x: Tensor, rows: int) -> int:
-    per = activation_bytes_per_example(model, tuple(x.shape[1:]))
+    per = activation_bytes_per_example(model, tuple(x.shape[1:]), x.dtype)
     return max(1, min(MAX_CHUNK, CHUNK_BUDGET // max(1, per * (rows + 2))))
 
 
@@ -292,7 +293,7 @@ def kfac_factors(
     seed: int = 0,
     progress: ProgressFn | None = None,
     mc_samples: int = 1,
-) -> dict[str, LayerFactors]:
+) -> FactorSet:
     """E[M] and E[xxᵀ] of every selected Linear/Conv layer, in one pass over the examples.
 
     Wu et al. 2020, Eqs. 5-6 (Linear), Eqs. 30-37 (convolution: Ẽ[M] with 1/P, Eq. 35; E[XXᵀ]
@@ -312,7 +313,12 @@ def kfac_factors(
         mc_samples: labels drawn per example for ``"mc"``.
 
     Returns:
-        ``{module name: LayerFactors}`` in model order.
+        ``{module name: LayerFactors}`` in model order (a :class:`FactorSet`), and in its
+        ``skipped`` the layers it cannot follow, with why: a weight tied to another module's, a
+        weight read outside the layer's own forward (``nn.MultiheadAttention`` reads its
+        ``out_proj`` weight in its own forward), a layer the forward never calls. Sequence
+        models: the positions of a sequence play the role of a convolution's positions (Wu et
+        al. 2020, App. A.2: E[xxᵀ] summed over positions, Ẽ[M] with 1/P).
 
     Raises:
         UsageError: a BatchNorm in training mode, a layer pattern that matches nothing, a bad
@@ -337,6 +343,8 @@ def kfac_factors(
     if not names:
         raise UsageError("the model has no Linear or Conv2d layer with a trainable weight")
     modules = dict(model.named_modules())
+    skipped = _tied_layers(model, names)
+    names = [n for n in names if n not in skipped]
     params = [f"{n}.weight" if n else "weight" for n in names]
     try:
         targets = [t for t in plan(model, params) if t.name in set(names)]
@@ -349,6 +357,11 @@ def kfac_factors(
         raise UsageError(
             f"x and y must hold the same positive number of examples. Got {N} and {y.shape[0]}."
         )
+    skipped.update(_unfollowed_layers(model, targets, move_inputs(x[:2], device, dtype)))
+    targets = [t for t in targets if t.name not in skipped]
+    if not targets:
+        reasons = "; ".join(f"{n}: {why}" for n, why in skipped.items())
+        raise UsageError(f"K-FAC can follow no layer of this model ({reasons})")
     if batch_size is None:
         with torch.no_grad():
             K = int(model(move_inputs(x[:1], device, dtype)).shape[-1])
@@ -389,7 +402,7 @@ def kfac_factors(
         for a in acc.values():
             a.em, a.exx, a.mean, a.bias = (next(reduced) for _ in range(4))
             a.P = int(distributed.all_reduce_max(a.P))  # 0 on a process with no examples
-    out: dict[str, LayerFactors] = {}
+    out = FactorSet(skipped=skipped)
     for t in targets:
         a = acc[t.name]
         P = max(a.P, 1)
@@ -407,6 +420,55 @@ def kfac_factors(
             examples=N,
             fisher=fisher.value,
         )
+    return out
+
+
+class FactorSet(dict):
+    """``{layer name: LayerFactors}`` with ``skipped``: ``{layer name: why it is not factored}``."""
+
+    def __init__(self, *args: object, skipped: dict[str, str] | None = None) -> None:
+        super().__init__(*args)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+def _tied_layers(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The layers of ``names`` whose weight another module also holds (tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(f"{mod_name}.{attr}" if mod_name else attr)
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        own = f"{name}.weight" if name else "weight"
+        others = [h for h in holders[id(modules[name].weight)] if h != own]
+        if others:
+            out[name] = f"its weight is tied to {others[0]}"
+    return out
+
+
+def _unfollowed_layers(model: nn.Module, targets: list[Target], x: Tensor) -> dict[str, str]:
+    """One recorded forward of ``x`` that does not stop at a weight read outside its layer's
+    forward: those layers and the never-called ones, with why."""
+    recorder = Recorder(targets, strict=False)
+    try:
+        record_forward(model, recorder, x)
+    except CaptureUnsupported as e:
+        raise UsageError(f"K-FAC cannot follow this model: {e}") from e
+    finally:
+        recorder.remove()
+    out = {}
+    modules = dict(model.named_modules())
+    for name, why in recorder.misused.items():
+        parent = modules.get(name.rpartition(".")[0]) if "." in name else None
+        if isinstance(parent, nn.MultiheadAttention):
+            why += " (nn.MultiheadAttention reads out_proj.weight in its own forward)"
+        out[name] = why
+    for t in targets:
+        if not t.calls and t.name not in out:
+            out[t.name] = "the forward never calls it"
+        t.calls = []
     return out
 
 

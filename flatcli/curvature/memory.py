@@ -48,12 +48,16 @@ BUDGET_FRACTION_CUDA = 0.5
 BUDGET_FRACTION_CPU = 0.25
 
 
-def _saved_bytes(model: nn.Module, x_shape: tuple[int, ...]) -> tuple[dict[int, int], int]:
+def _saved_bytes(
+    model: nn.Module, x_shape: tuple[int, ...], x_dtype: torch.dtype | None = None
+) -> tuple[dict[int, int], int]:
     """Bytes of each storage autograd saves in a forward of TWO zero examples (parameters
-    excluded), and the output's bytes."""
+    excluded), and the output's bytes. Integer inputs (token ids) keep ``x_dtype``."""
     p0 = next(iter(model.parameters()), None)
     device = p0.device if p0 is not None else torch.device("cpu")
     dtype = p0.dtype if p0 is not None else torch.get_default_dtype()
+    if x_dtype is not None and not x_dtype.is_floating_point:
+        dtype = x_dtype
     x = torch.zeros((2, *x_shape), dtype=dtype, device=device)
     state = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     state.update({n: b.detach().clone() for n, b in model.named_buffers()})
@@ -73,13 +77,16 @@ def _saved_bytes(model: nn.Module, x_shape: tuple[int, ...]) -> tuple[dict[int, 
     return {k: b for k, b in seen.items() if k not in param_ptrs}, out.numel() * out.element_size()
 
 
-def activation_bytes_per_example(model: nn.Module, x_shape: tuple[int, ...]) -> int:
+def activation_bytes_per_example(
+    model: nn.Module, x_shape: tuple[int, ...], x_dtype: torch.dtype | None = None
+) -> int:
     """Bytes autograd saves for backward in a forward of one example of shape ``x_shape``.
 
     Runs the model functionally (cloned buffers, so BatchNorm running statistics are untouched)
-    on two zero examples and halves the count. The output is counted too.
+    on two zero examples (of ``x_dtype`` when it is an integer type, else of the model's dtype)
+    and halves the count. The output is counted too.
     """
-    saved, out = _saved_bytes(model, x_shape)
+    saved, out = _saved_bytes(model, x_shape, x_dtype)
     return int((sum(saved.values()) + out) // 2)
 
 
@@ -92,7 +99,7 @@ def cpu_chunk(model: nn.Module, x: Tensor) -> int:
     over one large chunk spent as much time in the kernel as in its arithmetic
     (``benchmarks/bench_hvp.py``). Smaller chunks reuse heap memory.
     """
-    saved, out = _saved_bytes(model, tuple(x.shape[1:]))
+    saved, out = _saved_bytes(model, tuple(x.shape[1:]), x.dtype)
     largest = max([out, *saved.values()]) // 2
     return int(max(1, min(int(x.shape[0]), CPU_TENSOR_BYTES // max(1, largest))))
 

@@ -133,6 +133,7 @@ class KfacResult:
     seconds_factors: float
     compare_checkpoint: str | None = None
     blocks: dict[str, _Block] = field(default_factory=dict, repr=False)
+    skipped_layers: dict[str, str] = field(default_factory=dict)
 
     def _values(self, key: str) -> list[float]:
         out = []
@@ -181,6 +182,7 @@ class KfacResult:
             "examples": self.examples,
             "mode": self.mode,
             "not_factored": self.not_factored,
+            "skipped_layers": self.skipped_layers,
             "compare": self.compare_checkpoint,
             "seconds_factors": self.seconds_factors,
             **self._nonfinite(),
@@ -502,6 +504,7 @@ def compute_kfac(
         seconds_factors=seconds,
         compare_checkpoint=config.compare,
         blocks=blocks,
+        skipped_layers=dict(getattr(factors, "skipped", {})),
     )
 
 

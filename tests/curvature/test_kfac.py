@@ -424,3 +424,78 @@ def test_confident_net_breaks_the_conjecture():
     err, se, _ = decoupling_error(block, f, probes=64)
     dense = float(torch.linalg.matrix_norm(H - f.dense()) / torch.linalg.matrix_norm(H))
     assert dense > 0.9 and err > 0.8
+
+
+class _SeqLinear(nn.Module):
+    """A Linear over 4 positions of width 3, tanh, then a head on the flattened sequence."""
+
+    def __init__(self, conv: bool = False) -> None:
+        super().__init__()
+        self.conv = conv
+        self.mix = nn.Conv1d(3, 5, 1) if conv else nn.Linear(3, 5)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 4, 3)
+        if self.conv:
+            h = self.mix(x.transpose(1, 2))  # (N, 5, 4)
+        else:
+            h = self.mix(x).transpose(1, 2)  # (N, 5, 4)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def test_a_linear_over_positions_is_a_one_by_one_convolution() -> None:
+    """Wu et al. 2020, App. A.2 for sequences: a Linear applied at T positions has the factors
+    of the 1x1 convolution that computes the same function (P = T, Ẽ[M] with 1/P, E[xxᵀ] summed
+    over positions)."""
+    torch.manual_seed(0)
+    lin = _SeqLinear().double().eval()
+    conv = _SeqLinear(conv=True).double().eval()
+    with torch.no_grad():
+        conv.mix.weight.copy_(lin.mix.weight[:, :, None])
+        conv.mix.bias.copy_(lin.mix.bias)
+        conv.head.load_state_dict(lin.head.state_dict())
+    x = torch.randn(7, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    torch.testing.assert_close(lin(x), conv(x))
+    a, b = kfac_factors(lin, x, y)["mix"], kfac_factors(conv, x, y)["mix"]
+    assert a.positions == b.positions == 4 and a.shape == b.shape == (5, 3)
+    for field in ("em", "exx", "mean_x", "bias_block"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-12, atol=1e-14)
+
+
+class _Attention(nn.Module):
+    """Attention (its out_proj read by the attention's own forward), a tied embedding/head pair,
+    a layer the forward never calls, and two layers K-FAC can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.ff = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 5, bias=False)
+        self.out.weight = self.embed.weight
+        self.cls = nn.Linear(5, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.cls(self.out(torch.tanh(self.ff(h))).mean(1))
+
+
+def test_layers_it_cannot_follow_are_skipped_with_why() -> None:
+    torch.manual_seed(0)
+    model = _Attention().double().eval()
+    x = torch.randint(0, 5, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    f = kfac_factors(model, x, y)
+    assert list(f) == ["ff", "cls"]
+    assert f.skipped == {
+        "attn.out_proj": "parameter of attn.out_proj is used outside that module's own forward "
+        "(nn.MultiheadAttention reads out_proj.weight in its own forward)",
+        "unused": "the forward never calls it",
+        "out": "its weight is tied to embed.weight",
+    }
+    assert f["ff"].positions == 3  # the sequence's positions (App. A.2)
+    with pytest.raises(UsageError, match="K-FAC can follow no layer.*unused: the forward never"):
+        kfac_factors(model, x, y, layers=["unused", "out"])
