@@ -19,7 +19,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -227,6 +227,7 @@ def run_checkpoints(
     )
     sharded = shard == "checkpoints" and distributed.active()
     mine = distributed.split_items(list(paths)) if sharded else paths
+    losses: list[str] = []  # the loss of every loaded checkpoint: config.loss names the one used
 
     def one(path: Path) -> tuple[dict[str, Any], int]:
         with _warnings_as_lines(path.name, sink), sink.checkpoint(path.name) as progress:
@@ -242,6 +243,7 @@ def run_checkpoints(
                 sink,
                 environment if not sharded else None,
                 collective=not sharded,
+                losses=losses,
             )
 
     with distributed.local_work() if sharded else contextlib.nullcontext():
@@ -252,6 +254,9 @@ def run_checkpoints(
                     entry = {**entry, **{k: entry.get(k, v) for k, v in (row_keys or {}).items()}}
                     outcome.failure = max(outcome.failure, code)
                     outcome.results.append(entry)
+                    if opts.loss is None and losses:
+                        used = list(dict.fromkeys(losses))
+                        outcome.config["loss"] = used[0] if len(used) == 1 else used
                     sink.partial(outcome.report(interrupted=True))
                     advance()
         except KeyboardInterrupt:
@@ -285,6 +290,7 @@ def _measure_one(
     environment: dict[str, Any] | None,
     *,
     collective: bool,
+    losses: list[str] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Load and measure one checkpoint: its report entry (with the error, if it failed) and
     the exit code its failure calls for (0 when measured; 2 for a usage error while loading,
@@ -298,6 +304,8 @@ def _measure_one(
         try:
             run = load(path, model, device=device, dtype=dtype, datasets=datasets, **opts.data())
             ctx = Context(**{f.name: getattr(run, f.name) for f in fields(Run)}, progress=progress)
+            if losses is not None:
+                losses.append(run.loss)
         except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
             failed = e
         # under torchrun: no process measures (collectives) unless every process loaded
@@ -375,6 +383,8 @@ def compute_cached(measure: Any, ctx: Run, config: Any, cache: Any, fingerprint:
     from flatcli.io.report import _jsonable, finite_metrics
     from flatcli.measures.registry import compute
 
+    if is_dataclass(config) and getattr(config, "loss", "") is None:
+        config = replace(config, loss=ctx.loss)  # the key names the loss the run takes
     key = cache.key(
         ctx.checkpoint.sha256, measure.name, config, fingerprint, str(ctx.device), str(ctx.dtype)
     )

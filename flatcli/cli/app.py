@@ -20,14 +20,14 @@ from flatcli._version import __version__
 COMMANDS: dict[str, str] = {
     "train": "Train a model and write a .safetensors checkpoint that records everything.",
     "spectrum": "Top eigenvalues (Lanczos), trace (Hutch++) and density (SLQ).",
-    "sharpness": "Normalized sharpness (scale-invariant, Tsuzuku et al.) and the classic "
-    "sharpness measures.",
+    "sharpness": "Normalized sharpness (Tsuzuku et al.) and the classic sharpness measures.",
     "reparam": "Write a checkpoint computing the same function with rescaled weights; report "
     "the largest logit difference.",
     "gamma": "γ̂ = mean ln|J Jᵀ| over samples (Jia & Su, Eq. 5).",
     "pacbayes": "Optimised, certified PAC-Bayes bound (Dziugaite & Roy; Wu et al.).",
     "rank": "Rank a sweep of checkpoints by their measures against the gap.",
     "kfac": "Kronecker factors of each layer's Hessian vs the exact block.",
+    "landscape": "Loss on a 1-D or 2-D slice around a minimum (filter-normalised, Li et al.).",
     "measures": "List every measure: its metrics, their direction, source and cost.",
 }
 """Subcommand name -> its one-line help for ``flatcli --help``; its module is

@@ -10,13 +10,14 @@ COLUMNS = [
     ("direction", "direction"),
     ("source", "source"),
     ("cost", "cost"),
+    ("losses", "losses"),
 ]
 
 
 @command(
     "measures",
     help="List every measure: its metrics, their direction (sharper: larger means a "
-    "sharper minimum), source (paper, equation) and cost.",
+    "sharper minimum), source (paper, equation), cost and the losses it takes.",
 )
 def measures(output: OutputOptions) -> None:
     """Print the measure registry."""
@@ -33,6 +34,7 @@ def measures(output: OutputOptions) -> None:
             "direction": k["direction"],
             "source": k["source"],
             "cost": m["cost"] if i == 0 else "",
+            "losses": " ".join(m["losses"]) if i == 0 else "",
         }
         for m in data["measures"]
         for i, k in enumerate(m["metrics"])

@@ -8,8 +8,8 @@ A command is a function whose parameters are annotated with option dataclasses:
 
 :func:`command` builds the Typer signature from those dataclasses' fields and calls the
 function with each dataclass built from what was parsed; a field that is not an option
-(``seed``, ``batch_size``) takes the option of the same name. :func:`add` puts it on an app.
-"""
+(``seed``, ``batch_size``, ``loss``) takes the option of the same name (an option two groups
+declare, the first group's). :func:`add` puts it on an app."""
 
 from __future__ import annotations
 
@@ -95,8 +95,7 @@ def _groups(fn: Any) -> dict[str, type]:
 
 
 def build(config_type: type, values: dict[str, Any]) -> Any:
-    """``config_type`` from parsed values: its options, and its other fields (``seed``,
-    ``batch_size``) from the options of the same name."""
+    """``config_type`` from parsed values; a field not an option takes the option so named."""
     flagged = {f.name for f, _ in flags_of(config_type)}
     fixed = {
         f.name: values[f.name]
@@ -121,6 +120,7 @@ def command(name: str, help: str, prepare: Callable[[], object] | None = None) -
         for config_type in groups.values():
             hints = field_types(config_type)
             params += [_parameter(f, meta, hints[f.name]) for f, meta in flags_of(config_type)]
+        params = list({p.name: p for p in params[::-1]}.values())[::-1]  # a repeat: the first
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flatcli.configs.choices import LossName
 from flatcli.errors import UsageError
 from flatcli.options import option
 
@@ -76,6 +77,14 @@ class LoadOptions:
         "--unsafe-load",
         "Unpickle arbitrary objects from .pt files (runs code from the file).",
     )
+    loss: str | None = option(
+        None,
+        "--loss",
+        "Loss every measure takes: ce, nsce, token-ce (logits (N, T, V)), mse, bce. Default: "
+        "the checkpoint's, else inferred: token-ce for int targets (N, T), mse for float "
+        "targets, else ce.",
+        choices=LossName,
+    )
 
     def validate(self) -> None:
         """Check the values a type alone cannot (UsageError: exit 2 before any work)."""
@@ -84,12 +93,15 @@ class LoadOptions:
                 f"--split must be train, test, trained or trained-clean; got '{self.split}'"
             )
         from flatcli.dtypes import dtype_of
+        from flatcli.errors import choice
 
         dtype_of(self.dtype)
+        if self.loss is not None:
+            choice(LossName, self.loss, "loss")
 
     def data(self) -> dict[str, Any]:
         """The arguments of :func:`flatcli.io.load.load` that pick the examples."""
-        names = ("dataset", "split", "max_examples", "seed", "unsafe_load", "batch_size")
+        names = ("dataset", "split", "max_examples", "seed", "unsafe_load", "batch_size", "loss")
         return {name: getattr(self, name) for name in names}
 
     def load_config(self) -> dict[str, Any]:
@@ -105,6 +117,7 @@ class LoadOptions:
             "device": self.device,
             "dtype": self.dtype,
             "seed": self.seed,
+            "loss": self.loss,
         }
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from flatcli.configs._checks import head_dtype_name, require
+from flatcli.configs.choices import LossName
 from flatcli.errors import choice
 from flatcli.options import choices, option
 
@@ -32,6 +33,7 @@ class GammaConfig:
         logit_scale: if set, logits are rescaled to this Euclidean norm before the softmax (the
             authors' code: 1/0.04 = 25); applied to γ̂, the baselines and robustness alike.
         baselines: also compute ``robustness`` (the Gram-based baselines are always reported).
+            ``robustness`` differentiates the softmax: loss ce or nsce only.
         bn_mode: ``"eval"`` (running statistics) or ``"train"`` (statistics of each sample, as
             the authors' code; materialised engine only).
         seed: seeds the samples and the robustness power iteration.
@@ -43,6 +45,9 @@ class GammaConfig:
             ‖JJᵀu − θu‖ ≤ tol·θ: then θ is within tol·θ of an eigenvalue of JJᵀ, and (a
             Rayleigh quotient) within about tol²·θ²/gap of it.
         robustness_max_iter: power iterations at most.
+        loss: the loss whose per-example gradients form J (CONTRACTS.md: ``token-ce`` a
+            sequence's mean over its counted positions, ``mse``/``bce`` the mean over its
+            outputs); None: the run's (the common ``--loss``), else inferred from the targets.
     """
 
     samples: int = option(100, "--samples", "N': examples per sample S^t (the paper: 100).", min=1)
@@ -79,9 +84,12 @@ class GammaConfig:
     )
     robustness_tol: float = 1e-4
     robustness_max_iter: int = 200
+    loss: str | None = None  # not a flag: the common --loss (None: the run's, else inferred)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        if self.loss is not None:
+            set_(self, "loss", choice(LossName, self.loss, "loss"))
         set_(self, "bn_mode", choice(BNMode, self.bn_mode, "bn_mode"))
         set_(self, "method", choice(GramMethod, self.method, "method"))
         set_(self, "head_dtype", head_dtype_name(self.head_dtype))

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from flatcli.configs._checks import require
+from flatcli.configs.choices import LossName
 from flatcli.errors import UsageError, choice
 from flatcli.options import choices, option
 
@@ -27,7 +28,9 @@ class KfacConfig:
     Attributes:
         layers: module names or globs of the Linear/Conv2d layers (None: all of them).
         top_k: K, the eigenpairs of each exact block (Lanczos) and of the Kronecker product.
-        fisher: ``"exact"`` (E[M] from all c rows of Q) or ``"mc"`` (sampled labels).
+        fisher: ``"exact"`` (E[M] from all c rows of Q) or ``"mc"`` (sampled labels; loss ce).
+        loss: ``ce``, ``mse``, ``bce`` or ``token-ce`` (E[M] from the closed-form output
+            Hessian; ``nsce`` has none and is refused); None: the run's, else inferred.
         mc_samples: labels per example for ``"mc"``.
         matrix: the exact block's matrix, ``"hessian"`` (default) or ``"ggn"``.
         tol: Lanczos residual tolerance relative to |λ_max|.
@@ -76,10 +79,13 @@ class KfacConfig:
     )
     seed: int = 0
     batch_size: int | None = None
+    loss: str | None = None  # not a flag: the common --loss (None: the run's, else inferred)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "fisher", choice(FisherMode, self.fisher, "fisher"))
+        if self.loss is not None:
+            set_(self, "loss", choice(LossName, self.loss, "loss"))
         if self.matrix not in ("hessian", "ggn"):
             raise UsageError(f"Unknown matrix {self.matrix!r}; choose one of 'hessian', 'ggn'.")
         if isinstance(self.layers, str):

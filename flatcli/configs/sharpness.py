@@ -70,8 +70,11 @@ class SharpnessConfig:
 
     Attributes:
         measures: names from :func:`all_measures` (None: all of them).
-        loss: loss head of the normalized measures' Hessian: ``"nsce"`` (Eq. 20) or ``"ce"``.
-        classic_loss: loss of ``hessian_trace``, ``eps_sharpness`` and ``adaptive_sharpness``.
+        loss: the command's loss (the common ``--loss``): of ``hessian_trace``,
+            ``eps_sharpness`` and ``adaptive_sharpness``; None: the run's, else inferred from
+            the targets (:meth:`resolved` fills it in).
+        normalized_loss: loss of the normalized measures' Hessian; None: ``"nsce"`` (Eq. 20)
+            when the loss is ``ce`` or ``nsce``, else the loss itself.
         diag_method: ``"ggn"`` (default: exact GGN diagonal, the exact Hessian diagonal of
             piecewise-linear networks), ``"hutchinson"`` (Rademacher probes and exact HVPs, as
             Algorithm 1; biased upward by the clipping) or ``"exact"`` (exact Hessian diagonal,
@@ -105,16 +108,11 @@ class SharpnessConfig:
         "Measure to compute (repeatable; default all; `flatcli measures` lists them).",
         repeatable=True,
     )
-    loss: str = option(
-        "nsce",
-        "--loss",
-        "Loss of the normalized measures' Hessian (nsce: Eq. 20).",
-        choices=LossName,
-    )
-    classic_loss: str = option(
-        "ce",
-        "--classic-loss",
-        "Loss of hessian_trace, eps_sharpness and adaptive_sharpness.",
+    normalized_loss: str | None = option(
+        None,
+        "--normalized-loss",
+        "Loss of the normalized measures' Hessian. Default: nsce (Eq. 20) when --loss is ce "
+        "or nsce, else --loss.",
         choices=LossName,
     )
     diag_method: str = option(
@@ -164,6 +162,7 @@ class SharpnessConfig:
         "float64", "--head-dtype", "dtype of the loss head (float64 keeps confident examples)."
     )
     seed: int = 0
+    loss: str | None = None  # not a flag: the common --loss (None: the run's, else inferred)
     force: bool = option(
         False,
         "--force",
@@ -182,8 +181,9 @@ class SharpnessConfig:
         if not measures:
             raise UsageError(f"Choose at least one measure of {list(all_measures())}.")
         set_(self, "measures", tuple(dict.fromkeys(_measure_name(m) for m in measures)))
-        set_(self, "loss", choice(LossName, self.loss, "loss"))
-        set_(self, "classic_loss", choice(LossName, self.classic_loss, "loss"))
+        for name in ("loss", "normalized_loss"):
+            if getattr(self, name) is not None:
+                set_(self, name, choice(LossName, getattr(self, name), "loss"))
         set_(self, "diag_method", choice(DiagMethod, self.diag_method, "diag method"))
         set_(self, "trace_method", choice(TraceMethod, self.trace_method, "trace method"))
         set_(self, "adaptive_p", str(self.adaptive_p).lower().removeprefix("l"))
@@ -225,6 +225,15 @@ class SharpnessConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready values (the report's ``config``)."""
         return plain_dict(self)
+
+    def resolved(self, loss: str) -> SharpnessConfig:
+        """This config with ``loss`` (when unset) and ``normalized_loss`` filled in: NSCE for
+        the class losses (Tsuzuku et al. 2020, Eq. 20), else the command's loss."""
+        from dataclasses import replace
+
+        loss = self.loss or loss
+        normalized = self.normalized_loss or ("nsce" if loss in ("ce", "nsce") else loss)
+        return replace(self, loss=loss, normalized_loss=normalized)
 
     @property
     def head(self) -> torch.dtype | None:

@@ -66,7 +66,8 @@ class SpectrumConfig:
         head_dtype: dtype of the loss head: ``"float64"`` (default) keeps the curvature of
             confident examples, whose ``1 − p(y|x)`` rounds away in float32; None
             evaluates it in the model's dtype.
-        loss: loss head, ``"ce"`` or ``"nsce"``.
+        loss: the loss (``ce``, ``nsce``, ``token-ce``, ``mse``, ``bce``); None: the run's loss
+            (the common ``--loss``), or inferred from the targets in the library call.
         hvp_method: ``"auto"``, ``"forward-over-reverse"`` or ``"double-backward"``.
         eigenvectors: keep the Ritz vectors in the result (``SpectrumResult.eigenvectors``).
     """
@@ -112,7 +113,7 @@ class SpectrumConfig:
     head_dtype: str | None = option(
         "float64", "--head-dtype", "dtype of the loss head (float64 keeps confident examples)."
     )
-    loss: str = option("ce", "--loss", "Loss head (nsce: normalized softmax CE).", choices=LossName)
+    loss: str | None = None  # not a flag: the common --loss (None: the run's loss)
     hvp_method: str = option("auto", "--hvp-method", "How products are formed.", choices=HvpMethod)
     eigenvectors: bool = False
 
@@ -122,7 +123,8 @@ class SpectrumConfig:
         set_(self, "which", choice(Which, self.which, "which"))
         set_(self, "trace_method", choice(TraceMethod, self.trace_method, "trace method"))
         set_(self, "hvp_method", choice(HvpMethod, self.hvp_method, "hvp method"))
-        set_(self, "loss", choice(LossName, self.loss, "loss"))
+        if self.loss is not None:
+            set_(self, "loss", choice(LossName, self.loss, "loss"))
         if isinstance(self.layers, str):
             set_(self, "layers", (self.layers,))
         elif self.layers is not None:

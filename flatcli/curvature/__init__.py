@@ -21,12 +21,19 @@ from flatcli.curvature.kfac import LayerFactors, kfac_factors
 from flatcli.curvature.lanczos import EigenResult, lanczos
 from flatcli.curvature.linop import DenseOperator, LinearOperator, to_dense
 from flatcli.curvature.losses import (
+    binary_cross_entropy,
+    check_targets,
     class_residuals,
     cross_entropy,
     get_loss,
+    infer_loss,
+    mean_squared_error,
     normalized_cross_entropy,
     output_hessian,
+    output_hessian_factor,
     output_hessian_sqrt,
+    sample_loss,
+    token_cross_entropy,
 )
 from flatcli.curvature.memory import auto_batch_size, estimate_memory
 from flatcli.curvature.operators import CurvatureOperator, eval_mode, make_operator
@@ -48,10 +55,17 @@ __all__ = [
     # loss heads
     "cross_entropy",
     "normalized_cross_entropy",
+    "token_cross_entropy",
+    "mean_squared_error",
+    "binary_cross_entropy",
     "get_loss",
+    "sample_loss",
+    "infer_loss",
+    "check_targets",
     "class_residuals",
     "output_hessian",
     "output_hessian_sqrt",
+    "output_hessian_factor",
     # spectra
     "lanczos",
     "EigenResult",

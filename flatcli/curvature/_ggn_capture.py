@@ -32,7 +32,8 @@ __all__ = ["captured_ggn_diagonal"]
 
 F64 = torch.float64
 HeadHessian = Callable[[Tensor, Tensor], Tensor]
-"""``head_hessian(logits (B, K) in the head dtype, labels (B,)) -> (B, K, K)``."""
+"""``head_hessian(outputs (B, ...) in the head dtype, targets (B, ...)) -> (B, K, K)``, K the
+outputs per example (flattened)."""
 
 
 def captured_ggn_diagonal(
@@ -94,7 +95,7 @@ def _add_chunk(
     b = x.shape[0]
     z = record_forward(model, recorder, x.repeat(k, *([1] * (x.dim() - 1))))  # row k·b + n
     lam, u = torch.linalg.eigh(head_hessian(z[:b].detach().to(hd), y))  # (b, K), (b, K, K)
-    cotangent = u.permute(2, 0, 1).reshape(k * b, k).to(z.dtype)  # row (k, n): u_nk
+    cotangent = u.permute(2, 0, 1).reshape(k * b, *z.shape[1:]).to(z.dtype)  # row (k, n): u_nk
     w = lam.T.reshape(k * b)
     grads = backward_to_outputs(z, recorder.targets, cotangent)
     for i, (t, gs) in enumerate(zip(recorder.targets, grads, strict=True)):

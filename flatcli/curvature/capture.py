@@ -379,8 +379,8 @@ def record_forward(model: nn.Module, recorder: Recorder, x: Tensor) -> Tensor:
             break
         if clone:
             raise CaptureUnsupported("a recorded layer input or output is modified in place")
-    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
-        raise CaptureUnsupported("the model's output is not a (N, K) tensor of logits")
+    if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != x.shape[0]:
+        raise CaptureUnsupported("the model's output is not a (N, ...) tensor")
     for t in targets:
         t.checked = True
     return z

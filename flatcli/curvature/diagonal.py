@@ -50,7 +50,7 @@ from flatcli.curvature._functional import FunctionalModel, head_loss, quiet_jit_
 from flatcli.curvature._ggn_capture import captured_ggn_diagonal
 from flatcli.curvature.capture import CaptureUnsupported, plan
 from flatcli.curvature.data import iter_chunks
-from flatcli.curvature.losses import get_loss
+from flatcli.curvature.losses import sample_loss
 from flatcli.curvature.memory import activation_bytes_per_example, cpu_chunk
 from flatcli.curvature.operators import CurvatureOperator, OperatorBlock, make_operator
 from flatcli.curvature.params import select_parameters, unflatten
@@ -211,7 +211,8 @@ def ggn_diagonal(
         model: the network (evaluated in its current mode; per-example vmap needs eval-mode
             BatchNorm).
         x, y: examples and int64 labels.
-        loss_fn: per-example loss head or its name ("ce", "nsce").
+        loss_fn: per-example loss head or a loss name ("ce", "nsce", "token-ce", "mse",
+            "bce"; a name is :func:`flatcli.curvature.losses.sample_loss`: the sample loss).
         params: parameter names/patterns (default all with requires_grad).
         batch_size: rows per forward (each example is forwarded once per logit); default fits
             ``CAPTURE_BUDGET`` bytes of activations (``GGN_WORKSPACE_BYTES`` of Jacobians on
@@ -223,7 +224,7 @@ def ggn_diagonal(
     forward, batch statistics) falls back to per-example Jacobians by ``vmap(jacrev)``.
     """
     if isinstance(loss_fn, str):
-        loss_fn = get_loss(loss_fn)
+        loss_fn = sample_loss(loss_fn, y)
     names = select_parameters(model, params)
     fm = FunctionalModel(model, names)
     n = int(x.shape[0])
@@ -238,12 +239,12 @@ def ggn_diagonal(
     head_hess = vmap(hessian(head_one), in_dims=(0, 0))
     with torch.no_grad():
         first = next(iter_chunks(x, None, 1, fm.device, fm.dtype))
-        k = int(fm(fm.params, first.x).shape[1])
+        k = int(fm(fm.params, first.x)[0].numel())  # K outputs (T * V for token logits)
     a, b = distributed.shard_bounds(n)  # (0, n) in one process; this rank's share under torchrun
 
     def head_hessian(z: Tensor, yy: Tensor) -> Tensor:
         with quiet_jit_warning():  # the head Hessian's first forward-mode AD call
-            return head_hess(z, yy)
+            return head_hess(z, yy).reshape(z.shape[0], k, k)
 
     try:
         targets = plan(model, names)
@@ -351,7 +352,7 @@ def curvature_diagonal(
             f"Unknown diagonal method {method!r}; choose one of {[m.value for m in DiagMethod]}."
         ) from None
     if isinstance(loss_fn, str):
-        loss_fn = get_loss(loss_fn)
+        loss_fn = sample_loss(loss_fn, y)
     start = time.perf_counter()
     if method == DiagMethod.GGN:
         values = ggn_diagonal(

@@ -119,11 +119,25 @@ class FisherOperator(GGNOperator):
 
     For softmax cross-entropy the exact Fisher equals the GGN; the MC Fisher (the default) uses
     ``mc_samples`` labels per example drawn once, at construction, with ``seed``.
+
+    Defined for the class losses ``ce`` and ``nsce`` only. ``token-ce``, ``mse`` and ``bce`` are
+    REFUSED (UsageError): for ``bce`` and ``token-ce`` (Bernoulli and categorical likelihoods in
+    their natural parameters) the exact Fisher equals the GGN, and for ``mse`` the Fisher of the
+    unit-variance Gaussian likelihood exp(-||z - y||^2 / 2) has head matrix I, which is D / 2
+    times MSELoss's output Hessian 2/D I: D/2 times the GGN. Ask for ``"ggn"``.
     """
 
     kind: ClassVar[str] = "fisher"
 
     def _init_kind(self, z: Tensor, fisher_type: str, mc_samples: int) -> None:
+        if z.dim() != 2 or self.loss_name in ("token-ce", "mse", "bce"):
+            raise UsageError(
+                f"kind='fisher' is the Fisher of a predictive distribution over classes (N, K) "
+                f"(losses ce, nsce); loss {self.loss_name or 'given'} with outputs "
+                f"{tuple(z.shape)} is refused: use kind='ggn' (for bce and token-ce the "
+                "exact Fisher equals the GGN; for mse the unit-variance Gaussian Fisher is "
+                "D/2 times the GGN)"
+            )
         self.fisher_type = fisher_type
         if fisher_type == FisherType.MC:
             if int(mc_samples) < 1:

@@ -92,7 +92,10 @@ CHUNK_BUDGET = 2 << 30
 def unit_head(
     loss_fn: Callable[[Tensor, Tensor], Tensor], head_dtype: torch.dtype | None
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``head(z (c, K), y (c,)) -> (unit cotangent (c, K) in z's dtype, scale (c,) float64)``.
+    """``head(z (c, ...), y (c, ...)) -> (unit cotangent like z in z's dtype, scale (c,) f64)``.
+
+    Any output shape the loss takes (logits (c, K), token logits (c, T, V), regression outputs);
+    the norm is over all of an example's outputs.
 
     The cotangent of example n is :math:`\\hat g_n = \\nabla_{z_n}\\ell_n / s_n` with
     :math:`s_n = \\|\\nabla_{z_n}\\ell_n\\|` computed in ``head_dtype``; :math:`\\hat g_n = 0` where
@@ -101,9 +104,9 @@ def unit_head(
 
     def total(zz: Tensor, yy: Tensor) -> Tensor:
         losses = loss_fn(zz, yy)
-        if losses.shape != yy.shape:
+        if losses.shape != yy.shape[:1]:
             raise ValueError(
-                f"loss_fn must return per-example losses of shape {tuple(yy.shape)}. "
+                f"loss_fn must return per-example losses of shape {tuple(yy.shape[:1])}. "
                 f"Got shape {tuple(losses.shape)}."
             )
         return losses.sum()
@@ -111,9 +114,9 @@ def unit_head(
     def head(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         zz = z.detach().to(head_dtype) if head_dtype is not None else z.detach()
         g = grad(total)(zz, y)  # row n depends on example n only
-        s = torch.linalg.vector_norm(g, dim=-1)
-        unit = g / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
-        return unit.to(z.dtype), s.to(F64)
+        s = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s)).view(-1, *([1] * (g.dim() - 1)))
+        return (g / safe).to(z.dtype), s.to(F64)
 
     return head
 
@@ -125,7 +128,9 @@ class GramEngine:
     Args:
         model: the network, in the mode it should be measured in (the caller sets eval/train).
             Its parameters and buffers are never modified.
-        loss_fn: per-example loss head ``(logits (N, K), labels (N,)) -> (N,)``.
+        loss_fn: per-example loss head ``(outputs (N, ...), targets (N, ...)) -> (N,)``
+            (:func:`flatcli.curvature.losses.get_loss`: for ``token-ce`` a sequence's mean over
+            its counted positions, for ``mse``/``bce`` the mean over its outputs).
         head_dtype: dtype of the head (float64 by default; None keeps the logits' dtype).
         method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see the module docstring).
         chunk_size: examples per forward (ghost, materialised) or per batch of vjps (coupled

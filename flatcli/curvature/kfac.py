@@ -81,7 +81,12 @@ from flatcli.curvature.capture import (
 )
 from flatcli.curvature.data import move_inputs
 from flatcli.curvature.gauss_newton import sample_labels
-from flatcli.curvature.losses import class_residuals, output_hessian_sqrt
+from flatcli.curvature.losses import (
+    IGNORE_INDEX,
+    class_residuals,
+    output_hessian_factor,
+    output_hessian_sqrt,
+)
 from flatcli.curvature.memory import activation_bytes_per_example
 from flatcli.errors import UsageError
 from flatcli.progress import ProgressFn, no_progress
@@ -206,16 +211,32 @@ def _chunk_size(model: nn.Module, x: Tensor, rows: int) -> int:
 
 
 def _cotangents(
-    z: Tensor, y: Tensor, fisher: FisherMode, mc_samples: int, seed: int, start: int
+    z: Tensor,
+    y: Tensor,
+    fisher: FisherMode,
+    mc_samples: int,
+    seed: int,
+    start: int,
+    loss: str = "ce",
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Unit cotangents (B, c, K) in z's dtype and their float64 scales (B, c).
 
-    Exact: row k of example n is Q_n[k] (so Σ_k rows ⊗ rows = A_n, Eq. 27); MC: the residual of
+    Exact: row k of example n is Q_n[k] (so Σ_k rows ⊗ rows = A_n, Eq. 27); for ``loss``
+    ``mse``, ``bce`` or ``token-ce`` the closed-form square root of
+    :func:`flatcli.curvature.losses.output_hessian_factor` (weighted by ``scale``: N / C for
+    ``token-ce``, so the factors are those of the sample loss); MC: the residual of
     a label drawn from p(·|x_n), divided by sqrt(mc_samples). The labels of example n (global
     index ``start`` + row) depend on ``(seed, n)`` only, not on the chunking or the number of
     processes (:func:`flatcli.curvature.gauss_newton.sample_labels`).
     """
     z64 = z.detach().to(F64)
+    if loss != "ce":  # closed-form output-Hessian square root of the sample loss's term
+        w = torch.full((z.shape[0],), float(scale), dtype=F64, device=z.device)
+        rows = output_hessian_factor(loss, z64, y, w).transpose(0, 1)  # (R, c, *out)
+        s = torch.linalg.vector_norm(rows.flatten(2), dim=-1)  # (R, c)
+        safe = torch.where(s > 0, s, torch.ones_like(s)).view(*s.shape, *([1] * (z.dim() - 1)))
+        return (rows / safe).to(z.dtype), s
     if fisher is FisherMode.EXACT:
         rows = output_hessian_sqrt(z64).transpose(0, 1)  # (K, c, K)
     else:
@@ -293,6 +314,7 @@ def kfac_factors(
     seed: int = 0,
     progress: ProgressFn | None = None,
     mc_samples: int = 1,
+    loss: str = "ce",
 ) -> FactorSet:
     """E[M] and E[xxᵀ] of every selected Linear/Conv layer, in one pass over the examples.
 
@@ -304,13 +326,18 @@ def kfac_factors(
     Args:
         model: the network, in eval mode (BatchNorm with running statistics: a fixed affine map;
             batch statistics would couple the examples). Its parameters are not changed.
-        x: inputs (N, ...); y: int64 labels (N,) (unused by ``"exact"``, which needs no label).
+        x: inputs (N, ...); y: targets (N, ...) (ce: int64 labels, unused by ``"exact"``;
+            mse and bce need none of them; token-ce counts the positions not -100).
         layers: module names or globs (None: every Linear/Conv1d/Conv2d with a trainable weight).
         fisher: ``"exact"`` or ``"mc"``.
         batch_size: examples per forward (None: what fits a fixed 1 GiB budget, at most 1024).
         seed: seeds the sampled labels of ``"mc"``.
         progress: ``progress("kfac factors", examples done, N)``.
         mc_samples: labels drawn per example for ``"mc"``.
+        loss: ``"ce"`` (default), ``"mse"``, ``"bce"`` or ``"token-ce"``: E[M] from the loss's
+            closed-form output Hessian (mse: 2/D I; bce: diag(σ(z) σ(-z)) / D; token-ce: one
+            diag(p) - p pᵀ per counted position, weighted N / C so that E[M] is that of the
+            sample loss, the mean over all C counted positions). ``"mc"`` needs ``"ce"``.
 
     Returns:
         ``{module name: LayerFactors}`` in model order (a :class:`FactorSet`), and in its
@@ -331,6 +358,12 @@ def kfac_factors(
         raise UsageError(f"fisher must be 'exact' or 'mc'. Got {fisher!r}.") from None
     if mc_samples < 1:
         raise UsageError(f"mc_samples must be >= 1. Got {mc_samples}.")
+    if loss not in ("ce", "mse", "bce", "token-ce"):
+        raise UsageError(
+            f"K-FAC needs a closed-form output Hessian: loss ce, mse, bce or token-ce; got {loss}"
+        )
+    if loss != "ce" and fisher is not FisherMode.EXACT:
+        raise UsageError(f"fisher='mc' samples class labels (loss ce); loss {loss} needs 'exact'")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1. Got {batch_size}.")
     if has_batch_statistics(model):
@@ -364,8 +397,12 @@ def kfac_factors(
         raise UsageError(f"K-FAC can follow no layer of this model ({reasons})")
     if batch_size is None:
         with torch.no_grad():
-            K = int(model(move_inputs(x[:1], device, dtype)).shape[-1])
+            z1 = model(move_inputs(x[:1], device, dtype))
+            K = int(z1.shape[-1] if loss == "ce" else z1[0].numel())
         batch_size = _chunk_size(model, x[:1], K if fisher is FisherMode.EXACT else mc_samples)
+    scale = 1.0
+    if loss == "token-ce":  # example n's term is N / C Σ_t ce_nt: the sample loss's weights
+        scale = N / max(1, int((y != IGNORE_INDEX).sum()))
     acc = {t.name: _Accumulator(t, device) for t in targets}
     stacked = False
     recorder = Recorder(targets)
@@ -379,7 +416,17 @@ def kfac_factors(
             yb = y[done:stop].to(device)
             try:
                 grads, inputs, s = _one_batch(
-                    model, recorder, targets, xb, yb, fisher, mc_samples, seed, done, stacked
+                    model,
+                    recorder,
+                    targets,
+                    xb,
+                    yb,
+                    fisher,
+                    mc_samples,
+                    seed,
+                    done,
+                    stacked,
+                    (loss, scale),
                 )
             except CaptureUnsupported as e:
                 raise UsageError(f"K-FAC cannot follow this model: {e}") from e
@@ -483,22 +530,23 @@ def _one_batch(
     seed: int,
     start: int,
     stacked: bool,
+    head: tuple[str, float] = ("ce", 1.0),
 ) -> tuple[list[list[Tensor]], list[list[Tensor]], Tensor]:
     """Output gradients (B, c, ...) and inputs (c, ...) of every target, and the scales (B, c)."""
     c = x.shape[0]
     if not stacked:
         z = record_forward(model, recorder, x)
-        cot, s = _cotangents(z, y, fisher, mc_samples, seed, start)
+        cot, s = _cotangents(z, y, fisher, mc_samples, seed, start, *head)
         grads = backward_to_outputs(z, targets, cot, batched=True)
         inputs = [[args[0].detach() for args, _, _, _ in t.calls] for t in targets]
     else:
         # the batch repeated B times, one backward: row b of example n is example b·c + n
         with torch.no_grad():
             z0 = model(x)
-        cot, s = _cotangents(z0, y, fisher, mc_samples, seed, start)
+        cot, s = _cotangents(z0, y, fisher, mc_samples, seed, start, *head)
         B = cot.shape[0]
         z = record_forward(model, recorder, x.repeat(B, *([1] * (x.dim() - 1))))
-        flat = backward_to_outputs(z, targets, cot.reshape(B * c, -1))
+        flat = backward_to_outputs(z, targets, cot.reshape(B * c, *z0.shape[1:]))
         grads = [[g.reshape(B, c, *g.shape[1:]) for g in gs] for gs in flat]
         inputs = [[args[0].detach()[:c] for args, _, _, _ in t.calls] for t in targets]
     for t in targets:

@@ -110,6 +110,7 @@ def estimate_memory(
     num_outputs: int,
     batch_size: int,
     dtype: torch.dtype | None = None,
+    x_dtype: torch.dtype | None = None,
 ) -> int:
     """Rough peak bytes of one curvature-vector product on a chunk of ``batch_size`` examples.
 
@@ -122,6 +123,7 @@ def estimate_memory(
         num_outputs: number of logits K per example.
         batch_size: examples per chunk.
         dtype: the dtype the product runs in.
+        x_dtype: the inputs' dtype when it is an integer type (token ids); else the model's.
     """
     params = list(model.parameters())
     model_dtype = params[0].dtype if params else torch.get_default_dtype()
@@ -131,7 +133,7 @@ def estimate_memory(
         / torch.empty((), dtype=model_dtype).element_size()
     )
     param_bytes = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
-    act = activation_bytes_per_example(model, tuple(x_shape)) * scale
+    act = activation_bytes_per_example(model, tuple(x_shape), x_dtype) * scale
     head = 4 * num_outputs * num_outputs * torch.empty((), dtype=dtype).element_size()
     return int(PARAM_COPIES * param_bytes + batch_size * (ACTIVATION_FACTOR * act + head))
 
@@ -245,8 +247,9 @@ def auto_batch_size(
             state.update({k: b.detach().clone() for k, b in model.named_buffers()})
             xb = next(iter_chunks(x, None, 2, device, None)).x
             num_outputs = int(functional_call(model, state, (xb,)).reshape(len(xb), -1).shape[1])
-    fixed = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 0)
-    per_example = estimate_memory(model, tuple(x.shape[1:]), num_outputs, 1) - fixed
+    shape, xd = tuple(x.shape[1:]), x.dtype
+    fixed = estimate_memory(model, shape, num_outputs, 0, x_dtype=xd)
+    per_example = estimate_memory(model, shape, num_outputs, 1, x_dtype=xd) - fixed
     room = budget_bytes - fixed
     if per_example <= 0:
         return max(1, n)

@@ -112,7 +112,7 @@ from flatcli.curvature._functional import (
     quiet_jit_warning,
 )
 from flatcli.curvature.data import Chunk, iter_chunks
-from flatcli.curvature.losses import cross_entropy, get_loss
+from flatcli.curvature.losses import LossName, cross_entropy, sample_loss
 from flatcli.curvature.memory import auto_batch_size, cpu_chunk
 from flatcli.curvature.params import (
     flatten_columns,
@@ -239,7 +239,9 @@ class CurvatureOperator(_Products):
         matmat_method: "vmap" or "loop" (how the k columns of a matmat are processed; double
             backward loops over the columns through one retained graph per chunk).
         fallback_reason: why a fallback was taken (``None`` when none was).
-        num_examples, num_outputs, batch_size: N, K (logits per example), examples per chunk.
+        num_examples, num_outputs, batch_size: N, outputs per example (K logits, D outputs, T·V
+            token logits), examples per chunk.
+        loss_name: the loss's name when given by name (or a head carrying ``loss_name``).
         fisher_type, mc_samples, mc_labels: for kind "fisher" (``mc_labels`` is (N, S) int64,
             every example's labels on every process).
         data_parallel, world_size, shard, examples_per_rank: whether the examples are split
@@ -294,8 +296,13 @@ class CurvatureOperator(_Products):
             )
         requested = _choice(HvpMethod, hvp_method, "hvp_method")
         ftype = _choice(FisherType, fisher_type, "fisher_type")
+        self.loss_name: str | None = (
+            LossName(loss_fn).value
+            if isinstance(loss_fn, str)
+            else getattr(loss_fn, "loss_name", None)
+        )
         if isinstance(loss_fn, str):
-            loss_fn = get_loss(loss_fn)
+            loss_fn = sample_loss(loss_fn, y)
         n = int(x.shape[0])
         if n == 0:
             raise UsageError("No examples: a curvature operator needs at least one (x, y) pair.")
@@ -335,9 +342,9 @@ class CurvatureOperator(_Products):
         first = next(iter_chunks(x, y, min(n, 2), self.device, self.dtype))
         with torch.no_grad():
             z = self._fm(self._fm.params, first.x)
-        if z.dim() != 2:
-            raise UsageError(f"The model must return logits of shape (N, K); got {tuple(z.shape)}.")
-        self.num_outputs: int = int(z.shape[1])
+        if z.dim() < 1 or z.shape[0] != first.x.shape[0]:
+            raise UsageError(f"The model must return outputs (N, ...); got {tuple(z.shape)}.")
+        self.num_outputs: int = int(z[0].numel())  # K logits, D outputs, or T * V
 
         self._auto_batch = batch_size is None
         self._cache_every_chunk = False
@@ -690,17 +697,22 @@ def make_operator(
 
     Args:
         kind: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (see the module docstring for the maths).
-        model: any ``nn.Module`` mapping ``x`` (B, ...) to logits (B, K), in the mode it should
+        model: any ``nn.Module`` mapping ``x`` (B, ...) to outputs (B, ...) the loss takes
+            (logits (B, K), token logits (B, T, V), regression outputs), in the mode it should
             be differentiated in (normally eval: see :func:`eval_mode`).
         x: inputs (N, ...), on any device (chunks are moved to the model's device).
-        y: int64 labels (N,).
+        y: targets (N, ...): int64 labels (N,) or token targets (N, T), float targets.
         **options: the keyword options below (their defaults: the signature of
             :class:`CurvatureOperator`).
 
     Keyword Args:
-        loss_fn: per-example loss head ``(logits, labels) -> (N,)`` (e.g.
-            ``flatcli.curvature.losses.cross_entropy`` or ``normalized_cross_entropy``) or its
-            name ("ce", "nsce").
+        loss_fn: per-example loss head ``(outputs, targets) -> (N,)`` (e.g.
+            ``flatcli.curvature.losses.cross_entropy``) or a loss name ("ce", "nsce",
+            "token-ce", "mse", "bce"). A name stands for
+            :func:`flatcli.curvature.losses.sample_loss` of the targets: the operator is then
+            the curvature of the sample loss CONTRACTS.md defines (``token-ce``: mean over all
+            counted positions of the examples). Outputs may have any shape (N, ...) the loss
+            takes: logits (N, K), token logits (N, T, V), regression outputs (N,) / (N, D).
         params: parameter names (or module names / globs, resolved by
             :func:`flatcli.curvature.params.select_parameters`); None = every parameter with
             ``requires_grad``. The flat vector follows ``model.named_parameters()`` order.
@@ -733,7 +745,8 @@ def make_operator(
 
     Raises:
         UsageError: unknown kind/method, a parameter pattern that matches nothing, mismatched
-            x/y, a model whose output is not (N, K), or a Fisher of a non-likelihood loss.
+            x/y, a model whose output is not (N, ...), or a Fisher of a loss that is not a
+            likelihood over classes (``token-ce``, ``mse``, ``bce``: use the GGN).
     """
     return CurvatureOperator(kind, model, x, y, **options)
 

@@ -23,7 +23,8 @@ __all__ = ["Dataset", "Split", "iter_batches", "subset"]
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split of a dataset: inputs ``x`` (N, ...) and int64 labels ``y`` (N,).
+    """One split of a dataset: inputs ``x`` (N, ...) and targets ``y``: int64 labels (N,),
+    int64 token targets (N, T), or float regression / multi-label targets (N,) or (N, D).
 
     ``eq=False``: two splits compare by identity (comparing tensors elementwise would be
     ambiguous and slow).
@@ -37,9 +38,9 @@ class Split:
     y: Tensor
 
     def __post_init__(self) -> None:
-        if self.x.ndim < 1 or self.y.ndim != 1:
+        if self.x.ndim < 1 or self.y.ndim not in (1, 2):
             raise DataError(
-                f"a split needs x of shape (N, ...) and y of shape (N,); "
+                f"a split needs x of shape (N, ...) and y of shape (N,) or (N, T); "
                 f"got x {tuple(self.x.shape)} and y {tuple(self.y.shape)}"
             )
         if self.x.shape[0] != self.y.shape[0]:
@@ -47,16 +48,19 @@ class Split:
                 f"x and y must hold the same number of examples; "
                 f"got {self.x.shape[0]} inputs and {self.y.shape[0]} labels"
             )
-        if self.y.dtype != torch.int64:
-            raise DataError(f"labels must be int64; got {self.y.dtype}")
+        if self.y.dtype != torch.int64 and not self.y.dtype.is_floating_point:
+            raise DataError(f"targets must be int64 or floating point; got {self.y.dtype}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Split:
-        """This split on ``device``, ``x`` cast to float ``dtype`` if given; ``y`` stays int64."""
+        """This split on ``device``, float ``x`` cast to ``dtype`` if given (integer token ids
+        keep their dtype); ``y`` keeps its dtype."""
         if dtype is not None and not dtype.is_floating_point:
             raise UsageError(f"inputs can only be cast to a floating-point dtype; got {dtype}")
+        if not self.x.dtype.is_floating_point:
+            dtype = None
         return Split(self.x.to(device=device, dtype=dtype), self.y.to(device=device))
 
 

@@ -5,7 +5,10 @@ The file is a ``.safetensors`` file or a ``.pt``/``.pth`` file read with
 ``y_train``, optionally ``x_test`` and ``y_test``, or just ``x`` and ``y`` (the train split),
 and optionally a scalar ``num_classes``. Inputs are not normalised, reordered or augmented;
 a floating-point ``x`` keeps its dtype (float64 stays float64), an integer ``x`` becomes
-float32 with the same values. Labels must be whole numbers >= 0 and become int64 (N,).
+float32 with the same values (int64 token ids when the targets are (N, T) integers). Targets:
+integer class labels >= 0 (N,) (int64), integer token targets (N, T) (ids >= 0, -100 where a
+position is not counted), or float targets (N,) / (N, D) kept as stored (regression,
+multi-label). ``num_classes`` is the largest label + 1 (float targets: D).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from flatcli.errors import DataError
 __all__ = ["load_tensors"]
 
 _TORCH_SUFFIXES = (".pt", ".pth")
+IGNORE_INDEX = -100
+"""A token target that is not counted (as ``flatcli.curvature.losses.IGNORE_INDEX``)."""
 _LAYOUT = "x_train and y_train (optionally x_test and y_test), or x and y"
 
 
@@ -59,28 +64,40 @@ def _tensor(obj: dict, key: str, spec: str) -> Tensor:
 
 
 def _labels(y: Tensor, key: str, spec: str) -> Tensor:
+    if y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{spec}: '{key}' must hold int64 labels or float targets; got {y.dtype}")
+    if y.dtype.is_floating_point:  # regression or multi-label targets, kept as stored
+        if y.ndim not in (1, 2):
+            raise DataError(
+                f"{spec}: float targets '{key}' must have shape (N,) or (N, D); got "
+                f"{tuple(y.shape)}"
+            )
+        if not bool(torch.isfinite(y).all()):
+            raise DataError(f"{spec}: '{key}' holds a value that is not finite")
+        return y
     if y.ndim == 2 and y.shape[1] == 1:
         y = y.reshape(-1)
-    if y.ndim != 1:
+    if y.ndim not in (1, 2):
         raise DataError(
-            f"{spec}: '{key}' must hold one class index per example, shape (N,); got "
-            f"{tuple(y.shape)} (one-hot or soft labels are not supported)"
+            f"{spec}: '{key}' must hold one class index per example, shape (N,), or token "
+            f"targets (N, T); got {tuple(y.shape)}"
         )
-    if y.dtype.is_complex:
-        raise DataError(f"{spec}: '{key}' must hold integer class labels; got {y.dtype}")
-    if y.dtype.is_floating_point:
-        if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
-            raise DataError(
-                f"{spec}: '{key}' must hold integer class labels; got non-integer values "
-                f"({y.dtype})"
-            )
     y = y.to(torch.int64)
-    if y.numel() and int(y.min()) < 0:
-        raise DataError(f"{spec}: '{key}' holds a negative label ({int(y.min())})")
+    counted = y[y != IGNORE_INDEX] if y.ndim == 2 else y
+    if counted.numel() and int(counted.min()) < 0:
+        raise DataError(f"{spec}: '{key}' holds a negative label ({int(counted.min())})")
     return y
 
 
-def _inputs(x: Tensor, key: str, spec: str) -> Tensor:
+def _num_outputs(y: Tensor) -> int:
+    """Classes (max label + 1; token targets: the largest counted id + 1) or float outputs D."""
+    if y.dtype.is_floating_point:
+        return 1 if y.ndim == 1 else int(y.shape[1])
+    counted = y[y != IGNORE_INDEX]
+    return int(counted.max()) + 1 if counted.numel() else 1
+
+
+def _inputs(x: Tensor, key: str, spec: str, tokens: bool = False) -> Tensor:
     if x.ndim < 2:
         raise DataError(
             f"{spec}: '{key}' must have shape (N, ...) with at least one feature dimension; "
@@ -89,7 +106,8 @@ def _inputs(x: Tensor, key: str, spec: str) -> Tensor:
     if x.dtype.is_complex:
         raise DataError(f"{spec}: '{key}' must be real; got {x.dtype}")
     if not x.dtype.is_floating_point:
-        x = x.to(torch.float32)  # same values, a dtype a model can take
+        # token ids (beside (N, T) int targets) stay int64; other integers become float32
+        x = x.to(torch.int64 if tokens else torch.float32)
     return x
 
 
@@ -99,8 +117,9 @@ def _pair(obj: dict, xk: str, yk: str, spec: str) -> tuple[Tensor, Tensor]:
             raise DataError(
                 f"{spec}: the file has '{have}' but no '{need}'; it must hold {_LAYOUT}"
             )
-    x = _inputs(_tensor(obj, xk, spec), xk, spec)
     y = _labels(_tensor(obj, yk, spec), yk, spec)
+    tokens = y.ndim == 2 and not y.dtype.is_floating_point
+    x = _inputs(_tensor(obj, xk, spec), xk, spec, tokens)
     if x.shape[0] != y.shape[0]:
         raise DataError(
             f"{spec}: '{xk}' holds {x.shape[0]} examples but '{yk}' holds {y.shape[0]} labels"
@@ -141,7 +160,15 @@ def load_tensors(
                 f"{spec}: test inputs are {test[0].dtype} but train inputs {train[0].dtype}"
             )
 
-    max_label = max(int(y.max()) for _, y in ([train] + ([test] if test else [])))
+        if test[1].dtype.is_floating_point != train[1].dtype.is_floating_point or (
+            test[1].shape[1:] != train[1].shape[1:] and train[1].dtype.is_floating_point
+        ):
+            raise DataError(
+                f"{spec}: test targets ({test[1].dtype}, {tuple(test[1].shape[1:])}) do not "
+                f"match train targets ({train[1].dtype}, {tuple(train[1].shape[1:])})"
+            )
+
+    max_label = max(_num_outputs(y) for _, y in ([train] + ([test] if test else []))) - 1
     if "num_classes" in keys:
         stored = obj["num_classes"]
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "check_fits",
     "resolve_device",
     "resolve_dtype",
+    "resolve_loss",
 ]
 
 
@@ -46,7 +47,9 @@ class Run:
 
     ``record`` is the training record flatcli stored in the checkpoint (``{}`` when none).
     ``batch_size`` is the examples per forward/backward the measures use (None: chosen to fit
-    memory).
+    memory). ``loss`` is the loss every measure takes (CONTRACTS.md, Losses): the one asked for,
+    else the one the checkpoint records, else inferred from the targets
+    (:func:`resolve_loss`).
     """
 
     path: Path
@@ -63,6 +66,7 @@ class Run:
     dtype: torch.dtype
     seed: int = 0
     batch_size: int | None = None
+    loss: str = "ce"
 
     @property
     def num_params(self) -> int:
@@ -113,6 +117,7 @@ def load(
     *,
     batch_size: int | None = None,
     datasets: DatasetCache | None = None,
+    loss: str | None = None,
 ) -> Run:
     """Load one checkpoint with its model and examples, ready for the measures.
 
@@ -136,6 +141,9 @@ def load(
         batch_size: examples per forward/backward for the measures (None: chosen to fit memory).
         datasets: a :class:`DatasetCache` shared between calls, so that a batch of checkpoints
             loads each dataset once (its ``data_dir``/``download`` then apply).
+        loss: ``ce``, ``nsce``, ``token-ce``, ``mse`` or ``bce``; default the loss the
+            checkpoint records (``loss`` in its record), else inferred from the targets
+            (:func:`resolve_loss`).
 
     Raises:
         UsageError: a bad argument value, unknown dataset or unreadable spec (exit 2).
@@ -184,9 +192,13 @@ def load(
     else:
         examples = data.split(split)
     examples = subset(examples, max_examples, seed)
-    x = examples.x.to(device=torch_device, dtype=torch_dtype)
+    # token ids (integer inputs) keep their dtype; float inputs take the run's
+    x = examples.x.to(
+        device=torch_device, dtype=torch_dtype if examples.x.is_floating_point() else None
+    )
     y = examples.y.to(device=torch_device)
-    check_fits(net, x, y, data.num_classes, spec, name, path)
+    chosen = resolve_loss(loss, meta, y)
+    check_fits(net, x, y, data.num_classes, spec, name, path, chosen)
     return Run(
         path=path,
         checkpoint=ckpt,
@@ -202,17 +214,43 @@ def load(
         dtype=torch_dtype,
         seed=seed,
         batch_size=batch_size,
+        loss=chosen,
     )
 
 
+def resolve_loss(loss: str | None, record: dict, y: Tensor) -> str:
+    """The loss a run takes: ``loss`` if given, else the record's ``loss``, else inferred from
+    the targets ``y`` (:func:`flatcli.curvature.losses.infer_loss`: ``token-ce`` for int (N, T),
+    ``mse`` for float, ``ce`` otherwise). UsageError for an unknown name."""
+    from flatcli.configs.choices import LossName
+    from flatcli.curvature.losses import infer_loss
+    from flatcli.errors import choice
+
+    if loss is not None:
+        return choice(LossName, loss, "loss")
+    recorded = record.get("loss")
+    if isinstance(recorded, str) and recorded in {m.value for m in LossName}:
+        return recorded
+    return infer_loss(y)
+
+
 def check_fits(
-    model: nn.Module, x: Tensor, y: Tensor, num_classes: int, spec: ModelSpec, name: str, path: Path
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    spec: ModelSpec,
+    name: str,
+    path: Path,
+    loss: str = "ce",
 ) -> None:
-    """Check that the examples of dataset ``name`` fit the model and its outputs are logits.
+    """Check that the examples of dataset ``name`` fit the model and its outputs fit ``loss``.
 
     Raises:
-        CheckpointError: the input shape or the output shape does not fit.
-        UsageError: labels beyond the model's outputs (more classes than outputs).
+        CheckpointError: the input shape does not fit, or the output of a ce model is not
+            (batch, classes).
+        UsageError: labels beyond the model's outputs (more classes than outputs), or outputs
+            and targets that ``loss`` cannot take (:func:`flatcli.curvature.losses.check_targets`).
     """
     shape = tuple(x.shape[1:])
     if spec.input_shape is not None and tuple(spec.input_shape) != shape:
@@ -230,11 +268,22 @@ def check_fits(
             f"{path.name} "
             f"({first}); pick the matching --dataset or --model"
         ) from e
+    from flatcli.curvature.losses import CLASS_LOSSES, check_targets
+
+    if loss not in CLASS_LOSSES:
+        check_targets(loss, out, y)
+        if loss == "token-ce" and y.numel() and int(y.max()) >= out.shape[-1]:
+            raise UsageError(
+                f"the model of {path.name} has {out.shape[-1]} token logits but a target of "
+                f"dataset {name} is {int(y.max())}; pick the matching --dataset or --model"
+            )
+        return
     if out.ndim != 2:
         raise CheckpointError(
-            f"the model of {path.name} returns outputs of shape {list(out.shape)}; flatcli needs "
-            "logits of shape (batch, classes)"
+            f"the model of {path.name} returns outputs of shape {list(out.shape)}; loss {loss} "
+            "needs logits of shape (batch, classes) (another loss: --loss)"
         )
+    check_targets(loss, None, y)
     if out.shape[1] < num_classes or (y.numel() and int(y.max()) >= out.shape[1]):
         # bad usage (exit 2): the data or the spec must change, not the checkpoint
         raise UsageError(

@@ -49,6 +49,7 @@ Authors' variants (their released code): it reports Σ log singular values of J,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -62,10 +63,11 @@ from torch.func import jvp, vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flatcli import distributed
+from flatcli.configs.choices import ALL_LOSSES, CLASS_LOSSES
 from flatcli.configs.gamma import BNMode, GammaConfig
 from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.gram import GramEngine, GramSpectrum, gram_spectrum
-from flatcli.curvature.losses import cross_entropy, output_hessian
+from flatcli.curvature.losses import get_loss, infer_loss, output_hessian
 from flatcli.curvature.operators import eval_mode
 from flatcli.dtypes import DTYPES, dtype_name
 from flatcli.errors import UsageError
@@ -223,6 +225,28 @@ def _measuring_mode(model: nn.Module, bn_train: bool) -> Iterator[None]:
         yield
 
 
+def check_gamma_loss(config: GammaConfig, loss: str | None = None) -> None:
+    """Refuse what needs classes with another loss (before work): ``--baselines``
+    (``robustness`` differentiates the softmax) and ``--logit-scale`` (rescales logits).
+
+    γ̂ itself takes any loss: its J has one row per example, the gradient of that example's
+    loss (:func:`flatcli.curvature.losses.get_loss`).
+    """
+    loss = loss or config.loss
+    if loss is None or loss in CLASS_LOSSES:
+        return
+    if config.baselines:
+        raise UsageError(
+            f"gamma --baselines cannot take loss {loss}: robustness needs class logits "
+            "(loss ce or nsce); drop --baselines"
+        )
+    if config.logit_scale is not None:
+        raise UsageError(
+            f"gamma --logit-scale cannot take loss {loss}: it rescales class logits "
+            "(loss ce or nsce); drop --logit-scale"
+        )
+
+
 def compute_gamma(
     model: nn.Module,
     x: Tensor,
@@ -235,7 +259,8 @@ def compute_gamma(
 
     Args:
         model: the network (its modes and weights are left as they were).
-        x: (N, ...) inputs of the split; y: (N,) int64 labels ỹ.
+        x: (N, ...) inputs of the split; y: (N,) int64 labels ỹ (or the targets of
+            ``config.loss``: token targets (N, T), float targets).
         config: :class:`GammaConfig` (default: the paper's N' = T = 100).
         progress: called as ``progress(description, done, total)``.
 
@@ -243,13 +268,19 @@ def compute_gamma(
         UsageError: N' larger than the split, or a bad configuration.
     """
     config = config or GammaConfig()
+    if config.loss is None:
+        config = dataclasses.replace(config, loss=infer_loss(y))
+    check_gamma_loss(config)
     N, n, T = int(x.shape[0]), config.samples, config.trials
     if n > N:
         raise UsageError(f"samples N' = {n} exceeds the {N} examples of the split.")
     head_dtype = DTYPES[config.head_dtype]
+    head = get_loss(config.loss)
 
     def loss_fn(z: Tensor, labels: Tensor) -> Tensor:
-        return cross_entropy(scaled_logits(z, config.logit_scale), labels)
+        if config.loss in CLASS_LOSSES:
+            z = scaled_logits(z, config.logit_scale)
+        return head(z, labels)
 
     index = draw_samples(N, n, T, config.seed)  # (T, N')
     with _measuring_mode(model, config.bn_mode == "train"):
@@ -470,4 +501,6 @@ _registry.register_measure(
     cost="T·N' per-example gradients (ghost: T·⌈N'/B⌉ forward+backward passes) and T "
     "N'×N' Cholesky factorisations; --baselines: power iteration on every example",
     reports=_gamma_reports,
+    check=lambda run, config: check_gamma_loss(config, _registry.loss_of(run, config)),
+    losses=ALL_LOSSES,
 )

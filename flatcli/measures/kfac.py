@@ -29,6 +29,7 @@ statistics (eval mode, App. B.2); its own affine parameters are not Kronecker-fa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ from flatcli.curvature.kfac import (
     rank1_scores,
 )
 from flatcli.curvature.lanczos import lanczos
+from flatcli.curvature.losses import infer_loss
 from flatcli.curvature.operators import make_operator
+from flatcli.errors import UsageError
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.measures._config import floats as _floats
 from flatcli.progress import WARN_SECONDS, Budget, ProgressFn, format_seconds
@@ -224,6 +227,7 @@ def _analyse(
     import time
 
     start = time.perf_counter()
+    loss = config.loss or infer_loss(y)
     factors = kfac_factors(
         model,
         x,
@@ -234,6 +238,7 @@ def _analyse(
         seed=config.seed,
         progress=lambda d, a, b: progress(f"{tag}kfac factors", a, b),
         mc_samples=config.mc_samples,
+        loss=loss,
     )
     seconds = time.perf_counter() - start
     weights = [f"{name}.weight" if name else "weight" for name in factors]
@@ -246,6 +251,7 @@ def _analyse(
         batch_size=config.batch_size,
         head_dtype=F64,
         seed=config.seed,
+        loss_fn=loss,
     )
     blocks: dict[str, _Block] = {}
     errors: dict[str, Any] = {}
@@ -472,8 +478,8 @@ def compute_kfac(
 
     Args:
         model: the network, in eval mode.
-        x: inputs (N, ...); y: int64 labels (N,).
-        config: options (default :class:`KfacConfig()`).
+        x: inputs (N, ...); y: int64 labels (N,) (or the targets of ``config.loss``).
+        config: options (default :class:`KfacConfig()`; ``loss`` None: inferred from ``y``).
         compare_model: a second network of the same architecture, measured on the same examples.
         progress: ``progress(description, done, total)``.
 
@@ -488,8 +494,6 @@ def compute_kfac(
         _, others, _, _ = _analyse(compare_model, x, y, config, progress, tag="compare: ")
         missing = set(blocks) - set(others)
         if missing:
-            from flatcli.errors import UsageError
-
             raise UsageError(f"the compared model lacks layers {sorted(missing)}")
     layers = [
         LayerReport(_layer_entry(b, errors[name], config, others.get(name)))
@@ -537,8 +541,22 @@ from flatcli.measures import registry as _registry  # noqa: E402 - registers the
 
 def _kfac_on_run(run: Any, config: KfacConfig, progress: ProgressFn) -> KfacResult:
     """:func:`compute_kfac` on a loaded checkpoint (:func:`flatcli.load`)."""
+    if config.loss is None:
+        config = dataclasses.replace(config, loss=_registry.loss_of(run, config))
     other = load_compare_model(config.compare, run) if config.compare else None
     return compute_kfac(run.model, run.x, run.y, config, compare_model=other, progress=progress)
+
+
+def check_kfac_loss(config: KfacConfig, loss: str) -> None:
+    """Refuse, before work, a loss K-FAC cannot factor: E[M] needs a closed-form output Hessian
+    (``nsce`` has none), and ``--fisher mc`` samples class labels (``ce`` only)."""
+    if loss == "nsce":
+        raise UsageError(
+            "kfac cannot take loss nsce: E[M] needs a closed-form output Hessian "
+            "(losses ce, mse, bce, token-ce)"
+        )
+    if config.fisher == "mc" and loss != "ce":
+        raise UsageError(f"kfac --fisher mc samples class labels (loss ce); loss {loss}: drop it")
 
 
 def _kfac_reports(config: KfacConfig) -> list[str]:
@@ -603,4 +621,7 @@ _registry.register_measure(
     cost="one forward + c backward passes (batched) for the factors; per layer up to "
     "max(3K + 20, 60) Hessian-block products (Lanczos) + --probes products",
     reports=_kfac_reports,
+    check=lambda run, config: check_kfac_loss(config, _registry.loss_of(run, config)),
+    losses=("ce", "token-ce", "mse", "bce"),
+    needs="a closed-form output Hessian",
 )

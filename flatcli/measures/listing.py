@@ -20,6 +20,7 @@ def listing() -> dict[str, Any]:
                 "name": m.name,
                 "command": m.command,
                 "cost": m.cost,
+                "losses": list(m.losses),
                 "metrics": [
                     {
                         "key": k.key,

@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatcli.configs.choices import CLASS_LOSSES
 from flatcli.errors import UsageError
 from flatcli.progress import ProgressFn, no_progress
 
@@ -63,7 +64,10 @@ class Measure:
     result's other keys are absent or None. ``check(run, config)``, when given, refuses a
     request that cannot succeed on this loaded checkpoint (more eigenvalues than parameters, a
     basis larger than memory) with a :class:`~flatcli.errors.UsageError`, cheaply and before
-    any work: :func:`compute` calls it first (:func:`check`).
+    any work: :func:`compute` calls it first (:func:`check`). ``losses`` are the losses it
+    takes (CONTRACTS.md, Losses; default :data:`CLASS_LOSSES`, ``ce`` and ``nsce``); any other
+    is refused by :func:`check` before work, with ``needs`` (what the measure needs) in the
+    one-line message.
     """
 
     name: str
@@ -74,6 +78,8 @@ class Measure:
     cost: str
     reports: Callable[[Any], Sequence[str]] | None = None
     check: Callable[[Run, Any], None] | None = None
+    losses: tuple[str, ...] = ("ce", "nsce")
+    needs: str = "class logits (N, K) with int64 labels (N,)"
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -126,21 +132,29 @@ def register_measure(
     command: str | None = None,
     reports: Callable[[Any], Sequence[str]] | None = None,
     check: Callable[[Run, Any], None] | None = None,
+    losses: Sequence[str] = CLASS_LOSSES,
+    needs: str = Measure.needs,
 ) -> Measure:
     """:func:`register` the :class:`Measure` of these fields; ``command`` defaults to ``name``.
 
     What a measure module ends with (``compute``: often :func:`on_run` of its library function).
+    ``losses``: the losses it takes (default ``ce`` and ``nsce``); ``needs``: what it needs,
+    for the refusal of any other loss.
     """
-    return register(
-        Measure(name, command or name, config_type, compute, tuple(metrics), cost, reports, check)
+    measure = Measure(
+        name, command or name, config_type, compute, tuple(metrics), cost, reports, check
     )
+    return register(dataclasses.replace(measure, losses=tuple(losses), needs=needs))
 
 
 def on_run(compute_fn: Callable[..., Any]) -> Callable[[Run, Any, ProgressFn], Any]:
     """``compute_fn(model, x, y, config, progress=...)`` as a measure's ``compute`` on a loaded
-    checkpoint (:func:`flatcli.load`): on its model and examples."""
+    checkpoint (:func:`flatcli.load`): on its model and examples. A config with a ``loss``
+    field left None gets the run's loss (:func:`loss_of`)."""
 
     def compute(run: Run, config: Any, progress: ProgressFn) -> Any:
+        if dataclasses.is_dataclass(config) and getattr(config, "loss", "") is None:
+            config = dataclasses.replace(config, loss=loss_of(run, config))
         return compute_fn(run.model, run.x, run.y, config, progress=progress)
 
     return compute
@@ -255,22 +269,34 @@ def compute(
         return measure.compute(run, config, progress or no_progress)
 
 
+def loss_of(run: Run, config: Any) -> str:
+    """The loss a measure computes with: its config's ``loss`` where it has one that is set
+    (the Python API's override), else the run's (:attr:`flatcli.io.load.Run.loss`)."""
+    loss = getattr(config, "loss", None)
+    return str(loss) if isinstance(loss, str) else getattr(run, "loss", "ce")
+
+
 BEFORE_WORK = "before_work"
 """The attribute :func:`check` sets (True) on the UsageError a measure's check raises: the
 runner counts it, like a usage error while loading, as bad usage found before work (exit 2)."""
 
 
 def check(measure: Measure, run: Run, config: Any) -> None:
-    """Run ``measure.check(run, config)`` (if the measure has one).
+    """Refuse a loss the measure does not take, then run ``measure.check(run, config)``.
 
     Raises:
         UsageError: the request cannot succeed on this checkpoint; marked ``before_work``
             (:data:`BEFORE_WORK`) so the runner reports it as bad usage (exit 2).
     """
-    if measure.check is None:
-        return
     try:
-        measure.check(run, config)
+        loss = loss_of(run, config)
+        if loss not in measure.losses:
+            raise UsageError(
+                f"{measure.name} cannot take loss {loss}: it needs {measure.needs} "
+                f"(losses {', '.join(measure.losses)})"
+            )
+        if measure.check is not None:
+            measure.check(run, config)
     except UsageError as e:
         setattr(e, BEFORE_WORK, True)
         raise

@@ -21,15 +21,18 @@ unless BatchNorm batch statistics are what you mean to measure.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from flatcli.configs.spectrum import SpectrumConfig, TraceMethod
+from flatcli.configs.choices import ALL_LOSSES, CLASS_LOSSES
+from flatcli.configs.spectrum import Kind, SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.lanczos import EigenResult, basis_size, lanczos
+from flatcli.curvature.losses import infer_loss
 from flatcli.curvature.memory import available_memory, lanczos_memory
 from flatcli.curvature.operators import (
     CurvatureOperator,
@@ -224,7 +227,7 @@ def _size(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_spectrum(model: nn.Module, config: SpectrumConfig) -> None:
+def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = None) -> None:
     """Refuse, before anything is allocated, a spectrum that cannot be computed on ``model``.
 
     ``top_k`` must not exceed the number of parameters analysed (all trainable parameters, or
@@ -238,6 +241,12 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig) -> None:
             ``lanczos_steps`` below ``top_k``, or an estimate above the available memory (the
             message gives both and the option that lowers it).
     """
+    loss = loss or config.loss
+    if config.matrix == Kind.FISHER and loss is not None and loss not in CLASS_LOSSES:
+        raise UsageError(
+            f"--matrix fisher needs a predictive distribution over classes (loss ce or nsce); "
+            f"loss {loss}: use --matrix ggn (the exact Fisher of bce/token-ce equals the GGN)"
+        )
     selected = select_parameters(model, config.layers)
     named = dict(model.named_parameters())
     dim = sum(named[n].numel() for n in selected)
@@ -323,6 +332,8 @@ def compute_spectrum(
             than is available).
     """
     config = config or SpectrumConfig()
+    if config.loss is None:  # the library call without a loss: inferred from the targets
+        config = dataclasses.replace(config, loss=infer_loss(y))
     check_spectrum(model, config)
     head_dtype = None if config.head_dtype is None else DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
@@ -484,5 +495,6 @@ _registry.register_measure(
     cost="top-k: up to max(20k, 100) products; --trace: --probes products; --density: "
     "runs × 90 products (a product = one forward+backward pass over the examples)",
     reports=_spectrum_reports,
-    check=lambda run, config: check_spectrum(run.model, config),
+    check=lambda run, config: check_spectrum(run.model, config, _registry.loss_of(run, config)),
+    losses=ALL_LOSSES,
 )

@@ -85,9 +85,10 @@ def test_stored_num_classes(tmp_path, suffix):
             {"x": torch.zeros(3, 1), "y": torch.zeros(2, dtype=torch.long)},
             "3 examples but 'y' holds 2",
         ),
-        ({"x": torch.zeros(2, 1), "y": torch.tensor([0.5, 1.0])}, "non-integer"),
+        ({"x": torch.zeros(2, 1), "y": torch.tensor([0.5, float("nan")])}, "not finite"),
         ({"x": torch.zeros(2, 1), "y": torch.tensor([0, -1])}, "negative label"),
-        ({"x": torch.zeros(2, 1), "y": torch.zeros(2, 3)}, "one-hot"),
+        ({"x": torch.zeros(2, 1), "y": torch.zeros(2, 3, 2)}, r"shape \(N,\) or \(N, D\)"),
+        ({"x": torch.zeros(2, 1), "y": torch.zeros(2, 3, 2, dtype=torch.long)}, "token"),
         ({"x": torch.zeros(2), "y": torch.zeros(2, dtype=torch.long)}, r"shape \(N, ...\)"),
         (
             {
@@ -143,3 +144,21 @@ def test_never_normalised(tmp_path):
     assert load_dataset(name, normalization=None).normalization is None
     with pytest.raises(UsageError, match="never normalised"):
         load_dataset(name, normalization={"mean": [0.0], "std": [1.0]})
+
+
+def test_float_and_token_targets(tmp_path, suffix):
+    """Float targets stay float (regression, multi-label); (N, T) int targets keep token ids."""
+    x = torch.randn(4, 3)
+    y = torch.tensor([0.5, 1.0, -2.0, 3.25])
+    ds = load_dataset(_save(tmp_path / f"r{suffix}", {"x": x, "y": y}))
+    assert ds.train.y.dtype == torch.float32 and ds.train.y.tolist() == y.tolist()
+    assert ds.num_classes == 1
+    ds = load_dataset(_save(tmp_path / f"m{suffix}", {"x": x, "y": torch.rand(4, 5)}))
+    assert tuple(ds.train.y.shape) == (4, 5) and ds.num_classes == 5
+    tokens = torch.randint(0, 9, (4, 6))
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    ds = load_dataset(_save(tmp_path / f"t{suffix}", {"x": tokens, "y": targets}))
+    assert ds.train.x.dtype == torch.int64 and torch.equal(ds.train.x, tokens)
+    assert torch.equal(ds.train.y, targets) and ds.num_classes == int(targets.max()) + 1
+    assert ds.train.to("cpu", torch.float64).x.dtype == torch.int64

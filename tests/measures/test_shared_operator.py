@@ -40,7 +40,7 @@ def test_sharpness_builds_one_hessian_when_the_losses_agree(builds) -> None:
     model, x, y = make_case("mlp_tanh")
     measures = ("normalized_sharpness", "matrix_normalized_sharpness", "hessian_trace")
     res = compute_sharpness(
-        model, x, y, SharpnessConfig(**HUTCH, loss="ce", classic_loss="ce", measures=measures)
+        model, x, y, SharpnessConfig(**HUTCH, normalized_loss="ce", loss="ce", measures=measures)
     )
     assert builds == [("hessian", "ce")]
     # the products are still counted per measure
@@ -60,8 +60,8 @@ def test_exact_diag_and_exact_trace_share_the_operator(builds) -> None:
     model, x, y = make_case("mlp_tanh")
     cfg = SharpnessConfig(
         diag_method="exact",
+        normalized_loss="ce",
         loss="ce",
-        classic_loss="ce",
         measures=("normalized_sharpness", "hessian_trace"),
         batch_size=12,
     )

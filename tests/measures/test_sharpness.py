@@ -182,7 +182,7 @@ def test_ggn_residual_trace_against_dense_hessian_and_ggn(name: str) -> None:
     [
         ({"measures": ("sharpest",)}, "Unknown measure"),
         ({"measures": ()}, "at least one"),
-        ({"loss": "mse"}, "Unknown loss"),
+        ({"loss": "hinge"}, "Unknown loss"),
         ({"diag_method": "kfac"}, "Unknown diag method"),
         ({"probes": 1}, "probes"),
         ({"adaptive_p": "1"}, "adaptive_p"),

@@ -29,9 +29,12 @@ probes, not this bias. Use ``"exact"`` (one HVP per weight) for the Hessian of a
 network: its estimated cost is reported before it runs, and above an hour it needs
 ``force=True``.
 
-Which loss. The two normalized measures use ``config.loss`` (default ``"nsce"``: Tsuzuku et al.
-2020, §5.4, invariant to scaling and shifting the logits); the classic measures use
-``config.classic_loss`` (default ``"ce"``, as in §6.2 and the papers that defined them).
+Which loss. The classic measures (the worst-case ascents, the Hessian trace) use ``config.loss``,
+the command's loss (the common ``--loss``; default the run's, else inferred from the targets:
+``"ce"`` for class labels, as in §6.2 and the papers that defined them). The two normalized
+measures use ``config.normalized_loss``: by default ``"nsce"`` (Tsuzuku et al. 2020, §5.4,
+invariant to scaling and shifting the logits) when the loss is ``ce`` or ``nsce``, else the
+command's loss (NSCE normalises class logits; the other losses have none).
 
 Which parameters. The normalized measures sum over weight matrices: every parameter with two or
 more dimensions (Linear weights; conv kernels as (out, in) with kernel positions sharing σ_iσ'_j;
@@ -49,7 +52,7 @@ head over all trainable parameters (an :class:`~flatcli.curvature.operators.Oper
 your own to share it with other measures of the same checkpoint): the curvature diagonal, computed
 once when a chosen definition needs it, and the per-layer traces use blocks of it
 (:meth:`~flatcli.curvature.operators.CurvatureOperator.restrict`), so with
-``loss == classic_loss`` one operator serves every measure.
+``normalized_loss == loss`` one operator serves every measure.
 
 Every measure differentiates the model in eval mode (restored afterwards).
 """
@@ -59,6 +62,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from flatcli.configs.choices import ALL_LOSSES
 from flatcli.measures import registry as _registry
 from flatcli.measures.sharpness._compute import (
     SharpnessResult,
@@ -109,6 +113,7 @@ def _register(definition: Definition) -> None:
     def on_run(run: Any, config: SharpnessConfig, progress: ProgressFn) -> SharpnessResult:
         # compute_sharpness of this one measure on a loaded checkpoint (flatcli.load)
         cfg = config if config.measures == (name,) else replace(config, measures=(name,))
+        cfg = cfg.resolved(_registry.loss_of(run, config))
         return compute_sharpness(run.model, run.x, run.y, cfg, progress=progress)
 
     def reports(config: SharpnessConfig) -> list[str]:
@@ -122,6 +127,7 @@ def _register(definition: Definition) -> None:
         cost=definition.cost,
         command="sharpness",
         reports=reports,
+        losses=ALL_LOSSES,
     )
 
 

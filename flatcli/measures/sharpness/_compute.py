@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from flatcli.curvature.data import iter_chunks
 from flatcli.curvature.diagonal import curvature_diagonal
-from flatcli.curvature.losses import get_loss
+from flatcli.curvature.losses import infer_loss
 from flatcli.curvature.operators import OperatorCache, eval_mode
 from flatcli.errors import MeasureError
 from flatcli.measures._config import finite_or_none
@@ -136,7 +136,7 @@ def compute_sharpness(
     Raises:
         UsageError: bad configuration; MeasureError: a model without weight matrices.
     """
-    config = config or SharpnessConfig()
+    config = (config or SharpnessConfig()).resolved(infer_loss(y))
     progress = progress or no_progress
     with eval_mode(model):
         ops = (
@@ -172,7 +172,7 @@ def _compute(
         info["excluded_params"] = excluded
     with torch.no_grad():
         first = next(iter_chunks(x, None, 1, *_where(model)))
-        classes = int(model(first.x).shape[1])
+        classes = int(model(first.x)[0].numel())  # outputs per example
     passes = [d.passes(config, classes) for d in chosen if d.passes is not None]
     if any(d.needs_diagonal(config) for d in chosen):
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -185,14 +185,16 @@ def _compute(
             x,
             y,
             method=config.diag_method,
-            loss_fn=get_loss(config.loss),
+            loss_fn=config.normalized_loss,
             params=names,
             probes=config.probes,
             groups=config.probe_groups,
             batch_size=config.batch_size,
             head_dtype=config.head,
             seed=config.seed,
-            operator=None if config.diag_method == "ggn" else shared.hessian(config.loss),
+            operator=None
+            if config.diag_method == "ggn"
+            else shared.hessian(config.normalized_loss),
             force=config.force,
             progress=progress,
         )

@@ -49,7 +49,7 @@ def _pass_seconds(model: nn.Module, x: Tensor, y: Tensor, config: SharpnessConfi
     n = int(x.shape[0])
     size = config.batch_size or (cpu_chunk(model, x) if fm.device.type == "cpu" else n)
     size = min(n, size, 512)
-    loss = head_loss(get_loss(config.classic_loss), config.head)
+    loss = head_loss(get_loss(config.loss), config.head)
     took = 0.0
     for _ in range(2):
         start = time.perf_counter()

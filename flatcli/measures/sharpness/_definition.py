@@ -57,8 +57,8 @@ class Shared:
         operators: one Hessian operator per loss head, built once (:meth:`hessian`).
         names: the weight matrices (trainable parameters with >= 2 dimensions).
         excluded: the other trainable parameters.
-        diagonal: the curvature diagonal of ``config.loss`` over ``names`` (``config.diag_method``),
-            computed once when a chosen definition needs it, else None.
+        diagonal: the curvature diagonal of ``config.normalized_loss`` over ``names``
+            (``config.diag_method``), computed once when a chosen definition needs it, else None.
     """
 
     model: nn.Module

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from flatcli.curvature._functional import FunctionalModel, head_loss
 from flatcli.curvature.data import iter_chunks
-from flatcli.curvature.losses import get_loss
+from flatcli.curvature.losses import sample_loss
 from flatcli.curvature.memory import cpu_chunk
 from flatcli.curvature.params import select_parameters
 from flatcli.errors import UsageError
@@ -243,14 +243,14 @@ def outcome(shared: Shared, ascent: Callable[..., WorstCaseResult], **kwargs: An
         shared.x,
         shared.y,
         step_size=config.step_size,
-        loss_fn=get_loss(config.classic_loss),
+        loss_fn=sample_loss(config.loss, shared.y),
         batch_size=config.batch_size,
         head_dtype=config.head,
         **kwargs,
     )
     settings = {
         **res.settings,
-        "loss": config.classic_loss,
+        "loss": config.loss,
         "base_loss": res.base_loss,
         "max_loss": res.max_loss,
     }

@@ -1,7 +1,7 @@
 """Adaptive sharpness (Kwon et al. 2021; worst-case form of Andriushchenko et al. 2023).
 
 ``max L(w + δ) − L(w)`` over ``‖δ ⊘ |w|‖_p <= ρ`` (p = ∞ or 2), L the mean
-``config.classic_loss``, maximised by projected ascent in δ/|w| from 0
+``config.loss``, maximised by projected ascent in δ/|w| from 0
 (:func:`._worst_case.adaptive_sharpness`). Unchanged by any positive diagonal rescaling of the
 weights that leaves the network's function unchanged (layer-, neuron- and BN-scaling).
 """

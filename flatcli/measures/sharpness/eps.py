@@ -1,7 +1,7 @@
 """ε-sharpness (Keskar et al. 2017, Metric 2.1): the largest loss increase in a box.
 
 ``100 · (max L(w + δ) − L(w)) / (1 + L(w))`` over ``|δ_k| <= ε (|w_k| + 1)``, L the mean
-``config.classic_loss``, maximised by projected sign-gradient ascent from δ = 0
+``config.loss``, maximised by projected sign-gradient ascent from δ = 0
 (:func:`._worst_case.eps_sharpness`).
 """
 

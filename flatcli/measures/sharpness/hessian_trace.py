@@ -1,4 +1,4 @@
-"""The Hessian trace (Tsuzuku et al. 2020, Eq. 5): tr ∇²L of the mean ``config.classic_loss``.
+"""The Hessian trace (Tsuzuku et al. 2020, Eq. 5): tr ∇²L of the mean ``config.loss``.
 
 Over all trainable parameters, with a standard error:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 from flatcli.configs.sharpness import SharpnessConfig, TraceMethod
 from flatcli.curvature.diagonal import DiagMethod, curvature_diagonal, ggn_diagonal
 from flatcli.curvature.linop import Difference, LinearOperator
-from flatcli.curvature.losses import get_loss
 from flatcli.curvature.trace import hutchinson, hutchpp
 from flatcli.measures.sharpness._cost import DIAG_PASSES_PER_LOGIT, GVP_PASSES, HVP_PASSES
 from flatcli.measures.sharpness._definition import Definition, Outcome, Shared, define
@@ -37,7 +36,7 @@ def compute(shared: Shared) -> Outcome:
         if (
             diag is not None
             and diag.method == DiagMethod.EXACT.value
-            and config.loss == config.classic_loss
+            and config.normalized_loss == config.loss
             and not shared.excluded
         ):
             full = diag
@@ -47,22 +46,22 @@ def compute(shared: Shared) -> Outcome:
                 shared.x,
                 shared.y,
                 method="exact",
-                loss_fn=get_loss(config.classic_loss),
+                loss_fn=config.loss,
                 batch_size=config.batch_size,
                 head_dtype=config.head,
-                operator=shared.hessian(config.classic_loss),
+                operator=shared.hessian(config.loss),
                 force=config.force,
                 progress=shared.progress,
             )
         return Outcome(
             value=float(sum(float(v.sum()) for v in full.values.values())),
             settings={
-                "loss": config.classic_loss,
+                "loss": config.loss,
                 "estimator": "exact (sum of the exact diagonal)",
             },
             products=full.products if full is not diag else 0,
         )
-    hessian = shared.hessian(config.classic_loss).restrict(None)  # a block: its own count
+    hessian = shared.hessian(config.loss).restrict(None)  # a block: its own count
 
     def progress(_: str, done: int, total: int) -> None:
         shared.progress("hessian trace probes", done, total)
@@ -76,7 +75,7 @@ def compute(shared: Shared) -> Outcome:
         exact = _ggn_trace(shared) if residual else 0.0
         op: LinearOperator = hessian
         if residual:
-            ggn = shared.operators.get("ggn", loss_fn=config.classic_loss, head_dtype=config.head)
+            ggn = shared.operators.get("ggn", loss_fn=config.loss, head_dtype=config.head)
             op = Difference(hessian, ggn.restrict(None))
         est = hutchinson(
             op,
@@ -87,7 +86,7 @@ def compute(shared: Shared) -> Outcome:
             progress=progress,
         )
     settings = {
-        "loss": config.classic_loss,
+        "loss": config.loss,
         "estimator": _ESTIMATORS[config.trace_method],
         "probes": est.probes,
         "target_rel_stderr": config.trace_rel_stderr,
@@ -104,13 +103,13 @@ def compute(shared: Shared) -> Outcome:
 
 
 def _ggn_trace(shared: Shared) -> float:
-    """The exact trace of the GGN of ``classic_loss`` over all trainable parameters (the shared
+    """The exact trace of the GGN of ``loss`` over all trainable parameters (the shared
     diagonal's sum when it is that diagonal)."""
     config, diag = shared.config, shared.diagonal
     if (
         diag is not None
         and diag.method == DiagMethod.GGN.value
-        and config.loss == config.classic_loss
+        and config.normalized_loss == config.loss
         and not shared.excluded
     ):
         values = diag.values
@@ -119,7 +118,7 @@ def _ggn_trace(shared: Shared) -> float:
             shared.model,
             shared.x,
             shared.y,
-            loss_fn=config.classic_loss,
+            loss_fn=config.loss,
             batch_size=config.batch_size,
             head_dtype=config.head,
         )
@@ -132,7 +131,9 @@ def _passes(config: SharpnessConfig, classes: int) -> float:
     if config.diag_method == DiagMethod.EXACT.value:
         return 0.0
     if config.trace_method == TraceMethod.GGN_RESIDUAL.value:
-        shared = config.diag_method == DiagMethod.GGN.value and config.loss == config.classic_loss
+        shared = (
+            config.diag_method == DiagMethod.GGN.value and config.normalized_loss == config.loss
+        )
         diag = 0.0 if shared else DIAG_PASSES_PER_LOGIT * classes
         return diag + config.trace_probes * (HVP_PASSES + GVP_PASSES)
     return config.trace_probes * HVP_PASSES

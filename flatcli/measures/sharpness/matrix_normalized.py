@@ -1,7 +1,8 @@
 """Matrix-normalized sharpness (Tsuzuku et al. 2020, Eq. 13).
 
 ``Σ_i sqrt(‖W_i‖_F² · H_i)`` over the weight matrices W_i, H_i the trace of W_i's block of the
-Hessian of ``config.loss`` (clipped at 0). With ``diag_method`` "exact" or "ggn" the traces are
+Hessian of ``config.normalized_loss`` (clipped at 0). With ``diag_method`` "exact" or "ggn" the
+traces are
 exact block sums of the shared curvature diagonal; with "hutchinson" each is a Hutchinson
 estimate on the shared operator restricted to the layer, and the standard error follows from
 theirs by the delta method.
@@ -38,7 +39,7 @@ def compute(shared: Shared) -> Outcome:
         traces = {k: float(diag.values[k].sum()) for k in names}
         how = f"block sums of the {diag.method} diagonal"
     else:
-        hessian = shared.hessian(config.loss)
+        hessian = shared.hessian(config.normalized_loss)
         for i, k in enumerate(names):
             est = hutchinson(
                 hessian.restrict([k]),
@@ -55,7 +56,7 @@ def compute(shared: Shared) -> Outcome:
         var = sum(fro2[k] * ses[k] ** 2 / (4 * traces[k]) for k in names if traces[k] > 0)
         se = math.sqrt(var)
     settings = {
-        "loss": config.loss,
+        "loss": config.normalized_loss,
         "block_trace": how,
         "trace_clip": "H_i <- max(H_i, 0)",
         "traces": traces,

@@ -2,7 +2,8 @@
 
 Per weight matrix W the minimum over row/column scales σ, σ' of
 ``Σ h_ij (σ_iσ'_j)² + W_ij² / (2λ(σ_iσ'_j)²)``, summed over the weight matrices; h is the shared
-curvature diagonal of ``config.loss`` (the NSCE surrogate of Eq. 20 by default) clipped at 0.
+curvature diagonal of ``config.normalized_loss`` (the NSCE surrogate of Eq. 20 by default)
+clipped at 0.
 The per-layer convex solve and its certified gap are in :mod:`._solver`. Reported with
 ``normalized_sharpness_gap`` (the layers' certified gaps, summed) and, with Hutchinson diagonals
 in two or more probe groups, ``normalized_sharpness_stderr`` (jackknife over the groups,
@@ -62,7 +63,7 @@ def compute(shared: Shared) -> Outcome:
     }
     seconds = {"solver": time.perf_counter() - start}
     settings = {
-        "loss": config.loss,
+        "loss": config.normalized_loss,
         "lam": config.lam,
         "diag_method": config.diag_method,
         "matrix": diag.matrix,
