@@ -111,27 +111,37 @@ def main() -> None:
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
     op = make_operator("hessian", model, x, y, batch_size=len(x))
-    print(f"MLP 784-32-32-10 ({op.dim} params), {len(x)} mnist5k examples, train acc {acc:.3f}, "
-          f"setup {time.perf_counter() - t0:.1f}s, torch threads {args.threads}")
+    print(
+        f"MLP 784-32-32-10 ({op.dim} params), {len(x)} mnist5k examples, train acc {acc:.3f}, "
+        f"setup {time.perf_counter() - t0:.1f}s, torch threads {args.threads}"
+    )
 
     # ground truth: the same Hessian in float64, residuals verified below 1e-10 |λ_max|
-    op64 = make_operator("hessian", copy.deepcopy(model).double(), x.double(), y,
-                         batch_size=len(x))
+    op64 = make_operator("hessian", copy.deepcopy(model).double(), x.double(), y, batch_size=len(x))
     truth = lanczos(op64, k, tol=1e-10, steps=400, seed=args.seed + 99, verify=True)
     assert truth.converged, "ground truth did not converge"
     exact = truth.eigenvalues.tolist()
-    print(f"ground truth top-{k} (float64, {truth.matvecs} HVPs, max residual "
-          f"{float(truth.residuals.max()):.1e}): {[round(v, 6) for v in exact]}")
+    print(
+        f"ground truth top-{k} (float64, {truth.matvecs} HVPs, max residual "
+        f"{float(truth.residuals.max()):.1e}): {[round(v, 6) for v in exact]}"
+    )
 
     rows = []
     power_tols = [1e-3, 1e-4] if args.quick else [1e-3, 1e-4, 1e-5]
     for tol in power_tols:
-        rows.append((f"power iteration (PyHessian), tol {tol:g}",
-                     *_run(op, lambda t=tol: power_iteration_deflation(op, k, t, seed=args.seed))))
+        rows.append(
+            (
+                f"power iteration (PyHessian), tol {tol:g}",
+                *_run(op, lambda t=tol: power_iteration_deflation(op, k, t, seed=args.seed)),
+            )
+        )
     for tol in [1e-3] if args.quick else [1e-3, 1e-5]:
-        rows.append((f"Lanczos, tol {tol:g}",
-                     *_run(op, lambda t=tol: lanczos(op, k, tol=t, seed=args.seed)
-                           .eigenvalues.tolist())))
+        rows.append(
+            (
+                f"Lanczos, tol {tol:g}",
+                *_run(op, lambda t=tol: lanczos(op, k, tol=t, seed=args.seed).eigenvalues.tolist()),
+            )
+        )
 
     print(f"\n{'method':40s} {'HVPs':>6s} {'wall s':>8s} {'cpu s':>8s} {'max rel err':>12s}")
     results = []
@@ -143,17 +153,23 @@ def main() -> None:
     lz = next(r for r in results if r[0] == "Lanczos, tol 0.001")
     default = results[0]
     accurate = [r for r in results if r[0].startswith("power") and r[4] <= 1e-3]
-    print(f"\nLanczos (tol 1e-3) vs PyHessian defaults: {lz[1] / default[1]:.2f}x the HVPs, "
-          f"{lz[2] / default[2]:.2f}x the wall time (errors {lz[4]:.1e} vs {default[4]:.1e})")
+    print(
+        f"\nLanczos (tol 1e-3) vs PyHessian defaults: {lz[1] / default[1]:.2f}x the HVPs, "
+        f"{lz[2] / default[2]:.2f}x the wall time (errors {lz[4]:.1e} vs {default[4]:.1e})"
+    )
     if accurate:
         best = min(accurate, key=lambda r: r[1])
-        print(f"Lanczos (tol 1e-3) vs the cheapest power iteration within 1e-3 ({best[0]}): "
-              f"{lz[1] / best[1]:.2f}x the HVPs, {lz[2] / best[2]:.2f}x the wall time")
+        print(
+            f"Lanczos (tol 1e-3) vs the cheapest power iteration within 1e-3 ({best[0]}): "
+            f"{lz[1] / best[1]:.2f}x the HVPs, {lz[2] / best[2]:.2f}x the wall time"
+        )
     else:
         print("no power-iteration setting reached 1e-3 relative accuracy on all eigenvalues")
     ok = lz[4] <= 1e-3 and all(lz[1] <= r[1] / 4 for r in accurate + [default])
-    print(f"target (Lanczos within 1e-3 using <= 1/4 the HVPs of power iteration): "
-          f"{'met' if ok else 'NOT met'}")
+    print(
+        f"target (Lanczos within 1e-3 using <= 1/4 the HVPs of power iteration): "
+        f"{'met' if ok else 'NOT met'}"
+    )
     if not math.isfinite(lz[4]):
         raise SystemExit(1)
 

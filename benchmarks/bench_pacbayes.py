@@ -17,11 +17,21 @@ Monte Carlo: the certificate's n weight samples, batched with vmap over function
 (``snn_errors``), against a Python loop of single-sample forward passes over the same data
 with the same weights (samples per second), on all 4,000 examples and on a 250-example set.
 
+Monte Carlo on LeNet-5 (the README's network, 61,706 parameters) over 2,000 mnist5k digits
+(the bound's half of the default data-dependent split): ms per weight sample of ``snn_errors``
+with its default chunking, with the chunking it had before (16 samples vmapped over 1,024
+digits), and with 4 and 16 samples vmapped over the default data chunk, each against the
+forward-pass floor measured in the same run: the model's own forward (one fixed weight set,
+no sampling) over the same digits at its best batch size (128, 256 or 512). And one epoch of
+the f-quad posterior optimisation (one weight sample a step through autograd, Adam) against
+one SGD epoch of the same LeNet-5 on all 4,000 digits at the same batch size.
+
 Times are CPU seconds of this process (``time.process_time``), one intra-op thread, rounds
 interleaved, minimum kept.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 3 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py           # about 5 minutes
     OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py --quick
+    OMP_NUM_THREADS=1 python benchmarks/bench_pacbayes.py --only lenet   # about 2 minutes
 """
 
 from __future__ import annotations
@@ -183,22 +193,135 @@ def bench_mc(samples: int, rounds: int) -> dict:
     return {"rows": rows}
 
 
+def bench_mc_lenet(samples: int, rounds: int) -> dict:
+    from flatcli.data import load_dataset
+    from flatcli.pacbayes.montecarlo import _activation_elements, chunk_sizes
+
+    torch.manual_seed(0)
+    model = get_model("lenet5", num_classes=10).eval()
+    split = load_dataset("mnist5k").split("train")
+    x, y = split.x[:2000], split.y[:2000]
+    mean = {k: v.detach() for k, v in model.named_parameters()}
+    post = Posterior(mean, {k: torch.full_like(v, -3.5) for k, v in mean.items()}, -3.5)
+    act = _activation_elements(model, x[:1])
+    _, auto_d = chunk_sizes(model, post.num_params(), len(x), samples, activations=act)
+
+    @torch.no_grad()
+    def floor_at(bs: int) -> None:
+        for _ in range(samples):
+            for a in range(0, len(x), bs):
+                model(x[a : a + bs]).argmax(-1)
+
+    floors = {
+        bs: min(_cpu(lambda bs=bs: floor_at(bs)) for _ in range(rounds)) for bs in (128, 256, 512)
+    }
+    best_bs = min(floors, key=floors.get)
+    floor_ms = 1e3 * floors[best_bs] / samples
+    variants = {
+        "default": {},
+        "previous default (16 x 1024, vmap)": {"sample_chunk": 16, "data_chunk": 1024},
+        f"vmap 4 x {auto_d}": {"sample_chunk": 4, "data_chunk": auto_d},
+        f"vmap 16 x {auto_d}": {"sample_chunk": 16, "data_chunk": auto_d},
+    }
+    ref = snn_errors(model, post, x, y, samples=samples, seed=0)
+    rows = []
+    for name, kw in variants.items():
+        errs = snn_errors(model, post, x, y, samples=samples, seed=0, **kw)
+        assert torch.equal(errs, ref), name  # the same numbers whatever the chunking
+        t = min(
+            _cpu(lambda kw=kw: snn_errors(model, post, x, y, samples=samples, seed=0, **kw))
+            for _ in range(rounds)
+        )
+        ms = 1e3 * t / samples
+        rows.append({"variant": name, "ms_per_sample": ms, "ratio_to_floor": ms / floor_ms})
+    return {
+        "model": "lenet5 (61,706 parameters)",
+        "examples": len(x),
+        "samples": samples,
+        "activation_elements_per_example": act,
+        "default_chunks": [1, auto_d],
+        "floor_batch": best_bs,
+        "floor_ms_per_sample": floor_ms,
+        "floors_ms": {bs: 1e3 * t / samples for bs, t in floors.items()},
+        "rows": rows,
+    }
+
+
+def bench_fquad_epochs(batch_sizes: list[int], rounds: int) -> dict:
+    """One f-quad epoch (autograd through one weight sample a step, Adam) against one SGD epoch
+    of the same LeNet-5 on the same 4,000 mnist5k digits and batch size."""
+    from flatcli.data import load_dataset
+    from flatcli.pacbayes.fquad import optimize_fquad
+
+    torch.manual_seed(0)
+    model = get_model("lenet5", num_classes=10).eval()
+    split = load_dataset("mnist5k").split("train")
+    x, y = split.x, split.y
+    prior = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def sgd_epoch(bs: int) -> None:
+        net = get_model("lenet5", num_classes=10)
+        net.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), bs):
+            idx = perm[i : i + bs]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+
+    def fquad_epoch(bs: int) -> None:
+        optimize_fquad(model, x, y, prior, num_train=2000, epochs=1, batch_size=bs)
+
+    sgd_epoch(256)
+    fquad_epoch(256)
+    rows = []
+    for bs in batch_sizes:
+        t_sgd = min(_cpu(lambda bs=bs: sgd_epoch(bs)) for _ in range(rounds))
+        t_fq = min(_cpu(lambda bs=bs: fquad_epoch(bs)) for _ in range(rounds))
+        rows.append(
+            {"batch_size": bs, "sgd_epoch_s": t_sgd, "fquad_epoch_s": t_fq, "ratio": t_fq / t_sgd}
+        )
+    return {"model": "lenet5", "examples": len(x), "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", choices=["lenet"], help="only the LeNet-5 parts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds = 1 if args.quick else 3
-    out = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "epochs": bench_epochs([256] if args.quick else [64, 128, 256, 512, 1024, 2048], rounds),
-        "mc": bench_mc(8 if args.quick else 32, rounds),
-    }
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    out["lenet_mc"] = bench_mc_lenet(4 if args.quick else 16, rounds)
+    out["fquad"] = bench_fquad_epochs([250] if args.quick else [64, 250, 1000], rounds)
+    if args.only is None:
+        batches = [256] if args.quick else [64, 128, 256, 512, 1024, 2048]
+        out["epochs"] = bench_epochs(batches, rounds)
+        out["mc"] = bench_mc(8 if args.quick else 32, rounds)
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
+    lm = out["lenet_mc"]
+    print(
+        f"\nLeNet-5 Monte Carlo over {lm['examples']} digits, {lm['samples']} samples; floor "
+        f"(plain forward at batch {lm['floor_batch']}): {lm['floor_ms_per_sample']:.1f} ms a sample"
+    )
+    print("| chunking | ms per sample | × floor |")
+    print("|---|---|---|")
+    for r in lm["rows"]:
+        print(f"| {r['variant']} | {r['ms_per_sample']:.1f} | {r['ratio_to_floor']:.2f}x |")
+    print("\nf-quad epoch vs SGD epoch, LeNet-5 on 4,000 mnist5k digits")
+    print("| batch | SGD epoch (s) | f-quad epoch (s) | ratio |")
+    print("|---|---|---|---|")
+    for r in out["fquad"]["rows"]:
+        print(
+            f"| {r['batch_size']} | {r['sgd_epoch_s']:.2f} | {r['fquad_epoch_s']:.2f} | "
+            f"{r['ratio']:.2f}x |"
+        )
+    if args.only is not None:
+        return
     e = out["epochs"]
     print(
         f"\nT-600 on {e['data']}; eigenbasis {e['basis_s']:.2f} s (once); compilation "

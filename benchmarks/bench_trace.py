@@ -54,8 +54,10 @@ def main() -> None:
     model, x, y = trained_mlp(examples)
     op = make_operator("hessian", model, x, y, batch_size=len(x))
     exact = float(sum(d.sum() for d in ggn_diagonal(model, x, y).values()))
-    print(f"MLP 784-32-32-10 ({op.dim} params), {len(x)} mnist5k examples; exact tr(H) = "
-          f"{exact:.6f}; setup {time.perf_counter() - t0:.1f}s, torch threads {args.threads}")
+    print(
+        f"MLP 784-32-32-10 ({op.dim} params), {len(x)} mnist5k examples; exact tr(H) = "
+        f"{exact:.6f}; setup {time.perf_counter() - t0:.1f}s, torch threads {args.threads}"
+    )
 
     rows = []
     pooled_var, pooled_n = 0.0, 0
@@ -68,9 +70,11 @@ def main() -> None:
     sigma = math.sqrt(pooled_var / pooled_n)
     print(f"Hutchinson per-probe std σ = {sigma:.3f} (its error at m probes: σ/√m)\n")
 
-    head = (f"{'HVPs':>5s} | {'Hutchinson rms err':>18s} {'mean stderr':>11s} {'runs':>4s} | "
-            f"{'Hutch++ rms err':>15s} {'mean stderr':>11s} {'runs':>4s} | "
-            f"{'Hutchinson HVPs for same err':>28s} {'ratio':>6s}")
+    head = (
+        f"{'HVPs':>5s} | {'Hutchinson rms err':>18s} {'mean stderr':>11s} {'runs':>4s} | "
+        f"{'Hutch++ rms err':>15s} {'mean stderr':>11s} {'runs':>4s} | "
+        f"{'Hutchinson HVPs for same err':>28s} {'ratio':>6s}"
+    )
     print(head)
     print("-" * len(head))
     ratios = []
@@ -79,14 +83,20 @@ def main() -> None:
         p_rms = _rms([e.value - exact for e in p])
         need = (sigma / p_rms) ** 2
         ratios.append(m / need)
-        print(f"{m:5d} | {h_rms:18.3f} {sum(e.stderr for e in h) / len(h):11.3f} {len(h):4d} | "
-              f"{p_rms:15.3f} {sum(e.stderr for e in p) / len(p):11.3f} {len(p):4d} | "
-              f"{need:28.0f} {m / need:6.3f}")
-    print(f"\nrelative error of Hutch++ at {budgets[-1]} HVPs: "
-          f"{_rms([e.value - exact for e in rows[-1][2]]) / abs(exact):.2e}")
+        print(
+            f"{m:5d} | {h_rms:18.3f} {sum(e.stderr for e in h) / len(h):11.3f} {len(h):4d} | "
+            f"{p_rms:15.3f} {sum(e.stderr for e in p) / len(p):11.3f} {len(p):4d} | "
+            f"{need:28.0f} {m / need:6.3f}"
+        )
+    print(
+        f"\nrelative error of Hutch++ at {budgets[-1]} HVPs: "
+        f"{_rms([e.value - exact for e in rows[-1][2]]) / abs(exact):.2e}"
+    )
     ok = all(r <= 0.5 for r in ratios)
-    print(f"target (Hutch++ reaches Hutchinson's error with <= 1/2 the HVPs): "
-          f"{'met' if ok else 'NOT met'} (HVP ratios {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(
+        f"target (Hutch++ reaches Hutchinson's error with <= 1/2 the HVPs): "
+        f"{'met' if ok else 'NOT met'} (HVP ratios {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
     print(f"total {time.perf_counter() - t0:.1f}s")
 
 

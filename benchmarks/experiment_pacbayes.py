@@ -4,7 +4,8 @@ Trains T-w (mlp hidden [w]), T-2w, T-(w/2)² and R-w (random labels) with ``flat
 on ``fashion-mnist-2`` (all 60,000 training images, or a seeded subset) and on ``mnist5k-2``
 (all 4,000 digits), then runs ``flatcli pacbayes --split trained`` with ``--method vanilla``,
 ``approx-hessian`` and ``iterative-hessian`` on each, and prints one markdown table per
-dataset (bound, with the test error beside it). Every command is printed and run through the
+dataset (bound, with the test error beside it); the prior is data-free (``--prior data-free``,
+centred on the recorded initialisation). Every command is printed and run through the
 shared heavy-job lock
 (``flock /tmp/flatcli-heavy.lock``), one command at a time.
 
@@ -122,6 +123,8 @@ def main() -> None:
                         *ckpts,
                         "--split",
                         "trained",
+                        "--prior",
+                        "data-free",
                         "--method",
                         method,
                         "--epochs",

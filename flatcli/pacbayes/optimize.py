@@ -148,6 +148,7 @@ def optimize_posterior(
     seed: int = 0,
     basis_fn: Callable[[Mapping[str, Tensor]], Basis] | None = None,
     compile: bool = False,
+    num_train: int | None = None,
     progress: ProgressFn = no_progress,
 ) -> tuple[Posterior, list[dict]]:
     """Minimise Eq. 46 of Wu et al. 2020 over Q = N(w, R diag(s) Rᵀ) and λ (Algorithm 1).
@@ -172,6 +173,8 @@ def optimize_posterior(
         compile: fuse the step's elementwise kernels with ``torch.compile``
             (:class:`flatcli.pacbayes.step.Kernels`); the first step pays for the
             compilation, and the last bits of the numbers may differ from the eager run.
+        num_train: the m of B_RE in the objective: the certificate's examples (default:
+            len(x); smaller with a data-dependent prior, whose bound uses only part of x).
         progress: ``progress(description, done, total)`` per epoch.
 
     Returns:
@@ -180,7 +183,8 @@ def optimize_posterior(
     """
     method = Method(method)
     schedule = Schedule(schedule)
-    m = x.shape[0]
+    n = x.shape[0]
+    m = n if num_train is None else int(num_train)
     if m < 2:
         raise MeasureError(f"the PAC-Bayes bound needs at least 2 training examples; got {m}")
     if method is not Method.VANILLA and basis_fn is None:
@@ -199,7 +203,7 @@ def optimize_posterior(
 
     basis = Basis() if method is Method.VANILLA else new_basis()
     work = basis.to(dtype, device)
-    on_act = activation_layers(model, work, min(batch_size, m))
+    on_act = activation_layers(model, work, min(batch_size, n))
     placement = Placement(work, on_act)
     coords = layout.flatten(work.to_hessian(layout.views(mean)))
     log_std = torch.log(coords.abs().clamp_min(LOG_STD_FLOOR))
@@ -214,7 +218,7 @@ def optimize_posterior(
     xi = torch.empty(layout.numel, dtype=dtype, device=device)
     curve: list[dict] = []
     recomputed = 0
-    steps_per_epoch = max(1, math.ceil(m / batch_size))
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
     for epoch in range(epochs):
         lr_now = _lr_at(schedule, lr, epoch, epochs)
         if method is Method.ITERATIVE_HESSIAN and epoch > 0 and epoch % eta == 0:
@@ -226,7 +230,7 @@ def optimize_posterior(
             log_std.copy_(0.5 * torch.log(layout.flatten(var).clamp_min(LOG_STD_FLOOR**2)))
             basis, placement = fresh, Placement(fresh.to(dtype, device), on_act)
             recomputed += 1
-        perm = torch.randperm(m, generator=gen, device=device)
+        perm = torch.randperm(n, generator=gen, device=device)
         sums = [0.0, 0.0, 0.0, 0.0]
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]

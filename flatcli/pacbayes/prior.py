@@ -1,15 +1,16 @@
-"""The prior's centre w₀: the data-independent initial weights of the trained network.
+"""A data-free prior's centre w₀: the data-independent initial weights of the trained network.
 
-A PAC-Bayes prior must be chosen before seeing the training set (Wu et al. 2020, Theorem F.1;
-Dziugaite & Roy 2017 centre it at the random initialisation). ``flatcli train`` records the
-initial weights in the checkpoint (key prefix ``flatcli.init.``, or a file beside it that the
-record's ``init_weights`` names); ``--prior-init CKPT`` names them explicitly. Anything else
-is refused: centring the prior on weights chosen from the data voids the bound. So is a
-``--prior-init`` checkpoint that was trained, or whose weights are the certified network's, unless
-the user says it never saw the data (``--prior-is-data-free``), and any model with BatchNorm
-running statistics: they were estimated on the examples the bound certifies and are neither in the
-prior nor in the KL (valid only with statistics from a data-dependent prior's split, which flatcli
-does not have yet).
+A PAC-Bayes prior must be chosen before seeing the examples the bound is computed on (Wu et
+al. 2020, Theorem F.1; Dziugaite & Roy 2017 centre it at the random initialisation).
+``flatcli train`` records the initial weights in the checkpoint (key prefix ``flatcli.init.``,
+or a file beside it that the record's ``init_weights`` names); ``--prior-init CKPT`` names them
+explicitly. Anything else is refused: centring the prior on weights chosen from the data voids
+the bound. So is a ``--prior-init`` checkpoint that was trained, or whose weights are the
+certified network's, unless the user says it never saw the data (``--prior-is-data-free``),
+and any model with BatchNorm running statistics: they were estimated on the examples the bound
+certifies and are neither in the prior nor in the KL. A data-dependent prior
+(:mod:`flatcli.pacbayes.data_prior`, ``--prior data-dependent``) recomputes them on its own
+examples, outside the bound.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatcli.configs.pacbayes import PacBayesConfig
 from flatcli.errors import UsageError
 from flatcli.io.checkpoint import INIT_PREFIX, Checkpoint, load_checkpoint, match_state_dict
 
@@ -29,6 +31,7 @@ __all__ = [
     "NO_PRIOR_MESSAGE",
     "batchnorm_layers",
     "check_batchnorm",
+    "check_before_work",
     "check_data_free",
     "check_prior_available",
     "check_prior_init",
@@ -49,9 +52,8 @@ BATCHNORM_MESSAGE = (
     "{name} has BatchNorm layers with running statistics ({layers}), estimated on the training "
     "examples this bound certifies and counted neither in the prior nor in the KL, so a "
     "data-free certificate for it would not hold; a valid one needs the statistics from "
-    "examples outside the bound (the prior split of a data-dependent prior, "
-    "--prior data-dependent, which flatcli does not have yet): pacbayes refuses BatchNorm "
-    "models until then"
+    "examples outside the bound: use --prior data-dependent (the default without "
+    "--prior-init), which recomputes them on the prior's examples"
 )
 
 TRAINED_PRIOR_MESSAGE = (
@@ -294,3 +296,24 @@ def resolve_prior(
         reason = f"its weights equal those of {path.name}, the checkpoint certified"
         raise UsageError(TRAINED_PRIOR_MESSAGE.format(prior=prior_init, reason=reason))
     return prior, source
+
+
+def check_before_work(
+    path: str | Path,
+    config: PacBayesConfig,
+    *,
+    model: str | None = None,
+    unsafe: bool = False,
+) -> None:
+    """What ``flatcli pacbayes`` checks for each checkpoint before any work (exit 2).
+
+    Data-free: :func:`check_data_free` (a w₀, a ``--prior-init`` that did not see the data,
+    no BatchNorm). Data-dependent: with ``--prior-start recorded``, that the checkpoint records
+    its initialisation.
+    """
+    if not config.data_dependent:
+        check_data_free(
+            path, config.prior_init, model=model, unsafe=unsafe, data_free=config.prior_is_data_free
+        )
+    elif config.prior_start == "recorded":
+        check_prior_available(path, unsafe=unsafe)

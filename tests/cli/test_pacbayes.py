@@ -15,6 +15,8 @@ from tests.io.test_report import validate_report
 from tests.pacbayes.problem import REPORT_KEYS, write_problem
 
 FAST = [
+    "--prior",
+    "data-free",
     "--epochs",
     "3",
     "--lr",
@@ -45,6 +47,7 @@ def test_report_keys_and_config(paths, tmp_path):
     m = entry["metrics"]
     assert REPORT_KEYS == set(m)
     assert m["delta"] == 0.05 and m["mc_samples"] == 20 and m["num_train"] == 240
+    assert m["bound_examples"] == 240 and m["prior_examples"] == 0
     assert entry["details"]["method"] == "vanilla" and len(entry["details"]["curve"]) == 3
     assert entry["details"]["confidence"] == pytest.approx(1 - 0.05 - 0.01)
     cfg = report["config"]
@@ -93,7 +96,7 @@ def test_prior_init_option(paths, tmp_path):
     )
     assert res.exit_code == 0, res.output
     entry = json.loads(out.read_text())["results"][0]
-    assert entry["details"]["prior"].startswith("--prior-init")
+    assert entry["details"]["prior"]["source"].startswith("--prior-init")
 
 
 def test_bad_option_values_are_exit_2(paths):
@@ -156,7 +159,8 @@ def test_a_batchnorm_checkpoint_is_exit_2_naming_batchnorm(paths, tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1, res.output
     assert "BatchNorm" in lines[0] and "--prior data-dependent" in lines[0]
-    assert "not have yet" in lines[0] and "Traceback" not in res.output
+    assert "recomputes them on the prior's examples" in lines[0]
+    assert "Traceback" not in res.output
     # with other checkpoints too: refused before any of them is measured
     out = tmp_path / "r.json"
     res = CliRunner().invoke(
@@ -177,7 +181,7 @@ def test_a_trained_prior_is_exit_2_unless_vouched_for(paths, tmp_path):
     res = CliRunner().invoke(app, [*args, "--prior-is-data-free", "--json", str(out), "-q"])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
-    assert report["results"][0]["details"]["prior"].startswith("--prior-init")
+    assert report["results"][0]["details"]["prior"]["source"].startswith("--prior-init")
     assert report["config"]["prior_is_data_free"] is True
 
 

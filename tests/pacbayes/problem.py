@@ -27,6 +27,9 @@ REPORT_KEYS = {
     "delta",
     "delta_prime",
     "num_train",
+    "prior_examples",
+    "bound_examples",
+    "posterior_mean_test_error",
 }
 
 SPEC = {"arch": "mlp", "kwargs": {"in_features": 6, "hidden": [8], "num_classes": 2}}

@@ -16,7 +16,7 @@ from flatcli.pacbayes.bound import Certificate
 from flatcli.pacbayes.prior import batchnorm_layers, check_data_free, resolve_prior
 from tests.pacbayes.problem import write_batchnorm, write_problem, write_trained_prior
 
-FAST = {"epochs": 1, "opt_batch_size": 120, "mc_samples": 8}
+FAST = {"prior": "data-free", "epochs": 1, "opt_batch_size": 120, "mc_samples": 8}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_batchnorm_checkpoint_is_refused_before_any_work(paths):
         check_data_free(paths["bn"])
     message = str(info.value)
     assert "BatchNorm" in message and "bn.safetensors" in message and "\n" not in message
-    assert "--prior data-dependent" in message and "does not have yet" in message
-    assert "outside the bound" in message
+    assert "--prior data-dependent" in message and "recomputes them on the prior's" in message
+    assert "outside the bound" in message and "does not have yet" not in message
     assert "(bn1)" in message  # the MLP's BatchNorm1d
 
 
@@ -112,7 +112,8 @@ def test_vacuity_note_says_what_would_make_it_non_vacuous():
     assert note is not None and "is vacuous" in note
     assert "data-dependent prior" in note and "Dziugaite et al. 2021" in note
     assert "Pérez-Ortiz et al. 2021" in note and "more training examples m" in note
-    assert "not yet in flatcli" in note and "KL 5000 against m = 240" in note
+    assert "--prior data-dependent" in note and "KL 5000 against m = 240" in note
+    assert "not yet in flatcli" not in note
     # no better than guessing among 10 classes (the README checkpoint's 0.951)
     note = vacuity_note(_certificate(0.951), 0.9)
     assert note is not None and "no better than guessing" in note and "10 classes" in note

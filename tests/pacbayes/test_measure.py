@@ -22,11 +22,12 @@ def paths(tmp_path_factory):
 
 def _run(paths, **options):
     run = load(paths["trained"], device="cpu")
+    options = {"prior": "data-free", **options}
     config = PacBayesConfig(epochs=6, lr=0.01, opt_batch_size=60, mc_samples=64, **options)
     return run, pacbayes_on_run(run, config, lambda *a: None)
 
 
-def _independent_bound(m: dict) -> tuple[float, float, float]:
+def _independent_bound(m: dict, c: float = 0.1) -> tuple[float, float, float]:
     """B_RE, the MC upper bound and the bound, recomputed with scipy's root finder."""
 
     def kl(q, p):
@@ -37,8 +38,8 @@ def _independent_bound(m: dict) -> tuple[float, float, float]:
             return 1.0
         return brentq(lambda p: kl(q, p) - c, q, 1 - 1e-15, xtol=1e-14)
 
-    n, mm = m["mc_samples"], m["num_train"]
-    lam = 0.1 * math.exp(-m["j"] / 100.0)
+    n, mm = m["mc_samples"], m["bound_examples"]
+    lam = c * math.exp(-m["j"] / 100.0)
     assert m["prior_variance"] == pytest.approx(lam, rel=1e-12)
     bre = (m["kl"] + 2 * math.log(m["j"]) + math.log(math.pi**2 * mm / (6 * m["delta"]))) / (mm - 1)
     upper = inv(m["snn_train_error"], math.log(2 / m["delta_prime"]) / n)
@@ -49,7 +50,8 @@ def test_report_has_the_contract_keys_and_recomputes_independently(paths):
     run, result = _run(paths)
     m = result.metrics()
     assert set(m) == REPORT_KEYS
-    assert m["num_train"] == 240 and m["mc_samples"] == 64
+    assert m["num_train"] == m["bound_examples"] == 240 and m["mc_samples"] == 64
+    assert m["prior_examples"] == 0 and 0.0 <= m["posterior_mean_test_error"] <= 1.0
     assert m["delta"] == 0.025 and m["delta_prime"] == 0.01
     assert m["bound"] >= m["snn_train_error_upper"] >= m["snn_train_error"]
     bre, upper, bound = _independent_bound(m)
@@ -62,7 +64,8 @@ def test_report_has_the_contract_keys_and_recomputes_independently(paths):
     assert len(d["curve"]) == 6 and {"objective", "kl", "b_re", "cross_entropy"} <= set(
         d["curve"][0]
     )
-    assert d["prior"].startswith("recorded in")
+    assert d["prior"]["kind"] == "data-free" and d["prior"]["source"].startswith("recorded in")
+    assert d["prior"]["prior_examples"] == 0 and d["prior"]["bound_examples"] == 240
     assert 0.0 <= m["test_error"] <= 1.0 and 0.0 <= m["snn_test_error"] <= 1.0
 
 
