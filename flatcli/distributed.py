@@ -6,9 +6,17 @@ same command on the same seeded examples; the curvature operators then split the
 contiguous shards (:func:`shard_bounds`, uneven shards allowed), each process sums its shard's
 contributions to a product, and ONE all-reduce per product (:func:`all_reduce_sum`, every
 tensor of the product flattened into one buffer) completes the sum, which is then divided by
-the global example count. Iterative solvers (Lanczos, Hutch++, stochastic Lanczos quadrature)
-run replicated on every process with identical seeds, their start vectors broadcast from rank 0
-(:func:`broadcast`). Only rank 0 prints and writes (:func:`is_main`).
+the global example count. A loss normalised by something other than the example count takes
+that count from ALL the targets, which every process holds: ``token-ce``'s sample loss (mean
+over every counted position, targets != -100) is built by
+:func:`flatcli.curvature.losses.sample_loss` from all N sequences, so each sequence's term is
+already weighted by N / C with C the counted positions of the whole set, and a shard's sum is
+its exact share of the global mean; never an average of per-rank averages, which would weigh
+the positions of a rank with fewer counted tokens more. ``mse`` and ``bce`` average over the
+outputs of each example, the same on every rank, and then over the global N. Iterative solvers
+(Lanczos, Hutch++, stochastic Lanczos quadrature) run replicated on every process with identical
+seeds, their start vectors broadcast from rank 0 (:func:`broadcast`). Only rank 0 prints and
+writes (:func:`is_main`).
 
 Everything here is a no-op in one process: with no process group (or a world of size 1)
 :func:`all_reduce_sum` and :func:`broadcast` return their input, :func:`gather_objects` returns

@@ -67,3 +67,13 @@ def choice(enum: type[Enum], value: Any, what: str) -> str:
     except ValueError:
         valid = ", ".join(repr(e.value) for e in enum)
         raise UsageError(f"Unknown {what} {value!r}; choose one of {valid}.") from None
+
+
+def listing(items: list[str], limit: int = 6) -> str:
+    """The first ``limit`` of ``items`` for an error message, with their count.
+
+    >>> listing(["a", "b", "c"], limit=2)
+    '[a, b, ...] (3)'
+    """
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"

@@ -220,7 +220,8 @@ def run_checkpoints(
     paths = expand_checkpoints([Path(p) for p in checkpoints])
     datasets = DatasetCache(opts.data_dir, opts.download)
     if opts.dataset is not None:
-        datasets.get(opts.dataset)  # an unknown or missing dataset is a usage error for the run
+        # an unknown or missing dataset (or text too short for --seq-len) is a usage error
+        datasets.get(opts.dataset, seq_len=opts.seq_len)
     environment = environment_info(device, dtype, world_size=distributed.world_size())
     outcome = Outcome(
         command, {**(config or {}), **opts.load_config(), **gates.gate_config()}, environment, []

@@ -2,8 +2,10 @@
 
 :func:`train_checkpoint` is what ``flatcli train`` does: build the model from its spec, prepare
 the training split, :func:`~flatcli.train.loop.fit`, and write one ``.safetensors`` that records
-the spec, the dataset and its normalisation, the training configuration, the initial weights
-and the final train/test loss and accuracy, so every analysis command can read it alone.
+the spec, the dataset and its normalisation, the loss (``loss``: what the measures take by
+default), the training configuration, the initial weights and the final train/test loss and
+accuracy, so every analysis command can read it alone. A text dataset also records its
+``seq_len`` and ``text`` (the tokenizer, the text's sha256, token and window counts).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def train_checkpoint(
     from flatcli.io.spec import build_model, fill_data_kwargs, parse_model_option
     from flatcli.train.augment import black_fill
     from flatcli.train.loop import fit
+    from flatcli.train.objective import check_train_options, resolve_train_loss
     from flatcli.train.prepare import prepare_train_split
 
     model, output = job.check()
@@ -71,7 +74,12 @@ def train_checkpoint(
     name = job.dataset or spec.dataset
     if name is None:
         raise UsageError("no dataset: pass --dataset (e.g. --dataset mnist5k)")
-    data = load_dataset(name, data_dir=job.data_dir, download=job.download)
+    data = load_dataset(
+        name, data_dir=job.data_dir, download=job.download, **_text_options(name, job, output)
+    )
+    loss = resolve_train_loss(config.loss, data.train.y)
+    config.loss = loss  # the record holds the loss trained with, not None
+    check_train_options(config, loss, data.train.y)
     spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
     spec_file = _spec_beside(spec, output, name, data.input_shape)  # before any training
     torch.manual_seed(config.seed)
@@ -94,11 +102,14 @@ def train_checkpoint(
         "train_acc": result.train_acc,
         "test_loss": result.test_loss,
         "test_acc": result.test_acc,
-        "gap_acc": None if result.test_acc is None else result.train_acc - result.test_acc,
-        "gap_loss": None if result.test_loss is None else result.test_loss - result.train_loss,
+        "gap_acc": result.gap_acc,
+        "gap_loss": result.gap_loss,
         "epochs": result.epochs,
         "seconds": round(seconds, 3),
     }
+    if loss == "token-ce":  # the usual figure of a language model, beside its token accuracy
+        summary["train_perplexity"] = _perplexity(result.train_loss)
+        summary["test_perplexity"] = _perplexity(result.test_loss)
     spec_record = spec.to_dict()
     spec_record.setdefault("dataset", name)
     meta = {
@@ -109,12 +120,16 @@ def train_checkpoint(
         "normalization": data.normalization,
         "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
+        "loss": loss,
         "train": config.to_dict(),
         "seed": config.seed,
         "data_info": info,
         "results": summary,
         "history": [_epoch_dict(s) for s in result.history],
     }
+    if data.text is not None:
+        meta["seq_len"] = data.text["seq_len"]
+        meta["text"] = data.text
     if write:
         save_checkpoint(output, net.state_dict(), spec_record, meta, init_state_dict=init_state)
         if spec_file is not None:
@@ -126,6 +141,27 @@ def train_checkpoint(
     if spec_file is not None:
         done.spec_file, done.spec_written = spec_file[0], spec_file[1] is not None
     return done
+
+
+def _text_options(name: str, job: TrainJob, output: Path) -> dict[str, Any]:
+    """``seq_len`` and ``tokenizer`` of a text dataset ({} for another dataset, which refuses
+    ``--seq-len``): the tokenizer is the checkpoint's, the ``tokenizer.json`` in the folder of
+    ``-o``, when there is one (later commands find it there), else bytes."""
+    from flatcli.data.text import DEFAULT_SEQ_LEN, find_tokenizer, is_text_dataset
+
+    if not is_text_dataset(name):
+        return {} if job.seq_len is None else {"seq_len": job.seq_len}
+    seq_len = DEFAULT_SEQ_LEN if job.seq_len is None else job.seq_len
+    return {"seq_len": seq_len, "tokenizer": find_tokenizer(output)}
+
+
+def _perplexity(loss: float | None) -> float | None:
+    """``exp(loss)`` of a mean token cross-entropy; None without one or past float range."""
+    import math
+
+    if loss is None or not math.isfinite(loss) or loss > 700:
+        return None
+    return math.exp(loss)
 
 
 def _spec_beside(spec: Any, output: Path, dataset: str, shape: Any) -> tuple[Path, Any] | None:

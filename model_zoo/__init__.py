@@ -19,7 +19,7 @@ Every model uses non-in-place activations, so ``torch.func`` transforms (``vmap`
 
 from __future__ import annotations
 
-from . import cnn6, densenet, lenet, mlp, resnet, vgg, wrn  # noqa: F401  (registers the models)
+from . import cnn6, densenet, gpt, lenet, mlp, resnet, vgg, wrn  # noqa: F401  (registers the models)
 from ._common import Activation
 from .registry import (
     UnknownModelError,

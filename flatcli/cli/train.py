@@ -10,9 +10,12 @@ SUMMARY = [
     ("train_loss", "train loss"),
     ("test_loss", "test loss"),
     ("gap_acc", "acc gap"),
+    ("test_perplexity", "test ppl"),
     ("epochs", "epochs"),
     ("seconds", "seconds"),
 ]
+"""Summary columns; one whose value the run has not (no accuracy for mse, perplexity only for
+token-ce) is left out."""
 
 
 @command("train", help="Train a model and write a .safetensors checkpoint that records everything.")
@@ -20,7 +23,7 @@ def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
     """Train, write the checkpoint, show its summary."""
     from flatcli import distributed
     from flatcli.cli.output import Output
-    from flatcli.io.checkpoint import file_sha256
+    from flatcli.io.digest import file_sha256
     from flatcli.io.report import build_report, environment_info, result_entry
     from flatcli.io.writable import check_writable
     from flatcli.run import setup_device
@@ -38,19 +41,17 @@ def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
 
         def on_epoch(stats) -> None:
             if bar is not None:
-                bar.update(
-                    task,
-                    completed=stats.epoch,
-                    description=f"epoch {stats.epoch}  loss {stats.train_loss:.4f}  "
-                    f"acc {stats.train_acc:.4f}",
-                )
+                acc = "" if stats.train_acc is None else f"  acc {stats.train_acc:.4f}"
+                description = f"epoch {stats.epoch}  loss {stats.train_loss:.4f}{acc}"
+                bar.update(task, completed=stats.epoch, description=description)
 
         done = train_checkpoint(job, config, on_epoch=on_epoch, write=distributed.is_main())
     if not distributed.is_main():
         return
+    columns = [(k, label) for k, label in SUMMARY if done.summary.get(k) is not None]
     out.table(
         "flatcli train",
-        [("checkpoint", "checkpoint"), *SUMMARY],
+        [("checkpoint", "checkpoint"), *columns],
         [{"checkpoint": path.name, **done.summary}],
     )
     out.message(f"wrote {path}")
@@ -63,12 +64,21 @@ def train(job: TrainJob, config: TrainConfig, output: OutputOptions) -> None:
             sha256=file_sha256(path),
             num_params=done.num_params,
             metrics=done.summary,
-            details={"history": done.meta["history"], "data_info": done.data_info},
+            details={
+                "history": done.meta["history"],
+                "data_info": done.data_info,
+                **({"text": done.meta["text"]} if "text" in done.meta else {}),
+            },
             seconds=done.seconds,
         )
         report = build_report(
             "train",
-            {"model": model, "dataset": done.dataset, **config.to_dict()},
+            {
+                "model": model,
+                "dataset": done.dataset,
+                "seq_len": done.meta.get("seq_len"),
+                **config.to_dict(),
+            },
             environment_info(device, config.dtype),
             [entry],
         )

@@ -45,7 +45,14 @@ class LoadOptions:
         None,
         "--dataset",
         "mnist5k, mnist5k-2, mnist, mnist-2, fashion-mnist, cifar10, cifar100, svhn, "
-        "imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
+        "python-license, text:PATH, imagefolder:PATH, tensors:PATH. Default: the checkpoint's.",
+    )
+    seq_len: int | None = option(
+        None,
+        "--seq-len",
+        "Tokens T per example of a text dataset (text:PATH, python-license). Default: the "
+        "checkpoint's, else 128.",
+        min=1,
     )
     data_dir: Path | None = option(
         None,
@@ -98,10 +105,15 @@ class LoadOptions:
         dtype_of(self.dtype)
         if self.loss is not None:
             choice(LossName, self.loss, "loss")
+        if self.seq_len is not None:
+            from flatcli.data.text import check_seq_len
+
+            check_seq_len(self.seq_len)
 
     def data(self) -> dict[str, Any]:
         """The arguments of :func:`flatcli.io.load.load` that pick the examples."""
-        names = ("dataset", "split", "max_examples", "seed", "unsafe_load", "batch_size", "loss")
+        names = ("dataset", "seq_len", "split", "max_examples", "seed", "unsafe_load", "batch_size")
+        names += ("loss",)
         return {name: getattr(self, name) for name in names}
 
     def load_config(self) -> dict[str, Any]:
@@ -109,6 +121,7 @@ class LoadOptions:
         return {
             "model": self.model,
             "dataset": self.dataset,
+            "seq_len": self.seq_len,
             "data_dir": str(self.data_dir) if self.data_dir else None,
             "download": self.download,
             "split": self.split,

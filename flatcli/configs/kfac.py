@@ -49,7 +49,7 @@ class KfacConfig:
         repeatable=True,
     )
     top_k: int = option(
-        20, "--top-k", "K: eigenpairs of each exact block and overlaps k = 1..K.", min=1
+        10, "--top-k", "K: eigenpairs of each exact block and overlaps k = 1..K.", min=1
     )
     fisher: str = option(
         "exact",
@@ -66,7 +66,7 @@ class KfacConfig:
         None, "--lanczos-steps", "Lanczos budget per layer (default 3K + 20).", min=1
     )
     probes: int = option(
-        20, "--probes", "Rademacher probes of the decoupling error (per layer).", min=2
+        10, "--probes", "Rademacher probes of the decoupling error (per layer).", min=2
     )
     corr_rows: int = option(
         20, "--corr-rows", "Factor eigenvectors in each correspondence matrix.", min=1

@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatcli.configs.choices import LossName
 from flatcli.errors import UsageError
 from flatcli.options import choices, option
 
@@ -153,7 +154,14 @@ class TrainConfig:
         "N extra training examples with random labels (Fisher paper, Scenario I).",
     )
     # --- objective
-    label_smoothing: float = option(0.0, "--label-smoothing", "Label smoothing ε.")
+    loss: str | None = option(  # None: inferred from the targets, then recorded as resolved
+        None,
+        "--loss",
+        "Loss to minimise: ce, nsce, token-ce, mse, bce. Default: token-ce for int targets "
+        "(N, T) (text), mse for float targets, else ce.",
+        choices=LossName,
+    )
+    label_smoothing: float = option(0.0, "--label-smoothing", "Label smoothing ε (ce, token-ce).")
     fisher_reg: bool = option(  # Jia & Su 2020, Algorithm 1
         False, "--fisher-reg", "Add the Fisher-trace regulariser of Algorithm 1 / Eq. 6."
     )
@@ -219,6 +227,8 @@ class TrainConfig:
             "a number of examples >= 1",
         )
         require("confusion_size", lambda v: _is_int(v) and v >= 0, "a number of examples >= 0")
+        if self.loss is not None:
+            self.loss = _enum(LossName, self.loss, "loss").value
         require("label_smoothing", lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)")
         require("fisher_reg", lambda v: isinstance(v, bool), "true or false")
         require("reg_beta", lambda v: _is_real(v) and v >= 0, ">= 0")
@@ -299,7 +309,14 @@ class TrainJob:
     dataset: str | None = option(
         None,
         "--dataset",
-        "Dataset name (mnist5k, fashion-mnist, cifar10, tensors:PATH, ...); default: the spec's.",
+        "Dataset name (mnist5k, fashion-mnist, cifar10, tensors:PATH, text:PATH, "
+        "python-license, ...); default: the spec's.",
+    )
+    seq_len: int | None = option(
+        None,
+        "--seq-len",
+        "Tokens T per example of a text dataset (text:PATH, python-license). Default: 128.",
+        min=1,
     )
     data_dir: Path | None = option(None, "--data-dir", "Where dataset files live.")
     download: bool = option(False, "--download", "Let torchvision download a missing dataset.")
@@ -311,4 +328,8 @@ class TrainJob:
             raise UsageError("train needs --model SPEC and -o CKPT.safetensors")
         if self.output.suffix.lower() != ".safetensors":
             raise UsageError(f"-o must name a .safetensors file; got {self.output}")
+        if self.seq_len is not None:
+            from flatcli.data.text import check_seq_len
+
+            check_seq_len(self.seq_len)
         return self.model, self.output

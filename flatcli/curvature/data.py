@@ -5,6 +5,13 @@ logit checks) slices ``x`` and ``y`` into chunks of ``batch_size`` examples, mov
 the device, and casts floating-point inputs to the model's dtype (integer inputs such as token
 ids and the labels keep theirs). :func:`iter_chunks` is that loop.
 
+An example is a slice along the first dimension, so a chunk of token inputs (N, T) holds whole
+sequences (never part of one), and nothing in the loop normalises: a chunk contributes a SUM
+over its examples and the caller divides once by the global count. ``token-ce``'s weighting of a
+sequence by its counted positions is fixed from all N targets when the head is built
+(:func:`flatcli.curvature.losses.sample_loss`), so neither the chunk size nor the shards of a
+``torchrun`` world change the sample loss or its curvature (up to rounding).
+
 >>> import torch
 >>> x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
 >>> chunks = iter_chunks(x, y, 2, "cpu", torch.float64)

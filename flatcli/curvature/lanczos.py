@@ -13,7 +13,13 @@ Choices made here:
   ("twice is enough", Giraud et al. 2005), in batched float64 matrix products. Without it,
   rounding makes converged Ritz values reappear as spurious copies.
 - The basis and ``T`` are float64 whatever the operator's dtype; vectors are cast at the
-  operator's boundary (:func:`~flatcli.curvature.linop.apply_float64`).
+  operator's boundary (:func:`~flatcli.curvature.linop.apply_float64`). The basis is allocated
+  uninitialised and every row is written before it is read, so a run touches (and keeps
+  resident) only the rows it reaches: a few steps on a model of 10⁸ parameters cost one
+  float64 vector (0.8 GB per 10⁸ parameters) per step, not the whole capacity. A product is
+  cast straight into the next row (as :func:`~flatcli.curvature.linop.apply_float64` would cast
+  it) and orthogonalised and normalised in place, so a step holds no float64 vector beyond the
+  basis.
 - Thick restart (Wu & Simon 2000, *SIAM J. Matrix Anal. Appl.* 22(2)) when the basis reaches
   ``max_basis`` vectors: the wanted Ritz vectors are kept, the projected matrix becomes an
   arrow matrix ``[[diag(θ), s], [sᵀ, α]]`` with ``s = β_m Y[m, kept]``, and the process
@@ -98,7 +104,8 @@ class _Lanczos:
     def __init__(self, op: LinearOperator, capacity: int) -> None:
         self.op = op
         self.device = work_device(op)
-        self.V = torch.zeros(capacity + 1, op.dim, dtype=torch.float64, device=self.device)
+        # uninitialised: rows are written before they are read, so untouched rows cost no memory
+        self.V = torch.empty(capacity + 1, op.dim, dtype=torch.float64, device=self.device)
         self.T = torch.zeros(capacity + 1, capacity + 1, dtype=torch.float64)
         self.m = 0
         self.beta = 0.0
@@ -106,32 +113,38 @@ class _Lanczos:
         self.eps = torch.finfo(op.dtype).eps if op.dtype.is_floating_point else 2.0**-52
 
     def start(self, v: Tensor) -> None:
-        self.V[0] = v / v.norm()
+        torch.div(v.to(torch.float64), v.norm(), out=self.V[0])
         self.m = 0
         self.beta = 0.0
 
     def _orthogonalise(self, w: Tensor, upto: int) -> tuple[Tensor, Tensor]:
-        """``w`` minus its projection on ``V[:upto]``, twice; returns it and the coefficients."""
+        """``w`` minus its projection on ``V[:upto]``, twice, IN PLACE (``w`` is overwritten,
+        unless it lies in those rows); returns it and the coefficients."""
         B = self.V[:upto]
+        start = B.data_ptr()
+        if start <= w.data_ptr() < start + B.numel() * B.element_size():
+            w = w.clone()
         c = torch.mv(B, w)
-        w = torch.addmv(w, B.T, c, alpha=-1.0)
+        w.addmv_(B.T, c, alpha=-1.0)
         c2 = torch.mv(B, w)
-        w = torch.addmv(w, B.T, c2, alpha=-1.0)
+        w.addmv_(B.T, c2, alpha=-1.0)
         return w, c + c2
 
     def step(self) -> bool:
         """One Lanczos step from ``V[m]``; returns True on breakdown (``beta`` is then 0)."""
         j = self.m
-        w = apply_float64(self.op, self.V[j])
+        w = self.V[j + 1]  # the product goes straight into the next row: no float64 temporary
+        op = self.op
+        w.copy_(op.matvec(self.V[j].to(device=op.device, dtype=op.dtype)))  # cast to float64
         self.anorm = max(self.anorm, float(w.norm()))
         w, c = self._orthogonalise(w, j + 1)
         beta = float(w.norm())
         self.T[j, j] = c[j].item()
         breakdown = beta <= _BREAKDOWN * self.eps * self.anorm
         if breakdown:
-            beta = 0.0
+            beta = 0.0  # V[j + 1] holds a residual that new_direction() replaces
         else:
-            self.V[j + 1] = w / beta
+            w.div_(beta)
         self.T[j, j + 1] = self.T[j + 1, j] = beta
         self.beta = beta
         self.m = j + 1
@@ -148,7 +161,7 @@ class _Lanczos:
         norm = float(w.norm())
         if norm <= 1e-8 * float(r.norm()):
             return False
-        self.V[self.m] = w / norm
+        torch.div(w, norm, out=self.V[self.m])
         self.T[self.m - 1, self.m] = self.T[self.m, self.m - 1] = 0.0
         self.beta = 0.0
         return True

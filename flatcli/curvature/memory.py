@@ -6,6 +6,12 @@ activations of one example are measured by running a forward on one (two, for Ba
 mode) example(s) and summing the bytes autograd saves for backward; the batch scales them linearly.
 This is an estimate to choose a chunk size, not a guarantee.
 
+The loss head is counted apart, in ITS dtype (float64 by default in the commands): a sequence
+model's head sees N·T·V logits (GPT-2's vocabulary of 50,257 over 1,024 tokens: 412 MB per
+float64 copy), and a double-backward product keeps several such copies (the cast logits, the
+softmax terms and their derivatives: :data:`HEAD_COPIES`), more than the network's own
+activations. For a head over positions (token logits (N, T, V)) no V x V matrix is ever formed.
+
 >>> from torch import nn
 >>> import torch
 >>> model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3))
@@ -29,6 +35,7 @@ __all__ = [
     "activation_bytes_per_example",
     "available_memory",
     "auto_batch_size",
+    "memory_budget",
     "cpu_chunk",
     "LanczosMemory",
     "lanczos_memory",
@@ -43,6 +50,14 @@ PARAM_COPIES = 5
 CPU_TENSOR_BYTES = 4 * 2**20
 """Largest activation a CPU chunk may save (:func:`cpu_chunk`): well below glibc's mmap
 threshold."""
+
+HEAD_COPIES = 8
+"""Output-sized tensors (N x outputs, in the head dtype) a loss head needs at the peak of a
+double-backward product: the cast logits, the shifted and masked logits, the log-sum-exp terms
+and their derivatives. Measured on the float64 token-ce head of one 256-token sequence over
+GPT-2's 50,257-token vocabulary (float32 logits): 3 copies saved for the second backward, a
+peak of 6.8 copies above the logits (``tests/curvature/test_memory.py`` checks the saved
+part for the ce and token-ce heads)."""
 
 BUDGET_FRACTION_CUDA = 0.5
 BUDGET_FRACTION_CPU = 0.25
@@ -111,19 +126,37 @@ def estimate_memory(
     batch_size: int,
     dtype: torch.dtype | None = None,
     x_dtype: torch.dtype | None = None,
+    *,
+    positions: int = 1,
+    head_dtype: torch.dtype | None = None,
 ) -> int:
     """Rough peak bytes of one curvature-vector product on a chunk of ``batch_size`` examples.
 
-    ``params * 5 + batch_size * (3 * activations(1 example) + 4 * num_outputs**2 (head matrices))``,
-    rescaled to ``dtype`` (default: the model's parameter dtype).
+    ``5 params + batch_size * (3 activations(1 example) + head(1 example))``, the activations
+    rescaled to ``dtype`` (default: the model's parameter dtype). The head of one example is
+    :data:`HEAD_COPIES` copies of its ``num_outputs`` outputs in ``head_dtype`` (default
+    ``dtype``), plus, for a head over classes (``positions == 1``, logits (N, K)), 4 K x K head
+    matrices; a head over ``positions`` (token logits (N, T, V): T positions of V classes,
+    ``num_outputs = T V``) forms no V x V matrix.
 
     Args:
         model: the network (its current mode is used for the traced forward).
         x_shape: the shape of ONE example (no batch dimension).
-        num_outputs: number of logits K per example.
+        num_outputs: outputs per example (K logits, D outputs, T·V token logits).
         batch_size: examples per chunk.
         dtype: the dtype the product runs in.
         x_dtype: the inputs' dtype when it is an integer type (token ids); else the model's.
+        positions: positions per example the outputs are spread over (T for token logits
+            (N, T, V); 1 for (N, K) or (N, D) outputs).
+        head_dtype: the dtype the loss head is evaluated in (default ``dtype``).
+
+    >>> from torch import nn
+    >>> gpt_head = nn.Embedding(50257, 8)  # stand-in: only the head term matters here
+    >>> per_sequence = estimate_memory(gpt_head, (256,), 256 * 50257, 1, torch.float32,
+    ...     torch.int64, positions=256, head_dtype=torch.float64) - estimate_memory(
+    ...     gpt_head, (256,), 256 * 50257, 0, torch.float32, torch.int64, positions=256)
+    >>> per_sequence > HEAD_COPIES * 256 * 50257 * 8  # the float64 head of a 256-token sequence
+    True
     """
     params = list(model.parameters())
     model_dtype = params[0].dtype if params else torch.get_default_dtype()
@@ -133,8 +166,13 @@ def estimate_memory(
         / torch.empty((), dtype=model_dtype).element_size()
     )
     param_bytes = sum(p.numel() for p in params) * torch.empty((), dtype=dtype).element_size()
+    if batch_size <= 0:
+        return int(PARAM_COPIES * param_bytes)
     act = activation_bytes_per_example(model, tuple(x_shape), x_dtype) * scale
-    head = 4 * num_outputs * num_outputs * torch.empty((), dtype=dtype).element_size()
+    head_size = torch.empty((), dtype=head_dtype or dtype).element_size()
+    head = HEAD_COPIES * num_outputs * head_size
+    if positions <= 1:
+        head += 4 * num_outputs * num_outputs * torch.empty((), dtype=dtype).element_size()
     return int(PARAM_COPIES * param_bytes + batch_size * (ACTIVATION_FACTOR * act + head))
 
 
@@ -220,17 +258,36 @@ def lanczos_memory(
     return LanczosMemory(vectors, dim, vectors * dim * 8 + extra)
 
 
+def memory_budget(device: torch.device | str) -> int:
+    """Bytes a computation on ``device`` may plan to use: half of the free CUDA memory, a
+    quarter of the available RAM on the CPU (:func:`available_memory`)."""
+    device = torch.device(device)
+    frac = BUDGET_FRACTION_CUDA if device.type == "cuda" else BUDGET_FRACTION_CPU
+    return int(frac * available_memory(device))
+
+
 def auto_batch_size(
-    model: nn.Module, x: Tensor, budget_bytes: int | None = None, num_outputs: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    budget_bytes: int | None = None,
+    num_outputs: int | None = None,
+    *,
+    positions: int = 1,
+    head_dtype: torch.dtype | None = None,
+    reserve_bytes: int = 0,
 ) -> int:
     """The largest chunk of the examples ``x`` (N, ...) whose product fits ``budget_bytes``.
 
     Args:
         model: the network.
         x: the examples (only the shape ``x.shape[1:]`` and ``len(x)`` are used).
-        budget_bytes: default a fraction of free memory on the model's device (half of free
+        budget_bytes: default :func:`memory_budget` of the model's device (half of free
             CUDA memory; a quarter of available RAM on CPU).
-        num_outputs: logits per example (default: measured by a forward on one example).
+        num_outputs: outputs per example (default: measured by a forward on two examples).
+        positions: positions the outputs are spread over (T for token logits (N, T, V)).
+        head_dtype: the dtype of the loss head (default the model's): see
+            :func:`estimate_memory`.
+        reserve_bytes: bytes of the budget something else needs (kept graphs, vectors).
 
     Returns:
         An integer in ``[1, len(x)]``.
@@ -239,18 +296,20 @@ def auto_batch_size(
     p0 = next(iter(model.parameters()), None)
     device = p0.device if p0 is not None else torch.device("cpu")
     if budget_bytes is None:
-        frac = BUDGET_FRACTION_CUDA if device.type == "cuda" else BUDGET_FRACTION_CPU
-        budget_bytes = int(frac * available_memory(device))
+        budget_bytes = memory_budget(device)
     if num_outputs is None:
         with torch.no_grad():
             state = {k: v.detach() for k, v in model.named_parameters()}
             state.update({k: b.detach().clone() for k, b in model.named_buffers()})
             xb = next(iter_chunks(x, None, 2, device, None)).x
-            num_outputs = int(functional_call(model, state, (xb,)).reshape(len(xb), -1).shape[1])
+            out = functional_call(model, state, (xb,))
+            num_outputs = int(out.reshape(len(xb), -1).shape[1])
+            positions = int(out[0].numel() // out.shape[-1]) if out.dim() > 2 else 1
     shape, xd = tuple(x.shape[1:]), x.dtype
-    fixed = estimate_memory(model, shape, num_outputs, 0, x_dtype=xd)
-    per_example = estimate_memory(model, shape, num_outputs, 1, x_dtype=xd) - fixed
-    room = budget_bytes - fixed
+    extra = {"positions": positions, "head_dtype": head_dtype}
+    fixed = estimate_memory(model, shape, num_outputs, 0, x_dtype=xd, **extra)
+    per_example = estimate_memory(model, shape, num_outputs, 1, x_dtype=xd, **extra) - fixed
+    room = budget_bytes - int(reserve_bytes) - fixed
     if per_example <= 0:
         return max(1, n)
     return int(max(1, min(n, room // per_example)))

@@ -62,9 +62,9 @@ shares the data loop and the cached graph: one operator per model and loss serve
 - ``"auto"`` (default): the Hessian prefers double backward, the GGN/Fisher forward-over-reverse
   -- the faster of the two in ``benchmarks/bench_hvp.py`` on PyTorch 2.x, where forward-mode AD
   multiplies zero tangents (a matmul or convolution of an input that has no tangent costs a full
-  one). The preferred method is tried once on two examples; if it raises (a module without
-  forward-mode AD, or an op without double backward) the other is used and ``fallback_reason``
-  says why. ``hvp_method`` records the method used.
+  one). The preferred method is tried once on two examples (one when chunks hold one); if it
+  raises (a module without forward-mode AD, or an op without double backward) the other is used
+  and ``fallback_reason`` says why. ``hvp_method`` records the method used.
 
 BatchNorm and Dropout: the operator differentiates the model in whatever mode it is in. Use
 :func:`eval_mode` (or ``model.eval()``): in training mode BatchNorm's batch statistics make the
@@ -338,29 +338,48 @@ class CurvatureOperator(_Products):
             distributed.examples_per_rank(n) if self.data_parallel else [n]
         )
 
-        # the probe's examples are the same on every process (the first two of the set)
+        # the probe's examples are the same on every process (the first two of the set, or the
+        # first batch_size when chunks are smaller: the probe never needs more memory)
         first = next(iter_chunks(x, y, min(n, 2), self.device, self.dtype))
         with torch.no_grad():
             z = self._fm(self._fm.params, first.x)
         if z.dim() < 1 or z.shape[0] != first.x.shape[0]:
             raise UsageError(f"The model must return outputs (N, ...); got {tuple(z.shape)}.")
         self.num_outputs: int = int(z[0].numel())  # K logits, D outputs, or T * V
+        # token logits (N, T, V): the head's outputs are spread over T positions of V classes
+        positions = int(z[0].numel() // z.shape[-1]) if z.dim() > 2 else 1
 
         self._auto_batch = batch_size is None
         self._cache_every_chunk = False
         if batch_size is None:
-            batch_size = auto_batch_size(model, x, num_outputs=self.num_outputs)
+            sizing: dict[str, Any] = {
+                "num_outputs": self.num_outputs,
+                "positions": positions,
+                "head_dtype": head_dtype,
+            }
+            batch_size = auto_batch_size(model, x, **sizing)
             if self.device.type == "cpu":
                 # Whole-set tensors above glibc's mmap threshold (32 MiB at most) are mapped and
                 # unmapped on every product (LeNet-5, 4,000 digits: 425k page faults and 0.8 s of
                 # system time per HVP); chunks below it reuse heap memory. Their graphs are all
-                # kept when the whole set would have been one chunk.
+                # kept when the whole set would have been one chunk AND the gradient every kept
+                # graph holds (one per chunk, ``dim`` numbers each) fits as well.
                 shard = self.shard[1] - self.shard[0]
-                self._cache_every_chunk = batch_size >= shard
-                batch_size = min(batch_size, cpu_chunk(model, x))
+                small = min(batch_size, cpu_chunk(model, x))
+                if batch_size >= shard > small:
+                    chunks = -(-shard // small)
+                    size = torch.empty((), dtype=self.dtype).element_size()
+                    reserve = (chunks - 1) * self.dim * size
+                    fit = auto_batch_size(model, x, reserve_bytes=reserve, **sizing)
+                    self._cache_every_chunk = fit >= shard
+                else:
+                    self._cache_every_chunk = batch_size >= shard
+                batch_size = small
         if int(batch_size) < 1:
             raise UsageError(f"batch_size must be a positive integer. Got {batch_size}.")
         self.batch_size: int = min(int(batch_size), n)
+        if first.size > self.batch_size:
+            first = next(iter_chunks(x, y, self.batch_size, self.device, self.dtype))
 
         self.fisher_type: str | None = None
         self.mc_samples: int | None = None
@@ -436,6 +455,38 @@ class CurvatureOperator(_Products):
         """Free the cached autograd graph (it is rebuilt on the next product if needed)."""
         self._graphs.clear()
 
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The loss ``L(theta)`` of the operator's examples and its flat gradient.
+
+        ``L`` is the mean over the N examples of the operator's loss head: for a loss given by
+        name the sample loss of CONTRACTS.md (``token-ce``: the mean over ALL counted
+        positions). Walks the same data loop as the products (this process's shard in chunks,
+        each a sum over its examples), reduces the sums over processes (two all-reduces under
+        ``torchrun``: the gradient in the model's dtype, the loss in float64) and divides by the
+        global N, so it does not depend on the chunking or on how many processes share the
+        examples (up to rounding).
+
+        Returns:
+            ``(loss, gradient)``: a float (summed in float64) and a ``(dim,)`` tensor in the
+            operator's dtype, in the order of :attr:`param_names`.
+        """
+        grads = self._zeros(1, self.param_names)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for chunk in self.chunks():
+            leaves = self._fm.leaves()
+            inputs = list(leaves.values())
+            with torch.enable_grad(), attention_kernel(self.attention):
+                part = self._loss(self._fm(leaves, chunk.x), chunk.y).sum()
+                parts = torch.autograd.grad(part, inputs, allow_unused=True)
+            loss += part.detach().to(torch.float64)
+            for name, g in zip(self.param_names, parts, strict=True):
+                if g is not None:
+                    grads[name][0] += g
+        grads = self.reduce(grads)
+        (total,) = self.reduce({"loss": loss}).values()
+        flat = flatten_columns(grads)[:, 0] / self.num_examples
+        return float(total) / self.num_examples, flat
+
     # ------------------------------------------------------------------ the data loop
 
     def chunks(self, batch_size: int | None = None) -> Iterator[Chunk]:
@@ -499,6 +550,7 @@ class CurvatureOperator(_Products):
             else:
                 for name in total:
                     total[name] += part[name]
+            del part  # one chunk's product at a time
         if not total:  # an empty shard (fewer examples than processes)
             total = self._zeros(k, names)
         total = self.reduce({name: total[name] for name in names})

@@ -1,4 +1,5 @@
-"""Dataset names that hold a path (``tensors:PATH``, ``imagefolder:PATH``): recording and finding.
+"""Dataset names that hold a path (``tensors:PATH``, ``imagefolder:PATH``, ``text:PATH``):
+recording and finding.
 
 A checkpoint or a YAML spec that names such a dataset must keep working when its folder is
 moved or opened from another working directory. So a checkpoint records the path relative to
@@ -18,12 +19,13 @@ from typing import Any
 
 __all__ = ["dataset_path", "fingerprint", "record_dataset", "resolve_dataset"]
 
-_KINDS = ("tensors", "imagefolder")
+_KINDS = ("tensors", "imagefolder", "text")
 _fingerprints: dict[tuple[str, int, int], str] = {}
 
 
 def dataset_path(name: Any) -> tuple[str, Path] | None:
-    """``(kind, path)`` for a ``tensors:PATH`` or ``imagefolder:PATH`` name, else None.
+    """``(kind, path)`` for a ``tensors:PATH``, ``imagefolder:PATH`` or ``text:PATH`` name, else
+    None.
 
     >>> dataset_path("tensors:data/x.pt")
     ('tensors', PosixPath('data/x.pt'))

@@ -28,19 +28,21 @@ _TORCHVISION = (
     "cifar100",
     "svhn",
 )
-_PATTERNS = ("imagefolder:PATH", "tensors:PATH")
+_TEXT = ("python-license",)
+_PATTERNS = ("text:PATH", "imagefolder:PATH", "tensors:PATH")
+_PATH_KINDS = ("text", "imagefolder", "tensors")
 
 
 def list_datasets(*, include_patterns: bool = False) -> list[str]:
     """The dataset names ``load_dataset`` accepts.
 
-    With ``include_patterns`` the two path forms ``imagefolder:PATH`` and ``tensors:PATH`` are
-    listed too.
+    With ``include_patterns`` the path forms ``text:PATH``, ``imagefolder:PATH`` and
+    ``tensors:PATH`` are listed too.
 
     >>> list_datasets()[:2]
     ['mnist5k', 'mnist5k-2']
     """
-    return [*_BUNDLED, *_TORCHVISION, *(_PATTERNS if include_patterns else ())]
+    return [*_BUNDLED, *_TORCHVISION, *_TEXT, *(_PATTERNS if include_patterns else ())]
 
 
 def default_data_dir() -> Path:
@@ -52,17 +54,17 @@ def default_data_dir() -> Path:
 
 
 def _canonical(name: str) -> tuple[str, str | None]:
-    """(kind, path) where kind is a fixed name or 'imagefolder'/'tensors'."""
+    """(kind, path) where kind is a fixed name or 'text'/'imagefolder'/'tensors'."""
     if not isinstance(name, str):
         raise UsageError(f"a dataset name must be a string; got {type(name).__name__}")
     stripped = name.strip()
     prefix, sep, rest = stripped.partition(":")
-    if sep and prefix.lower() in ("imagefolder", "tensors"):
+    if sep and prefix.lower() in _PATH_KINDS:
         if not rest.strip():
             raise UsageError(f"'{prefix.lower()}:' needs a path, e.g. {prefix.lower()}:./data")
         return prefix.lower(), rest.strip()
     key = stripped.lower().replace("_", "-")
-    if key in _BUNDLED or key in _TORCHVISION:
+    if key in _BUNDLED or key in _TORCHVISION or key in _TEXT:
         return key, None
     raise UsageError(
         f"unknown dataset {name!r}; valid names: {', '.join(list_datasets(include_patterns=True))}"
@@ -75,13 +77,15 @@ def load_dataset(
     data_dir: str | Path | None = None,
     download: bool = False,
     normalization: dict | None | str = "default",
+    seq_len: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Dataset:
     """Load a whole dataset into memory as float inputs and int64 labels.
 
     Args:
         name: ``mnist5k``, ``mnist5k-2``, ``mnist``, ``mnist-2``, ``fashion-mnist``,
-            ``fashion-mnist-2``, ``cifar10``, ``cifar100``, ``svhn``, ``imagefolder:PATH`` or
-            ``tensors:PATH``.
+            ``fashion-mnist-2``, ``cifar10``, ``cifar100``, ``svhn``, ``python-license``,
+            ``text:PATH``, ``imagefolder:PATH`` or ``tensors:PATH``.
         data_dir: where torchvision sets live (torchvision's ``root``); default
             :func:`default_data_dir`. Unused by the other names. Fashion-MNIST is read from
             the system's copy (Debian's ``dataset-fashion-mnist``, see :mod:`flatcli.data.idx`)
@@ -90,7 +94,11 @@ def load_dataset(
         normalization: ``"default"`` (the set's usual per-channel mean/std; for
             ``imagefolder:`` the train images' own; for ``tensors:`` none), None (pixels in
             [0, 1]), or an explicit ``{"mean": [...], "std": [...]}``, e.g. the one a checkpoint
-            recorded. ``tensors:`` inputs are never normalised: only "default" or None.
+            recorded. ``tensors:`` and text inputs are never normalised: only "default" or None.
+        seq_len: a text dataset's T, tokens per example (default 128; :mod:`flatcli.data.text`).
+            Only for ``text:PATH`` and ``python-license``.
+        tokenizer: a Hugging Face ``tokenizer.json`` that tokenises a text dataset (default:
+            its UTF-8 bytes). Only for text datasets.
 
     Returns:
         A :class:`Dataset` whose ``normalization`` is what was applied.
@@ -101,6 +109,13 @@ def load_dataset(
             (``--download``, ``--data-dir``).
     """
     kind, path = _canonical(name)
+    if kind in _TEXT or kind == "text":
+        return _load_text(kind, path, normalization, seq_len, tokenizer)
+    if seq_len is not None or tokenizer is not None:
+        raise UsageError(
+            f"--seq-len and a tokenizer apply to text datasets (text:PATH, python-license); "
+            f"dataset {name!r} is not one"
+        )
     if kind in _BUNDLED:
         return _load_mnist5k(kind, normalization)
     if kind in _TORCHVISION:
@@ -178,6 +193,32 @@ def _load_tensors(spec: str, path: Path, normalization) -> Dataset:
         )
     train, test, num_classes = load_tensors(path, spec)
     return _finish(spec, train, test, num_classes, None)
+
+
+def _load_text(
+    kind: str, path: str | None, normalization, seq_len: int | None, tokenizer
+) -> Dataset:
+    from flatcli.data.text import DEFAULT_SEQ_LEN, load_text, python_license_path
+
+    spec = kind if path is None else f"text:{path}"
+    if normalization is not None and normalization != "default":
+        raise UsageError(
+            f"{spec}: text is tokenised, never normalised; pass normalization None or 'default' "
+            f"(got {normalization!r})"
+        )
+    file = python_license_path() if path is None else Path(path).expanduser()
+    tok = None if tokenizer is None else Path(tokenizer).expanduser()
+    seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    train, test, vocab, record = load_text(file, spec, seq_len, tok)
+    return Dataset(
+        name=spec,
+        train=train,
+        test=test,
+        num_classes=vocab,
+        input_shape=(int(train.x.shape[1]),),
+        normalization=None,
+        text=record,
+    )
 
 
 def _load_imagefolder(spec: str, path: Path, normalization) -> Dataset:

@@ -77,6 +77,10 @@ class Dataset:
         normalization: the per-channel ``{"mean": [...], "std": [...]}`` that WAS applied to
             inputs in [0, 1] (``x = (pixel - mean) / std``), or None when nothing was (raw
             pixels, or a ``tensors:`` file). A checkpoint records it; analysis passes it back.
+        text: for a text dataset (``text:PATH``, ``python-license``), what its windows were cut
+            from: ``seq_len``, ``tokenizer``, the text's ``sha256``, ``tokens`` and ``windows``
+            (:func:`flatcli.data.text.load_text`); None for any other dataset. For a text
+            dataset ``num_classes`` is the vocabulary size V and ``input_shape`` is (T,).
     """
 
     name: str
@@ -85,6 +89,7 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
     normalization: dict | None
+    text: dict | None = None
 
     def split(self, which: Literal["train", "test"]) -> Split:
         """The ``"train"`` or ``"test"`` split; DataError if this dataset has no test split."""

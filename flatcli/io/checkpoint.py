@@ -14,7 +14,6 @@ read back as an absolute path that exists from the working directory (see
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -27,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from flatcli.errors import CheckpointError, UsageError
+from flatcli.errors import listing as _listing
 from flatcli.io.atomic import atomic_path
+from flatcli.io.digest import file_sha256
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 SPEC_KEY = "flatcli.spec"
@@ -58,25 +59,24 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def expand_checkpoints(paths: list[Path]) -> list[Path]:
-    """Expand arguments: a file stays, a directory stands for its checkpoint files sorted by name.
+    """Expand arguments: a file stays, a directory stands for its checkpoint files sorted by name,
+    except a directory holding ``config.json``, which is one Hugging Face checkpoint
+    (:mod:`flatcli.io.hf`) and stays.
 
     Raises:
-        UsageError: a directory holds no checkpoint file.
+        UsageError: a directory holds no checkpoint file; a Hugging Face directory has no
+            weights, or ``transformers`` is not installed (the message names the extra).
     """
+    from flatcli.io import hf
+
     out: list[Path] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
+        if hf.is_hf_directory(p):
+            hf.check_directory(p)
+            out.append(p)
+        elif p.is_dir():
             files = sorted(
                 q for q in p.iterdir() if q.is_file() and q.suffix.lower() in CHECKPOINT_SUFFIXES
             )
@@ -106,7 +106,15 @@ def load_checkpoint(path: str | Path, *, unsafe: bool = False) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        from flatcli.io.hf import is_hf_directory
+
+        hint = (
+            " (a Hugging Face directory: only the checkpoint arguments of the analysis commands "
+            "and flatcli.load take one)"
+            if is_hf_directory(path)
+            else ""
+        )
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file{hint}")
     if path.suffix.lower() == ".safetensors":
         ckpt = _load_safetensors(path)
     else:
@@ -288,11 +296,6 @@ def match_state_dict(
             "check --model (or the spec beside the checkpoint)"
         )
     return best
-
-
-def _listing(items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
 
 
 def check_finite(state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:

@@ -21,6 +21,7 @@ from flatcli.dtypes import DTYPES, dtype_of
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.io.checkpoint import Checkpoint, check_finite, load_checkpoint, match_state_dict
 from flatcli.io.spec import (
+    HF_PREFIX,
     ModelSpec,
     build_model,
     fill_data_kwargs,
@@ -87,17 +88,20 @@ class DatasetCache:
         self.download = download
         self._cache: dict[str, Any] = {}
 
-    def get(self, name: str, normalization: Any = "default") -> Any:
-        """The dataset ``name`` with ``normalization``, loaded on first use."""
+    def get(self, name: str, normalization: Any = "default", **text: Any) -> Any:
+        """The dataset ``name`` with ``normalization``, loaded on first use; ``text``: a text
+        dataset's ``seq_len`` and ``tokenizer`` (:func:`flatcli.data.load_dataset`)."""
         from flatcli.data import load_dataset
 
-        key = json.dumps([name, normalization], sort_keys=True, default=str)
+        text = {k: v for k, v in text.items() if v is not None}
+        key = json.dumps([name, normalization, text], sort_keys=True, default=str)
         if key not in self._cache:
             self._cache[key] = load_dataset(
                 name,
                 data_dir=self.data_dir,
                 download=self.download,
                 normalization=normalization,
+                **text,
             )
         return self._cache[key]
 
@@ -118,14 +122,18 @@ def load(
     batch_size: int | None = None,
     datasets: DatasetCache | None = None,
     loss: str | None = None,
+    seq_len: int | None = None,
 ) -> Run:
     """Load one checkpoint with its model and examples, ready for the measures.
 
     Args:
-        checkpoint: a checkpoint file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+        checkpoint: a checkpoint file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``),
+            or a Hugging Face ``save_pretrained`` directory (``config.json`` and its weights;
+            :mod:`flatcli.io.hf`), whose config is its spec.
         model: a model spec (zoo name, YAML file, ``pkg.module:callable``, ``file.py:callable``,
             ``torchvision:NAME``, or a :class:`~flatcli.io.spec.ModelSpec`). Default: the spec
-            stored in the checkpoint, else ``<stem>.yaml`` / ``model.yaml`` beside it.
+            stored in the checkpoint, else ``<stem>.yaml`` / ``model.yaml`` beside it. Not for
+            a Hugging Face directory.
         dataset: a dataset name. Default: the dataset the checkpoint was trained on.
         split: ``train``, ``test``, ``trained`` (the training data exactly as ``flatcli train``
             used them: subset, random labels and confusion set) or ``trained-clean`` (the same
@@ -143,13 +151,19 @@ def load(
             loads each dataset once (its ``data_dir``/``download`` then apply).
         loss: ``ce``, ``nsce``, ``token-ce``, ``mse`` or ``bce``; default the loss the
             checkpoint records (``loss`` in its record), else inferred from the targets
-            (:func:`resolve_loss`).
+            (:func:`resolve_loss`); for a Hugging Face directory ``token-ce`` (causal LM) or
+            ``ce`` (sequence classifier).
+        seq_len: tokens per example of a text dataset (``text:PATH``); default the one the
+            checkpoint records, else 128. A text dataset is tokenised with the checkpoint's
+            ``tokenizer.json`` (in a Hugging Face directory, or beside a checkpoint file) when
+            there is one, else as UTF-8 bytes.
 
     Raises:
         UsageError: a bad argument value, unknown dataset or unreadable spec (exit 2).
         CheckpointError: an unreadable checkpoint, or weights or data that do not fit the model.
     """
     from flatcli.data import subset
+    from flatcli.data.text import text_options
 
     if split not in SPLITS:
         raise UsageError(f"--split must be train, test, trained or trained-clean; got '{split}'")
@@ -161,8 +175,13 @@ def load(
         model = parse_model_option(model)
     path = Path(checkpoint)
 
-    ckpt = load_checkpoint(path, unsafe=unsafe_load)
-    spec = resolve_spec(path, model, ckpt.spec)
+    pretrained = _load_hf(path, model, torch_device, torch_dtype)
+    if pretrained is not None:
+        ckpt, spec, net, default_loss = pretrained
+    else:
+        ckpt = load_checkpoint(path, unsafe=unsafe_load)
+        spec = resolve_spec(path, model, ckpt.spec)
+        net, default_loss = None, None
     meta = ckpt.meta or {}
     name = dataset or meta.get("dataset") or spec.dataset
     if name is None:
@@ -170,13 +189,16 @@ def load(
     normalization = (
         meta.get("normalization", "default") if name == meta.get("dataset") else "default"
     )
-    data = datasets.get(name, normalization)
-    spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
-    # cast the empty model first, then load: float64 weights stay exact
-    net = build_model(spec).to(device=torch_device, dtype=torch_dtype)
-    state = match_state_dict(net, ckpt.state_dict, source=str(path))
-    check_finite(state, source=str(path))
-    net.load_state_dict(state)
+    # a text dataset: its seq_len, and the checkpoint's tokenizer.json (in a Hugging Face
+    # directory, or beside a checkpoint file) when there is one
+    data = datasets.get(name, normalization, **text_options(name, meta, path, seq_len))
+    if net is None:
+        spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
+        # cast the empty model first, then load: float64 weights stay exact
+        net = build_model(spec).to(device=torch_device, dtype=torch_dtype)
+        state = match_state_dict(net, ckpt.state_dict, source=str(path))
+        check_finite(state, source=str(path))
+        net.load_state_dict(state)
     net.eval()
     if split in ("trained", "trained-clean"):
         from flatcli.train.prepare import rebuild_train_split
@@ -192,12 +214,13 @@ def load(
     else:
         examples = data.split(split)
     examples = subset(examples, max_examples, seed)
+    x = examples.x
+    if pretrained is not None:
+        x = _token_ids(x, name, path)
     # token ids (integer inputs) keep their dtype; float inputs take the run's
-    x = examples.x.to(
-        device=torch_device, dtype=torch_dtype if examples.x.is_floating_point() else None
-    )
+    x = x.to(device=torch_device, dtype=torch_dtype if x.is_floating_point() else None)
     y = examples.y.to(device=torch_device)
-    chosen = resolve_loss(loss, meta, y)
+    chosen = resolve_loss(loss, {"loss": default_loss} if default_loss else meta, y)
     check_fits(net, x, y, data.num_classes, spec, name, path, chosen)
     return Run(
         path=path,
@@ -216,6 +239,54 @@ def load(
         batch_size=batch_size,
         loss=chosen,
     )
+
+
+def _load_hf(
+    path: Path, model: ModelSpec | None, device: torch.device, dtype: torch.dtype
+) -> tuple[Checkpoint, ModelSpec, nn.Module, str] | None:
+    """A Hugging Face directory as (checkpoint, spec, model, default loss); None for any other
+    path.
+
+    Raises:
+        UsageError: ``--model`` given for it, no weights, or ``transformers`` missing (exit 2).
+        CheckpointError: weights or a config that ``transformers`` cannot read.
+    """
+    from flatcli.io import hf
+
+    if not hf.is_hf_directory(path):
+        return None
+    spec = ModelSpec(arch=f"{HF_PREFIX}{path.resolve()}", source=str(path))
+    if model is not None and model.arch != spec.arch:
+        raise UsageError(
+            f"{path} is a Hugging Face checkpoint: its config.json says how to build the model; "
+            "drop --model"
+        )
+    loaded = hf.load_pretrained(path, device=device, dtype=dtype)
+    check_finite(loaded.state_dict, source=str(path))
+    ckpt = Checkpoint(
+        path,
+        loaded.state_dict,
+        sha256=hf.directory_sha256(path),
+        extra={"hf": {"architecture": loaded.architecture, "kind": loaded.kind}},
+    )
+    return ckpt, spec, loaded.model, loaded.loss
+
+
+def _token_ids(x: Tensor, name: str, path: Path) -> Tensor:
+    """The inputs of a Hugging Face model as int64 token ids: a ``tensors:`` file's integer
+    ``x`` beside class labels (N,) is read as float32 with the same values, cast back here.
+
+    Raises:
+        UsageError: inputs that are not whole numbers (exit 2).
+    """
+    if not x.is_floating_point():
+        return x.to(torch.int64)
+    if x.numel() and not bool((x == x.round()).all() and (x >= 0).all()):
+        raise UsageError(
+            f"the Hugging Face model {path.name} takes token ids, but dataset {name} holds "
+            "inputs that are not whole numbers >= 0; store int64 input_ids (N, T)"
+        )
+    return x.to(torch.int64)
 
 
 def resolve_loss(loss: str | None, record: dict, y: Tensor) -> str:

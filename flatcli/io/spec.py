@@ -5,7 +5,8 @@ The README's "Checkpoints and model specs" section documents the forms.
 A spec is a zoo name, a YAML file, ``package.module:callable``, ``path/to/file.py:callable`` or
 ``torchvision:NAME``. Importing a factory runs user code, so :func:`build_model` imports one only
 from a spec the user named (``--model``) or placed beside the checkpoint; a factory recorded inside
-a checkpoint must be confirmed by naming it with ``--model``.
+a checkpoint must be confirmed by naming it with ``--model``. A Hugging Face directory is its own
+spec, recorded as the arch ``hf:DIR`` (its ``config.json``; no code from it is run).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from torch import nn
 from flatcli.errors import CheckpointError, SpecError, UsageError
 
 _SPEC_KEYS = {"arch", "factory", "kwargs", "input_shape", "dataset"}
+HF_PREFIX = "hf:"
+"""``arch: hf:DIR``: the architecture of the Hugging Face directory DIR's ``config.json``, with
+fresh weights (what a run on such a directory records as its spec; :mod:`flatcli.io.hf`)."""
 _FILE_MODULES: dict[tuple[str, int], object] = {}
 """``file.py`` factories imported so far, by (resolved path, modification time): each runs once."""
 
@@ -133,6 +137,8 @@ def check_spec(spec: ModelSpec) -> None:
     if spec.arch is not None:
         if spec.arch.startswith("torchvision:"):
             check_torchvision_name(spec.arch.split(":", 1)[1])
+        elif spec.arch.startswith(HF_PREFIX):
+            _check_hf_directory(spec.arch)
         else:
             check_zoo_name(spec.arch)
     elif spec.factory is not None and spec.trusted:
@@ -221,7 +227,7 @@ def fill_data_kwargs(spec: ModelSpec, num_classes: int, input_shape: tuple[int, 
     ``in_channels`` (channels of image inputs), and, for builders that take them, ``input_size``
     (image side) and ``input_shape``. Factories are left alone: their kwargs are the user's.
     """
-    if spec.arch is None:
+    if spec.arch is None or spec.arch.startswith(HF_PREFIX):
         return spec
     kwargs = dict(spec.kwargs)
     if spec.arch.startswith("torchvision:"):
@@ -253,6 +259,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.arch is not None:
         if spec.arch.startswith("torchvision:"):
             return _build_torchvision(spec)
+        if spec.arch.startswith(HF_PREFIX):
+            from flatcli.io.hf import build_from_config
+
+            return build_from_config(_check_hf_directory(spec.arch))
         check_zoo_name(spec.arch)
         import model_zoo
 
@@ -275,6 +285,18 @@ def check_torchvision_name(name: str) -> None:
         raise UsageError(
             f"unknown torchvision model '{name}'; see torchvision.models.list_models()"
         )
+
+
+def _check_hf_directory(arch: str) -> Path:
+    """The directory of an ``hf:DIR`` arch; a UsageError (exit 2) unless it holds config.json."""
+    from flatcli.io.hf import CONFIG_FILE, is_hf_directory
+
+    directory = Path(arch[len(HF_PREFIX) :]).expanduser()
+    if not is_hf_directory(directory):
+        raise UsageError(
+            f"model '{arch}': {directory} is not a Hugging Face directory (no {CONFIG_FILE})"
+        )
+    return directory
 
 
 def _build_torchvision(spec: ModelSpec) -> nn.Module:

@@ -10,10 +10,12 @@ Typical use (what the CLI does)::
 record.
 """
 
+from flatcli.evaluation import evaluate
 from flatcli.train.augment import augment_batch, black_fill, random_crop, random_flip
 from flatcli.train.config import DEFAULT_LR, Augment, Optimizer, Schedule, TrainConfig
 from flatcli.train.fisher_reg import FisherPenalty, fisher_penalty
-from flatcli.train.loop import EpochStats, TrainResult, build_optimizer, evaluate, fit
+from flatcli.train.loop import EpochStats, TrainResult, build_optimizer, fit
+from flatcli.train.objective import evaluate_loss, objective, resolve_train_loss
 from flatcli.train.prepare import CONFUSION_SOURCE, prepare_train_split
 from flatcli.train.schedule import lr_at
 
@@ -37,6 +39,10 @@ __all__ = [
     "TrainResult",
     "build_optimizer",
     "evaluate",
+    # losses beyond cross-entropy
+    "objective",
+    "evaluate_loss",
+    "resolve_train_loss",
     "lr_at",
     # regulariser
     "fisher_penalty",

@@ -1,5 +1,7 @@
 """The training loop: seeded batches sliced from device tensors, batched augmentation, the
 optional Fisher-trace regulariser, gradient clipping, per-epoch evaluation and early stopping.
+The loss minimised and reported is ``config.loss`` (default inferred from the targets;
+:mod:`flatcli.train.objective`).
 
 No DataLoader and no per-example Python: each epoch draws one ``randperm`` on the device from a
 generator seeded by ``config.seed`` and slices it into batches; augmentation is batched tensor
@@ -16,14 +18,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from flatcli.data import Split
 from flatcli.errors import FlatcliError, UsageError
-from flatcli.evaluation import evaluate
 from flatcli.train.augment import augment_batch, check_augmentable
 from flatcli.train.config import Augment, Optimizer, TrainConfig
 from flatcli.train.fisher_reg import fisher_penalty
+from flatcli.train.objective import (
+    check_train_options,
+    check_train_targets,
+    evaluate_loss,
+    resolve_train_loss,
+)
+from flatcli.train.objective import objective as batch_objective
 from flatcli.train.schedule import lr_at
 
 
@@ -33,11 +40,13 @@ class EpochStats:
 
     Attributes:
         epoch: epochs completed so far (1-based).
-        train_loss: mean cross-entropy on the training split, eval mode, no augmentation, on the
-            labels trained on (random labels and confusion set included), no label smoothing.
-        train_acc: accuracy on the same.
-        test_loss: mean cross-entropy on the test split (None without one).
-        test_acc: accuracy on the test split (None without one).
+        train_loss: mean loss (``config.loss``; cross-entropy by default) on the training split,
+            eval mode, no augmentation, on the labels trained on (random labels and confusion
+            set included), no label smoothing.
+        train_acc: accuracy on the same (token accuracy for ``token-ce``); None where the loss
+            has none (``mse``; ``bce`` on targets that are not all 0 or 1).
+        test_loss: mean loss on the test split (None without one).
+        test_acc: accuracy on the test split (None without one, or without an accuracy).
         lr: learning rate used during this epoch.
         seconds: wall time since ``fit`` started (training and evaluation).
         objective: mean over this epoch's batches of the minimised objective (with augmentation,
@@ -47,7 +56,7 @@ class EpochStats:
 
     epoch: int
     train_loss: float
-    train_acc: float
+    train_acc: float | None
     test_loss: float | None
     test_acc: float | None
     lr: float
@@ -70,7 +79,7 @@ class TrainResult:
     """
 
     train_loss: float
-    train_acc: float
+    train_acc: float | None
     test_loss: float | None
     test_acc: float | None
     gap_acc: float | None
@@ -92,7 +101,9 @@ class TrainResult:
             train_acc=last.train_acc,
             test_loss=last.test_loss,
             test_acc=last.test_acc,
-            gap_acc=None if last.test_acc is None else last.train_acc - last.test_acc,
+            gap_acc=None
+            if last.test_acc is None or last.train_acc is None
+            else last.train_acc - last.test_acc,
             gap_loss=None if last.test_loss is None else last.test_loss - last.train_loss,
             epochs=last.epoch,
             steps=steps,
@@ -145,13 +156,15 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` as ``config`` says; evaluate on ``test``.
 
-    Each step: slice a batch from a seeded permutation, augment it, minimise the cross-entropy
-    with ``label_smoothing`` (plus ``reg_beta`` times the Fisher-trace regulariser of
-    Jia & Su 2020, Eq. 6, in its first-order form, when ``fisher_reg``), clip the gradient to
-    global norm ``clip``, step the optimiser. The learning rate follows ``config.schedule`` per
-    epoch. Every ``log_every`` epochs and after the last, the model is evaluated (eval mode, no
-    augmentation) on the training split, with the labels it was trained on, and on ``test``;
-    ``on_epoch`` gets the :class:`EpochStats`, and training stops once ``train_acc`` reaches
+    Each step: slice a batch from a seeded permutation, augment it, minimise the batch's loss
+    ``config.loss`` (inferred from the targets when None; see
+    :func:`flatcli.train.objective.objective`: for class labels the cross-entropy with
+    ``label_smoothing``), plus ``reg_beta`` times the Fisher-trace regulariser of Jia & Su 2020,
+    Eq. 6, in its first-order form, when ``fisher_reg``; clip the gradient to global norm
+    ``clip``, step the optimiser. The learning rate follows ``config.schedule`` per epoch. Every
+    ``log_every`` epochs and after the last, the model is evaluated (eval mode, no augmentation)
+    on the training split, with the labels it was trained on, and on ``test``; ``on_epoch`` gets
+    the :class:`EpochStats`, and training stops once ``train_acc`` reaches
     ``target_train_acc``.
 
     Same seed, same model initialisation, same data: bit-identical weights on CPU. The global
@@ -161,7 +174,8 @@ def fit(
         model: the network; moved to ``config.device`` and ``config.dtype``; left in eval mode.
         train: training split (already prepared by :func:`prepare_train_split`).
         test: test split, or None.
-        num_classes: K; labels must lie in ``[0, K)``.
+        num_classes: K; class labels must lie in ``[0, K)`` (token targets below the model's
+            V logits; float targets must have the outputs' shape).
         config: the :class:`TrainConfig`.
         on_epoch: called with each evaluated epoch's stats (progress reporting).
         pad_fill: padding value of the random crops, a number or one per channel (0 = zero
@@ -177,14 +191,20 @@ def fit(
     if len(train) == 0:
         raise UsageError("the training split is empty.")
     check_augmentable(tuple(train.x.shape[1:]), config.augment)
-    x = train.x.to(device=device, dtype=dtype)
-    y = train.y.to(device=device)
-    _check_labels(y, num_classes, "training")
+    x, y = _on(train, device, dtype)
+    loss_name = resolve_train_loss(config.loss, y)
+    check_train_options(config, loss_name, y)
+    class_labels = loss_name in ("ce", "nsce")
+    if class_labels:
+        _check_labels(y, num_classes, "training")
     if test is not None:
-        x_test = test.x.to(device=device, dtype=dtype)
-        y_test = test.y.to(device=device)
-        _check_labels(y_test, num_classes, "test")
+        x_test, y_test = _on(test, device, dtype)
+        if class_labels:
+            _check_labels(y_test, num_classes, "test")
     model.to(device=device, dtype=dtype)
+    check_train_targets(model, x, y, loss_name, "training")
+    if test is not None:
+        check_train_targets(model, x_test, y_test, loss_name, "test")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters.")
@@ -216,7 +236,7 @@ def fit(
                 if config.augment is not Augment.NONE:
                     xb = augment_batch(xb, config.augment, generator, pad_fill)
                 logits = model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+                loss = batch_objective(loss_name, logits, yb, config.label_smoothing)
                 if config.fisher_reg and yb.shape[0] >= config.reg_subbatches:
                     penalty = fisher_penalty(
                         model,
@@ -246,6 +266,7 @@ def fit(
                 continue
             stats = _evaluate_epoch(
                 model,
+                loss_name,
                 x,
                 y,
                 (x_test, y_test) if test is not None else None,
@@ -258,7 +279,8 @@ def fit(
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
-            if config.target_train_acc is not None and stats.train_acc >= config.target_train_acc:
+            target = config.target_train_acc
+            if target is not None and stats.train_acc is not None and stats.train_acc >= target:
                 reached = True
                 break
     model.eval()
@@ -267,8 +289,17 @@ def fit(
     return TrainResult.after(history, steps=steps, seconds=seconds, reached_target=reached)
 
 
+def _on(split: Split, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A split's tensors on ``device``: float inputs and float targets in ``dtype``; integer
+    token ids and labels keep their dtype."""
+    x = split.x.to(device=device, dtype=dtype if split.x.is_floating_point() else None)
+    y = split.y.to(device=device, dtype=dtype if split.y.is_floating_point() else None)
+    return x, y
+
+
 def _evaluate_epoch(
     model: nn.Module,
+    loss: str,
     x: Tensor,
     y: Tensor,
     test: tuple[Tensor, Tensor] | None,
@@ -278,10 +309,10 @@ def _evaluate_epoch(
     objective: float,
     reg: float | None,
 ) -> EpochStats:
-    train_loss, train_acc = evaluate(model, x, y)
+    train_loss, train_acc = evaluate_loss(model, x, y, loss)
     test_loss = test_acc = None
     if test is not None:
-        test_loss, test_acc = evaluate(model, *test)
+        test_loss, test_acc = evaluate_loss(model, *test, loss)
     return EpochStats(
         epoch=epoch,
         train_loss=train_loss,

@@ -47,6 +47,9 @@ def prepare_train_split(
 ) -> tuple[Split, dict[str, Any]]:
     """Apply ``train_subset``, ``random_labels`` and ``confusion_size`` of ``config`` to ``train``.
 
+    Token targets (N, T) and float targets take only ``train_subset``: random labels and a
+    confusion set are class labels (a UsageError for those targets).
+
     Args:
         train: the dataset's training split (the pool).
         num_classes: K; random labels are uniform over ``0..K-1``.
@@ -68,11 +71,18 @@ def prepare_train_split(
     """
     seed = config.seed if seed is None else int(seed)
     k = int(num_classes)
-    if k < 2:
-        raise UsageError(f"random labels need at least 2 classes. Got num_classes={num_classes}.")
     pool = len(train)
     n = pool if config.train_subset is None else config.train_subset
     c = config.confusion_size
+    classes = train.y.ndim == 1 and not train.y.dtype.is_floating_point
+    if not classes and (config.random_labels or c):
+        kind = "float" if train.y.dtype.is_floating_point else "token"
+        raise UsageError(
+            f"--random-labels and --confusion-size draw class labels; these are {kind} targets "
+            f"of shape {tuple(train.y.shape)}"
+        )
+    if classes and k < 2:
+        raise UsageError(f"random labels need at least 2 classes. Got num_classes={num_classes}.")
     if c and config.train_subset is None:
         raise UsageError(
             f"confusion_size={c} needs train_subset: confusion examples are drawn from the "
@@ -96,20 +106,23 @@ def prepare_train_split(
     y_true = train.y.index_select(0, subset_idx.to(device)).cpu()
     y = y_true.clone()
     replaced = int(round(config.random_labels * n))
-    g = _generator(seed, "random_labels")
-    positions = torch.randperm(n, generator=g)[:replaced]  # nested in the fraction
-    new_labels = torch.randint(0, k, (n,), generator=g)[:replaced]
-    y[positions] = new_labels
-    changed = int((y != y_true).sum())
+    changed = confusion_changed = 0
+    y_out = y.to(device)
+    if classes:  # token and float targets are trained on as stored (refused above otherwise)
+        g = _generator(seed, "random_labels")
+        positions = torch.randperm(n, generator=g)[:replaced]  # nested in the fraction
+        new_labels = torch.randint(0, k, (n,), generator=g)[:replaced]
+        y[positions] = new_labels
+        changed = int((y != y_true).sum())
 
-    g = _generator(seed, "confusion")
-    confusion_true = train.y.index_select(0, confusion_idx.to(device)).cpu()
-    confusion_y = torch.randint(0, k, (pool,), generator=g)[:c]  # nested in the size
-    confusion_changed = int((confusion_y != confusion_true).sum())
+        g = _generator(seed, "confusion")
+        confusion_true = train.y.index_select(0, confusion_idx.to(device)).cpu()
+        confusion_y = torch.randint(0, k, (pool,), generator=g)[:c]  # nested in the size
+        confusion_changed = int((confusion_y != confusion_true).sum())
+        y_out = torch.cat([y, confusion_y]).to(device)
 
     idx = torch.cat([subset_idx, confusion_idx]).to(train.x.device)
     x_out = train.x.index_select(0, idx)
-    y_out = torch.cat([y, confusion_y]).to(device)
 
     info: dict[str, Any] = {
         "seed": seed,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -118,3 +120,175 @@ def test_available_memory_reads_memavailable(tmp_path):
     assert _meminfo_available(str(info)) == 2048 * 1024
     assert _meminfo_available(str(tmp_path / "absent")) is None
     assert available_memory("cpu") > 0
+
+
+# ---- sequence models: the head over N·T·V logits, kept graphs, the probe (issue #23) ----------
+
+
+class _TokenNet(nn.Module):
+    """(N, T) ids -> (N, T, V) logits: embedding, tanh, a Linear head over a large vocabulary."""
+
+    def __init__(self, vocab: int = 3000, width: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def _saved_head_bytes(name: str, shape: tuple[int, ...], head_dtype: torch.dtype) -> int:
+    """Bytes the sample head of ``name`` saves for a double-backward product on float32
+    outputs of ``shape``: its forward and its backward with ``create_graph=True`` (storages
+    counted once)."""
+    from flatcli.curvature.losses import sample_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(shape, generator=g).requires_grad_(True)
+    if name == "token-ce":
+        y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+        y[0, 0] = -100
+    else:
+        y = torch.randint(0, shape[-1], shape[:1], generator=g)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    head = sample_loss(name, y)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = head(z.to(head_dtype), y).sum()
+        (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+    big = z.numel() * torch.empty((), dtype=head_dtype).element_size()
+    return sum(b for b in seen.values() if b >= big // 4)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("token-ce", (2, 16, 1000)), ("ce", (32, 1000))])
+def test_head_copies_cover_what_the_float64_head_saves(name, shape):
+    from flatcli.curvature.memory import HEAD_COPIES
+
+    saved = _saved_head_bytes(name, shape, torch.float64)
+    copy = math.prod(shape) * 8
+    assert copy < saved <= HEAD_COPIES * copy
+
+
+def test_token_head_is_counted_per_output_in_its_dtype_without_vocab_squared():
+    from flatcli.curvature.memory import HEAD_COPIES
+
+    model = _TokenNet()
+    T, V = 64, 3000
+    args = (model, (T,), T * V)
+    kw = {"x_dtype": torch.int64, "positions": T}
+    one64 = estimate_memory(*args, 1, head_dtype=torch.float64, **kw)
+    one32 = estimate_memory(*args, 1, head_dtype=torch.float32, **kw)
+    none = estimate_memory(*args, 0, **kw)
+    assert one64 - one32 == HEAD_COPIES * T * V * 4  # the float64 head: twice the bytes
+    assert one64 - none < 10 * HEAD_COPIES * T * V * 8  # no (T V)^2 nor V^2 head matrix
+    # a classifier over K classes keeps its K x K head matrices
+    mlp = nn.Sequential(nn.Linear(3, 10))
+    assert estimate_memory(mlp, (3,), 10, 1) - estimate_memory(mlp, (3,), 10, 0) >= 4 * 100 * 4
+
+
+def test_auto_batch_size_of_a_token_model_follows_the_head():
+    model = _TokenNet()
+    x = torch.randint(0, 3000, (64, 64))
+    budget = 5 * 10**8
+    f32 = auto_batch_size(model, x, budget_bytes=budget)  # positions measured by a forward
+    f64 = auto_batch_size(model, x, budget_bytes=budget, head_dtype=torch.float64)
+    assert 1 < f64 < f32 <= 64
+    per = estimate_memory(
+        model, (64,), 64 * 3000, 1, x_dtype=torch.int64, positions=64, head_dtype=torch.float64
+    ) - estimate_memory(model, (64,), 64 * 3000, 0, x_dtype=torch.int64, positions=64)
+    assert f64 == pytest.approx(budget / per, abs=1.5)
+    assert auto_batch_size(model, x, budget_bytes=budget, reserve_bytes=budget) == 1
+
+
+def test_every_chunk_graph_is_kept_only_when_their_gradients_fit(monkeypatch):
+    """On the CPU an automatic chunk is split into heap-sized ones; keeping all their graphs
+    keeps one gradient (dim numbers) per chunk, which must fit beside the activations."""
+    import flatcli.curvature.operators as ops
+
+    model, x, y = make_case("mlp_tanh")
+    n = int(x.shape[0])
+    monkeypatch.setattr(ops, "cpu_chunk", lambda model, x: 2)
+    reserves = []
+
+    def fits(model, x, budget_bytes=None, num_outputs=None, *, reserve_bytes=0, **kw):
+        reserves.append(reserve_bytes)
+        return n if reserve_bytes == 0 else n - 1
+
+    monkeypatch.setattr(ops, "auto_batch_size", fits)
+    op = ops.make_operator("hessian", model, x, y)
+    assert op.batch_size == 2 and not op._cache_every_chunk
+    dim = sum(p.numel() for p in model.parameters())
+    assert reserves == [0, (-(-n // 2) - 1) * dim * 8]
+    monkeypatch.setattr(ops, "auto_batch_size", lambda *a, **k: n)
+    assert ops.make_operator("hessian", model, x, y)._cache_every_chunk
+
+
+def test_the_probe_runs_no_larger_chunk_than_the_products(monkeypatch):
+    from flatcli.curvature.hessian import HessianOperator
+
+    model, x, y = make_case("mlp_tanh")
+    sizes = []
+    chunk = HessianOperator._chunk
+
+    def spy(self, c, *args, **kwargs):
+        sizes.append(c.size)
+        return chunk(self, c, *args, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "_chunk", spy)
+    make_operator("hessian", model, x, y, batch_size=1)
+    assert sizes and set(sizes) == {1}
+    sizes.clear()
+    make_operator("hessian", model, x, y, batch_size=5)
+    assert set(sizes) == {2}  # two examples, as before
+
+
+def test_lanczos_reads_only_basis_rows_it_wrote(monkeypatch):
+    """The Krylov basis is allocated uninitialised (a few steps on a 10^8-parameter model touch
+    a few float64 rows, not the capacity): rows filled with NaN beforehand change nothing, through
+    breakdowns (a rank-3 matrix) and thick restarts."""
+    from flatcli.curvature.linop import DenseOperator
+
+    lanczos_module = importlib.import_module("flatcli.curvature.lanczos")
+    init = lanczos_module._Lanczos.__init__
+
+    def poisoned(self, op, capacity):
+        init(self, op, capacity)
+        self.V.fill_(float("nan"))
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    low_rank = (
+        Q[:, :3] @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ Q[:, :3].T
+    )
+    wide = Q @ torch.diag(torch.linspace(0.0, 1.0, 60, dtype=torch.float64)) @ Q.T
+    cases = [(low_rank, 5, None), (wide, 4, 12)]
+    expected = [lanczos_module.lanczos(DenseOperator(A), k, max_basis=b) for A, k, b in cases]
+    monkeypatch.setattr(lanczos_module._Lanczos, "__init__", poisoned)
+    for (A, k, b), ref in zip(cases, expected, strict=True):
+        got = lanczos_module.lanczos(DenseOperator(A), k, max_basis=b)
+        assert torch.isfinite(got.eigenvalues).all()
+        assert torch.allclose(got.eigenvalues, ref.eigenvalues, rtol=0, atol=1e-12)
+
+
+def test_lanczos_leaves_an_identity_operators_input_alone():
+    """Orthogonalisation works in place; an operator that returns its input (a view of the
+    basis row) must not have the basis overwritten."""
+    from flatcli.curvature.lanczos import lanczos
+
+    class Identity:
+        dim, dtype, device, matvecs = 30, torch.float64, torch.device("cpu"), 0
+
+        def matvec(self, v):
+            self.matvecs += 1
+            return v
+
+        def matmat(self, V):
+            self.matvecs += V.shape[1]
+            return V
+
+    res = lanczos(Identity(), 3)
+    assert torch.allclose(res.eigenvalues, torch.ones(3, dtype=torch.float64))

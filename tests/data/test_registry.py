@@ -26,8 +26,13 @@ def test_list_datasets():
         "cifar10",
         "cifar100",
         "svhn",
+        "python-license",
     ]
-    assert list_datasets(include_patterns=True)[-2:] == ["imagefolder:PATH", "tensors:PATH"]
+    assert list_datasets(include_patterns=True)[-3:] == [
+        "text:PATH",
+        "imagefolder:PATH",
+        "tensors:PATH",
+    ]
 
 
 def test_unknown_name_lists_valid_ones():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import model_zoo
+
 # Models whose architecture cannot take a 28x28 input (five 2x2 poolings): MNIST is padded to 32.
 NEEDS_32 = {"vgg11"}
 
@@ -31,3 +33,18 @@ def batch(shape: tuple[int, ...], n: int = 2, seed: int = 0) -> torch.Tensor:
 
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def is_language_model(name: str) -> bool:
+    """Whether the zoo model ``name`` takes token ids (N, T) rather than images: its builder has
+    no ``in_channels`` (the GPTs)."""
+    return "in_channels" not in model_zoo.model_kwargs(name)
+
+
+LANGUAGE_MODELS = [n for n in model_zoo.list_models() if is_language_model(n)]
+IMAGE_MODELS = [n for n in model_zoo.list_models() if not is_language_model(n)]
+
+
+def tokens(n: int = 2, t: int = 8, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded sequences of ``t`` token ids below ``vocab``, int64 (n, t)."""
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))

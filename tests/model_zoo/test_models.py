@@ -1,6 +1,8 @@
-"""Every registered model, on MNIST- and CIFAR-shaped inputs: the tests torchvision runs on its zoo.
+"""Every registered image model, on MNIST- and CIFAR-shaped inputs: the tests torchvision runs on
+its zoo.
 
-Parametrised over ``list_models()``, so a newly registered model is tested for free.
+Parametrised over ``list_models()`` (the language models' versions of these tests are in
+``test_gpt.py``), so a newly registered model is tested for free.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import model_zoo
 
-from .shapes import CIFAR_SHAPE, batch, mnist_shape, small_shape
+from .shapes import CIFAR_SHAPE, IMAGE_MODELS, LANGUAGE_MODELS, batch, mnist_shape, small_shape
 
-NAMES = model_zoo.list_models()
+NAMES = IMAGE_MODELS
 
 
 def build(name: str, shape: tuple[int, ...], seed: int = 0, **kwargs) -> nn.Module:
@@ -117,6 +119,10 @@ PARAM_COUNTS = [
     ("densenet-bc", {"in_channels": 3}, 769_162, 800_000, 0.0625, "Huang et al. Table 2: 0.8M"),
     ("vgg11", {"in_channels": 3}, 9_231_114, 9_200_000, 0.02, "CIFAR VGG-11-BN: 9.2M"),
     ("vgg11", {"batchnorm": False}, 9_225_610, 9_200_000, 0.02, "K-FAC paper VGG11: 9.2M"),
+    # GPT: (V + block) C embeddings + L (12 C^2 + 13 C) blocks + 2 C final LayerNorm, tied head
+    ("gpt-tiny", {}, 124_672, None, 0.0, "(256+128)*64 + 2*(12*64^2 + 13*64) + 2*64"),
+    ("gpt-tiny", {"input_shape": [32]}, 118_528, None, 0.0, "block_size from the data: 32"),
+    ("gpt-small", {}, 842_496, None, 0.0, "(256+128)*128 + 4*(12*128^2 + 13*128) + 2*128"),
 ]
 
 
@@ -136,7 +142,7 @@ def test_parameter_count(name, kwargs, count, quoted, tol, source) -> None:
 
 
 def test_every_model_has_a_count() -> None:
-    assert {n for n, *_ in PARAM_COUNTS} == set(NAMES)
+    assert {n for n, *_ in PARAM_COUNTS} == set(NAMES) | set(LANGUAGE_MODELS)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's own

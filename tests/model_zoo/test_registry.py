@@ -11,7 +11,19 @@ from torch import nn
 import model_zoo
 from model_zoo import registry
 
-EXPECTED = {"cnn6", "densenet-bc", "lenet5", "lenet5-bn", "mlp", "resnet20", "vgg11", "wrn"}
+EXPECTED = {
+    "cnn6",
+    "densenet-bc",
+    "gpt-small",
+    "gpt-tiny",
+    "lenet5",
+    "lenet5-bn",
+    "mlp",
+    "resnet20",
+    "vgg11",
+    "wrn",
+}
+LANGUAGE = {"gpt-small", "gpt-tiny"}  # num_classes is the vocabulary (256 bytes); no in_channels
 
 
 def test_list_models_sorted_and_complete() -> None:
@@ -58,14 +70,19 @@ def test_two_unknown_kwargs_are_both_named() -> None:
 def test_builders_are_keyword_only_and_documented(name: str) -> None:
     builder = model_zoo.get_model_builder(name)
     params = inspect.signature(builder).parameters
-    assert {"num_classes", "in_channels"} <= set(params)
-    assert params["num_classes"].default == 10
+    if name in LANGUAGE:
+        assert {"num_classes", "input_shape"} <= set(params) and "in_channels" not in params
+        assert params["num_classes"].default == 256
+    else:
+        assert {"num_classes", "in_channels"} <= set(params)
+        assert params["num_classes"].default == 10
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     doc = inspect.getdoc(builder) or ""
     assert "Args:" in doc
     for p in params:
         assert f"{p}:" in doc, f"{name}: argument {p} not documented"
-    assert any(year in doc for year in ("1998", "2015", "2016", "2017", "2020", "arXiv")), name
+    years = ("1998", "2015", "2016", "2017", "2019", "2020", "arXiv")
+    assert any(year in doc for year in years), name
     assert model_zoo.model_kwargs(name) == {k: p.default for k, p in params.items()}
 
 
