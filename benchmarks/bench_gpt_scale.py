@@ -9,12 +9,15 @@ reports its peak resident set (``VmHWM`` of ``/proc/self/status``, the same numb
 ``getrusage(RUSAGE_SELF).ru_maxrss``) after each phase, and the time of each phase.
 
 What the memory is made of (printed with the result): the float32 parameters (0.5 GB), the
-float64 Krylov basis (one 1.0 GB vector per Lanczos step: ``steps + 1`` rows), and one
-product: a chunk's activations and double-backward graph, its float64 head (N·T·V logits, 103 MB
-per copy for one 256-token sequence) and a few parameter-sized vectors.
+Krylov basis (``steps + 1`` rows; ``--basis-dtype auto``, the default of ``lanczos``, stores a
+float32 operator's basis in float32 once the float64 one would exceed 2 GiB: 0.5 GB a row here
+instead of 1.0 GB), and one product: a chunk's activations and double-backward graph, its
+float64 head (N·T·V logits, 103 MB per copy for one 256-token sequence) and two
+parameter-sized vectors (autograd's result and the flat product).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_gpt_scale.py             # ~5 min, 4 steps
     OMP_NUM_THREADS=1 python benchmarks/bench_gpt_scale.py --steps 2   # fewer products
+    OMP_NUM_THREADS=1 python benchmarks/bench_gpt_scale.py --basis-dtype float64  # the old basis
     OMP_NUM_THREADS=1 python benchmarks/bench_gpt_scale.py --quick     # a 2-layer, 8k-vocab model
 
 ``--root DIR`` imports flatcli from DIR instead of this checkout (e.g. an older version
@@ -24,6 +27,7 @@ extracted with ``git archive``), to compare versions in the same conditions.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -131,7 +135,10 @@ def child(args: argparse.Namespace) -> dict:
     """The measurement, in this (fresh) process."""
     torch.set_num_threads(args.threads)
     from flatcli.curvature.lanczos import lanczos
-    from flatcli.curvature.memory import estimate_memory, lanczos_memory
+
+    lanczos_module = importlib.import_module("flatcli.curvature.lanczos")  # not the function
+    from flatcli.curvature.lanczos import lanczos_memory
+    from flatcli.curvature.memory import estimate_memory
     from flatcli.curvature.operators import make_operator
 
     phases: list[dict] = []
@@ -167,9 +174,18 @@ def child(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
     )
     t, c = phase("operator (probe product)", t, c)
-    res = lanczos(op, k=1, steps=args.steps, tol=args.tol)
+    chooser = getattr(lanczos_module, "choose_basis_dtype", None)  # None: an older flatcli
+    if chooser is None:
+        basis, options = "float64", {}
+    else:
+        resolved = {"float32": torch.float32, "float64": torch.float64}.get(args.basis_dtype)
+        basis_dtype = resolved or chooser(op.dtype, dim, args.steps + 1, "cpu")
+        basis = str(basis_dtype).removeprefix("torch.")
+        options = {"basis_dtype": args.basis_dtype}
+    res = lanczos(op, k=1, steps=args.steps, tol=args.tol, **options)
     t, c = phase(f"lanczos ({res.matvecs} HVPs)", t, c)
-    lanczos_bytes = lanczos_memory(dim, 1, args.steps, model_params=dim).bytes
+    extra = {"basis_dtype": basis} if chooser is not None else {}
+    lanczos_bytes = lanczos_memory(dim, 1, args.steps, model_params=dim, **extra).bytes
     try:
         chunk_bytes: float | None = estimate_memory(
             model,
@@ -190,6 +206,7 @@ def child(args: argparse.Namespace) -> dict:
         "batch_size": op.batch_size,
         "hvp_method": op.hvp_method,
         "attention_kernel": op.attention,
+        "basis_dtype": basis,
         "steps": res.steps,
         "hvps": res.matvecs,
         "top_eigenvalue": float(res.eigenvalues[0]),
@@ -216,6 +233,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: automatic")
     p.add_argument("--head-dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument(
+        "--basis-dtype",
+        choices=("auto", "float32", "float64"),
+        default="auto",
+        help="dtype of the Lanczos basis (default auto: lanczos's own rule)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit-gb", type=float, default=8.0, help="the memory target (1e9 bytes)")
     p.add_argument("--quick", action="store_true", help="2 layers, width 256, vocabulary 8,192")
@@ -249,7 +272,8 @@ def main() -> None:
     print(
         f"GPT: {out['params']:,} parameters, {out['sequences']} x {out['seq_len']} tokens, "
         f"head {out['head_dtype']}, chunk {out['batch_size']} sequence(s), "
-        f"{out['hvp_method']}, attention {out['attention_kernel']}"
+        f"{out['hvp_method']}, attention {out['attention_kernel']}, "
+        f"{out.get('basis_dtype', 'float64')} Krylov basis"
     )
     print("| phase | wall s | CPU s | RSS after (GiB) | peak so far (GiB) |")
     print("|---|---:|---:|---:|---:|")

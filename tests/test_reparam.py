@@ -265,3 +265,23 @@ def test_audit_bn_net() -> None:
     metrics = bn.metrics()
     assert "max_logit_difference" in metrics and "normalized_sharpness_rel_change" in metrics
     assert bn.details()["rows"][0]["threshold"].startswith("rel_change <=")
+
+
+def _tied() -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    net[2].weight = net[0].weight
+    return net
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda net: layer_scale(net, [2.0, 0.5, 1.0]),
+        lambda net: neuron_scale(net, 2.0),
+        lambda net: apply_transform(net, "layer-scale", 2.0),
+    ],
+)
+def test_tied_weights_are_refused(call) -> None:
+    # Scaling layer 0 would also scale layer 2 through the shared weight: not the same function.
+    with pytest.raises(UsageError, match=r"ties 2\.weight to 0\.weight"):
+        call(_tied())

@@ -115,9 +115,10 @@ def landscape(
     root = files.cache_root()
 
     def measure(ctx: Context) -> Any:
-        cfg = replace(config, seed=ctx.seed, batch_size=ctx.batch_size)
+        loss = config.loss or ctx.loss  # --loss, else the record's, else inferred
+        cfg = replace(config, seed=ctx.seed, batch_size=ctx.batch_size, loss=loss)
         try:  # refused before any work: exit 2 (registry.check, with --unsafe-load for --to)
-            check_landscape(ctx.model, cfg, unsafe=common.unsafe_load)
+            check_landscape(ctx.model, cfg, unsafe=common.unsafe_load, y=ctx.y)
         except UsageError as e:
             setattr(e, BEFORE_WORK, True)
             raise

@@ -57,8 +57,8 @@ class LandscapeConfig:
             dimensions rescaled to that filter's norm in θ*; parameters with fewer dimensions
             zero) or ``"none"`` (a plain standard Gaussian over every parameter: the slice
             Dinh et al. 2017 warn about, changed by a reparametrisation).
-        loss: the loss head, ``"ce"`` or ``"nsce"`` (None: the run's loss, the common
-            ``--loss``; in a library call, inferred from the targets).
+        loss: ``"ce"``, ``"nsce"``, ``"token-ce"``, ``"mse"`` or ``"bce"`` (None: the run's
+            loss, the common ``--loss``; in a library call, inferred from the targets).
         head_dtype: dtype the loss head runs in (``"float64"`` keeps confident examples).
         points_per_pass: grid points stacked into one vmapped forward (None: as many as make
             about :data:`flatcli.landscape.evaluate.EXAMPLES_PER_PASS` examples per pass on a

@@ -38,38 +38,54 @@ def backward_products(
 
     ``grad_outputs[i]`` has shape ``(k, *outputs[i].shape)``. Outputs that do not depend on the
     inputs (None or no graph) contribute zero. ``batched`` uses ``is_grads_batched`` (vmap).
+
+    Memory: beyond what autograd returns, nothing parameter-sized. Zeros are allocated only for
+    the inputs the outputs do not reach; one column (``k == 1``) is returned as a view of
+    autograd's result (no stacked copy); several unbatched columns are written one by one into
+    the result, each column's gradients freed before the next backward.
     """
     k = grad_outputs[0].shape[0]
     keep = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-    zeros = [torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) for t in inputs]
-    if not keep:
-        return zeros
-    outs = [outputs[i] for i in keep]
-    gos = [grad_outputs[i].to(outputs[i].dtype) for i in keep]
-    if batched:
-        res = list(
-            torch.autograd.grad(
-                outs,
-                inputs,
-                grad_outputs=gos,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
+    res: list[Tensor | None] = [None] * len(inputs)
+    if keep:
+        outs = [outputs[i] for i in keep]
+        gos = [grad_outputs[i].to(outputs[i].dtype) for i in keep]
+        if batched:
+            res = list(
+                torch.autograd.grad(
+                    outs,
+                    inputs,
+                    grad_outputs=gos,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
             )
-        )
-    else:
-        per = [
-            torch.autograd.grad(
-                outs,
-                inputs,
-                grad_outputs=[g[j] for g in gos],
-                retain_graph=True,
-                allow_unused=True,
-            )
-            for j in range(k)
-        ]
-        res = [
-            None if per[0][i] is None else torch.stack([p[i] for p in per])
-            for i in range(len(inputs))
-        ]
-    return [z if r is None else r for r, z in zip(res, zeros, strict=True)]
+        else:
+            for j in range(k):
+                col = torch.autograd.grad(
+                    outs,
+                    inputs,
+                    grad_outputs=[g[j] for g in gos],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i, r in enumerate(col):
+                    if r is None:
+                        if res[i] is not None:
+                            res[i][j].zero_()
+                        continue
+                    if k == 1:
+                        res[i] = r.unsqueeze(0)
+                        continue
+                    out = res[i]
+                    if out is None:  # written row by row; rows an unreached column skips are 0
+                        out = res[i] = (
+                            r.new_zeros((k, *r.shape)) if j else r.new_empty((k, *r.shape))
+                        )
+                    out[j] = r
+                del col
+    return [
+        torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if r is None else r
+        for r, t in zip(res, inputs, strict=True)
+    ]

@@ -1,10 +1,13 @@
 """The exact GGN diagonal from the shared layer capture: squared per-example gradients, no Jacobian.
 
 ``diag(G) = 1/N Σ_n Σ_k λ_nk (J_nᵀ u_nk)²`` (:mod:`flatcli.curvature.diagonal`), where
-``Λ_n = Σ_k λ_nk u_nk u_nkᵀ`` is the head Hessian of example n. The batch is repeated K times and
-row ``(k, n)`` carries the cotangent ``u_nk``, so ONE backward of the repeated batch gives, at every
-layer's output, the gradient of ``u_nkᵀ z_n`` for every pair (examples do not interact in the
-forward). A layer's gradient for the pair is then ``G_nkᵀ A_n`` (the token view of
+``Λ_n = Σ_k λ_nk u_nk u_nkᵀ`` is the head Hessian of example n (any weighted factor of it:
+:class:`~flatcli.curvature.diagonal._HeadRows`). The batch is repeated R times (R rows of the
+factor per block, K at most) and row ``(k, n)`` carries the cotangent ``u_nk``, so ONE backward of
+the repeated batch gives, at every layer's output, the gradient of ``u_nkᵀ z_n`` for every pair
+(examples do not interact in the forward); a factor of more rows than a block takes (T·V rows of
+a token head) is backpropagated block by block through the one retained forward. A layer's
+gradient for the pair is then ``G_nkᵀ A_n`` (the token view of
 :mod:`flatcli.curvature._ghost`), and what is summed is its square weighted by ``λ_nk``:
 
 - a Linear on (N, in) inputs: ``Σ_{n,k} λ_nk (g_nk ⊙ g_nk)(a_n ⊙ a_n)ᵀ``, one matrix product;
@@ -20,6 +23,7 @@ Jacobian's ``K · P`` entries per example that ``vmap(jacrev)`` writes (LeNet-5:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,19 +35,20 @@ from flatcli.curvature.data import Chunk
 __all__ = ["captured_ggn_diagonal"]
 
 F64 = torch.float64
-HeadHessian = Callable[[Tensor, Tensor], Tensor]
-"""``head_hessian(outputs (B, ...) in the head dtype, targets (B, ...)) -> (B, K, K)``, K the
-outputs per example (flattened)."""
+HeadFactor = Callable[[Tensor, Tensor], Any]
+"""``factor(outputs (B, ...) in the head dtype, targets (B, ...))``: the chunk's head Hessians
+as weighted rows, with ``count`` and ``block(r0, r1) -> (weights (B, r), rows (B, r, *out))``
+(:class:`flatcli.curvature.diagonal._HeadRows`)."""
 
 
 def captured_ggn_diagonal(
     model: nn.Module,
     targets: list[Target],
     chunks: Iterable[Chunk],
-    head_hessian: HeadHessian,
+    factor: HeadFactor,
     head_dtype: torch.dtype,
     *,
-    classes: int,
+    rows: int,
     workspace: int,
 ) -> dict[str, Tensor]:
     """``Σ_n Σ_k λ_nk (∂(u_nkᵀ z_n)/∂θ)²`` over the examples of ``chunks`` (a sum, not a mean).
@@ -52,9 +57,9 @@ def captured_ggn_diagonal(
         model: the network in eval mode (no batch statistics: :func:`capture.plan` checked).
         targets: :func:`flatcli.curvature.capture.plan` of the selected parameters.
         chunks: the chunks of examples (:func:`flatcli.curvature.data.iter_chunks`).
-        head_hessian: the head Hessian of a chunk's logits.
+        factor: the head Hessians of a chunk's outputs as weighted rows (:data:`HeadFactor`).
         head_dtype: dtype of the head, of the weights λ and of the accumulation.
-        classes: K, the number of logits.
+        rows: factor rows per backward block (the forward holds that many copies of a chunk).
         workspace: elements a block of per-pair weight gradients may hold.
 
     Returns:
@@ -71,7 +76,7 @@ def captured_ggn_diagonal(
     recorder = Recorder(targets)
     try:
         for chunk in chunks:
-            args = (chunk.x, chunk.y, classes, head_hessian, head_dtype, sums, workspace)
+            args = (chunk.x, chunk.y, rows, factor, head_dtype, sums, workspace)
             _add_chunk(model, recorder, *args)
     finally:
         recorder.remove()
@@ -85,22 +90,39 @@ def _add_chunk(
     recorder: Recorder,
     x: Tensor,
     y: Tensor,
-    k: int,
-    head_hessian: HeadHessian,
+    rows: int,
+    factor: HeadFactor,
     hd: torch.dtype,
     sums: dict[tuple[int, str], Tensor],
     workspace: int,
 ) -> None:
-    """Add one chunk's weighted squared per-pair gradients to ``sums``."""
+    """Add one chunk's weighted squared per-pair gradients to ``sums``: one forward of ``k``
+    copies of the chunk (k = rows, or the factor's count when smaller), then one backward per
+    block of k factor rows through it (the last block padded with zero rows)."""
     b = x.shape[0]
+    k = rows
     z = record_forward(model, recorder, x.repeat(k, *([1] * (x.dim() - 1))))  # row k·b + n
-    lam, u = torch.linalg.eigh(head_hessian(z[:b].detach().to(hd), y))  # (b, K), (b, K, K)
-    cotangent = u.permute(2, 0, 1).reshape(k * b, *z.shape[1:]).to(z.dtype)  # row (k, n): u_nk
-    w = lam.T.reshape(k * b)
-    grads = backward_to_outputs(z, recorder.targets, cotangent)
-    for i, (t, gs) in enumerate(zip(recorder.targets, grads, strict=True)):
-        if t.calls:
-            _add_target(i, t, gs, w, sums, workspace)
+    head = factor(z[:b].detach().to(hd), y)
+    if head.count < k:  # fewer rows than copies: forward again with as many copies as rows
+        k = head.count
+        z = record_forward(model, recorder, x.repeat(k, *([1] * (x.dim() - 1))))
+    starts = range(0, head.count, k)
+    for r0 in starts:
+        r1 = min(head.count, r0 + k)
+        lam, u = head.block(r0, r1)  # (b, r), (b, r, *out)
+        if r1 - r0 < k:  # the last block: zero rows of weight 0 fill the copies
+            lam = torch.cat([lam, lam.new_zeros((b, k - (r1 - r0)))], dim=1)
+            u = torch.cat([u, u.new_zeros((b, k - (r1 - r0), *u.shape[2:]))], dim=1)
+        cotangent = u.transpose(0, 1).reshape(k * b, *z.shape[1:]).to(z.dtype)  # row (r, n)
+        w = lam.T.reshape(k * b)
+        last = r0 == starts[-1]
+        grads = backward_to_outputs(z, recorder.targets, cotangent, retain_graph=not last)
+        del cotangent, u
+        for i, (t, gs) in enumerate(zip(recorder.targets, grads, strict=True)):
+            if t.calls:
+                _add_target(i, t, gs, w, sums, workspace)
+        del grads
+    for t in recorder.targets:
         t.calls = []
 
 

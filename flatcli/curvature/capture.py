@@ -387,7 +387,12 @@ def record_forward(model: nn.Module, recorder: Recorder, x: Tensor) -> Tensor:
 
 
 def backward_to_outputs(
-    z: Tensor, targets: list[Target], cotangent: Tensor, *, batched: bool = False
+    z: Tensor,
+    targets: list[Target],
+    cotangent: Tensor,
+    *,
+    batched: bool = False,
+    retain_graph: bool = False,
 ) -> list[list[Tensor]]:
     """Gradients of ``<z, cotangent>`` at every recorded output: per target, one per call.
 
@@ -396,6 +401,7 @@ def backward_to_outputs(
         targets: the recorder's targets (their ``calls`` from that forward).
         cotangent: (N, K), or with ``batched`` a stack (B, N, K) whose B backward passes run as
             one vmapped backward (``is_grads_batched``).
+        retain_graph: keep the forward's graph for another backward (with other cotangents).
 
     Returns:
         ``grads[i][j]``: detached gradient at call j's output of target i, shaped like the output
@@ -403,7 +409,14 @@ def backward_to_outputs(
     """
     outputs = [out for t in targets for (_, _, out, _) in t.calls if out.requires_grad]
     got = (
-        torch.autograd.grad(z, outputs, cotangent, allow_unused=True, is_grads_batched=batched)
+        torch.autograd.grad(
+            z,
+            outputs,
+            cotangent,
+            allow_unused=True,
+            is_grads_batched=batched,
+            retain_graph=retain_graph,
+        )
         if outputs
         else []
     )

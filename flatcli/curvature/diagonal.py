@@ -42,16 +42,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import hessian, jacrev, vmap
+from torch.func import hessian, vjp, vmap
 
 from flatcli import distributed
 from flatcli.configs.sharpness import DiagMethod
-from flatcli.curvature._functional import FunctionalModel, head_loss, quiet_jit_warning
+from flatcli.curvature._functional import (
+    FunctionalModel,
+    attention_kernel,
+    head_loss,
+    quiet_jit_warning,
+)
 from flatcli.curvature._ggn_capture import captured_ggn_diagonal
 from flatcli.curvature.capture import CaptureUnsupported, plan
 from flatcli.curvature.data import iter_chunks
-from flatcli.curvature.losses import sample_loss
-from flatcli.curvature.memory import activation_bytes_per_example, cpu_chunk
+from flatcli.curvature.losses import IGNORE_INDEX, output_hessian_sqrt, sample_loss
+from flatcli.curvature.memory import ACTIVATION_FACTOR, activation_bytes_per_example, cpu_chunk
 from flatcli.curvature.operators import CurvatureOperator, OperatorBlock, make_operator
 from flatcli.curvature.params import select_parameters, unflatten
 from flatcli.curvature.trace import hutchinson_diagonal
@@ -75,11 +80,13 @@ EXACT_BLOCK = 64
 """Unit vectors per product block of ``method="exact"`` (progress is reported per block)."""
 
 GGN_WORKSPACE_BYTES = 256 * 2**20
+"""Memory for one block of per-(example, head row) gradients (rows · P numbers) and their
+backward in ``ggn_diagonal``'s fallback."""
 CAPTURE_BUDGET = 1 << 30
-"""Bytes of activations (K copies of each example) a captured-diagonal chunk may use."""
+"""Bytes of activations (one copy of an example per head row) a captured-diagonal block may
+use."""
 CAPTURE_WORKSPACE = 1 << 24
 """Elements a block of per-(example, logit) weight gradients may hold."""
-"""Memory for one chunk of per-example Jacobians (chunk · K · P numbers) in ``ggn_diagonal``."""
 
 
 @dataclass(frozen=True)
@@ -214,14 +221,25 @@ def ggn_diagonal(
         loss_fn: per-example loss head or a loss name ("ce", "nsce", "token-ce", "mse",
             "bce"; a name is :func:`flatcli.curvature.losses.sample_loss`: the sample loss).
         params: parameter names/patterns (default all with requires_grad).
-        batch_size: rows per forward (each example is forwarded once per logit); default fits
-            ``CAPTURE_BUDGET`` bytes of activations (``GGN_WORKSPACE_BYTES`` of Jacobians on
-            the fallback path).
+        batch_size: rows per forward (each example is forwarded once per row of its head
+            factor: K rows, T·V for token logits); default fits ``CAPTURE_BUDGET`` bytes of
+            activations (``GGN_WORKSPACE_BYTES`` of per-row gradients on the fallback path,
+            where ``batch_size`` is the examples per chunk).
         head_dtype: dtype of the head Hessian and the accumulation (default float64).
+
+    The head Hessian of example n is factored as ``Λ_n = Σ_r w_nr q_nr q_nrᵀ`` (:class:`_HeadRows`):
+    by ``eigh`` of the K × K matrix from autograd for a general head, and in closed form for the
+    ``token-ce`` sample loss, whose head Hessian is block diagonal over the T positions (one
+    ``diag(p_t) − p_t p_tᵀ`` each, :func:`~flatcli.curvature.losses.output_hessian_sqrt`): its
+    T·V rows are formed a block at a time, never the (T·V)² matrix. The rows are
+    backpropagated in blocks whose memory is bounded (the activations of a block of copies,
+    or a block of per-row gradients), so memory does not grow with T·V; the work does (T·V
+    backward rows per sequence, as the exact diagonal needs).
 
     The layer capture (:mod:`flatcli.curvature._ggn_capture`) forms squared per-example
     gradients layer by layer; a model it cannot capture (a parameter used outside its module's
-    forward, batch statistics) falls back to per-example Jacobians by ``vmap(jacrev)``.
+    forward, batch statistics) falls back to per-example gradients of the head rows by
+    ``vmap`` of a ``vjp``.
     """
     if isinstance(loss_fn, str):
         loss_fn = sample_loss(loss_fn, y)
@@ -231,75 +249,165 @@ def ggn_diagonal(
     if n == 0 or n != int(y.shape[0]):
         raise UsageError(f"Need matching, non-empty x and y; got {n} and {int(y.shape[0])}.")
     hd = head_dtype or torch.float64
+    with torch.no_grad():
+        first = next(iter_chunks(x, None, 1, fm.device, fm.dtype))
+        k = int(fm(fm.params, first.x)[0].numel())  # K outputs (T * V for token logits)
+    a, b = distributed.shard_bounds(n)  # (0, n) in one process; this rank's share under torchrun
+    factor = _head_factor(loss_fn, hd, k)
+
+    try:
+        targets = plan(model, names)
+        size, rows = _capture_blocks(model, x, k, batch_size)
+        chunks = iter_chunks(x, y, size, fm.device, fm.dtype, start=a, stop=b)
+        out = captured_ggn_diagonal(
+            model, targets, chunks, factor, hd, rows=rows, workspace=CAPTURE_WORKSPACE
+        )
+    except CaptureUnsupported:  # e.g. a parameter used outside its module: per-example rows
+        out = _jacobian_ggn_diagonal(fm, x, y, factor, hd, k, batch_size, a, b)
+    out = distributed.all_reduce_sum(out)  # one collective; the identity in one process
+    return {name: (out[name] / n).double().cpu() for name in fm.params}
+
+
+class _HeadRows:
+    """A chunk's head Hessians as weighted rows: ``Λ_n = Σ_r w_nr q_nr q_nrᵀ``, r < ``count``.
+
+    :meth:`block` gives rows ``r0:r1`` of every example: weights (B, r) and rows
+    (B, r, *out) in the head dtype. The general form is the ``eigh`` of each example's K × K
+    head Hessian (weights the eigenvalues); :class:`_TokenRows` is the closed form of
+    ``token-ce``.
+    """
+
+    def __init__(self, lam: Tensor, u: Tensor, out_shape: tuple[int, ...]) -> None:
+        self.lam, self.u, self.out_shape = lam, u, out_shape  # (B, K), (B, K, K): u[:, :, r]
+        self.count = int(lam.shape[1])
+
+    def block(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """Weights (B, r1 - r0) and rows (B, r1 - r0, *out) ``r0:r1``."""
+        rows = self.u[:, :, r0:r1].transpose(1, 2)
+        return self.lam[:, r0:r1], rows.reshape(rows.shape[0], r1 - r0, *self.out_shape)
+
+
+class _TokenRows(_HeadRows):
+    """The ``token-ce`` sample loss's head Hessian in closed form, T·V rows per sequence.
+
+    Example n's term is ``s Σ_t counted_nt ce(z_nt, y_nt)`` (``s = N / C``), whose Hessian is
+    block diagonal: ``s counted_nt (diag(p_nt) − p_nt p_ntᵀ)`` at position t. Row ``(t, c)``
+    (r = t·V + c) lives at position t only: ``sqrt(s counted_nt) Q_nt[c]`` with ``Q`` of
+    :func:`~flatcli.curvature.losses.output_hessian_sqrt` (exact for confident tokens), weight
+    1. A block forms the rows of its positions only.
+    """
+
+    def __init__(self, z: Tensor, y: Tensor, scale: float) -> None:
+        b, self.T, self.V = z.shape
+        self.z = z
+        self.out_shape = (self.T, self.V)
+        self.count = self.T * self.V
+        counted = (y != IGNORE_INDEX).to(z.dtype)
+        self.weight = (counted * scale).sqrt()  # (B, T)
+
+    def block(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """Weights (B, r1 - r0) and rows (B, r1 - r0, T, V) ``r0:r1``."""
+        V, z = self.V, self.z
+        t0, t1 = r0 // V, (r1 - 1) // V + 1
+        q = output_hessian_sqrt(z[:, t0:t1].reshape(-1, V))  # (B (t1 - t0), V, V)
+        q = q.reshape(z.shape[0], (t1 - t0) * V, V)[:, r0 - t0 * V : r1 - t0 * V]
+        pos = torch.arange(r0, r1, device=z.device) // V  # each row's position
+        q = q * self.weight[:, pos].unsqueeze(-1)
+        rows = z.new_zeros((z.shape[0], r1 - r0, self.T, V))
+        rows[:, torch.arange(r1 - r0, device=z.device), pos] = q
+        return z.new_ones((z.shape[0], r1 - r0)), rows
+
+
+HeadFactor = Callable[[Tensor, Tensor], _HeadRows]
+"""``factor(outputs (B, ...) in the head dtype, targets) -> _HeadRows`` of the chunk."""
+
+
+def _head_factor(loss_fn: Callable[..., Tensor], hd: torch.dtype, k: int) -> HeadFactor:
+    """How a chunk's head Hessians are factored into rows: in closed form for the ``token-ce``
+    sample loss (:func:`~flatcli.curvature.losses.sample_loss` carries its weight), else by
+    ``eigh`` of the K × K head Hessian from autograd."""
+    scale = getattr(loss_fn, "scale", None)
+    if getattr(loss_fn, "loss_name", None) == "token-ce" and scale is not None:
+        return lambda z, y: _TokenRows(z, y, float(scale))
     loss = head_loss(loss_fn, hd)
 
     def head_one(z: Tensor, yi: Tensor) -> Tensor:
         return loss(z.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
 
     head_hess = vmap(hessian(head_one), in_dims=(0, 0))
-    with torch.no_grad():
-        first = next(iter_chunks(x, None, 1, fm.device, fm.dtype))
-        k = int(fm(fm.params, first.x)[0].numel())  # K outputs (T * V for token logits)
-    a, b = distributed.shard_bounds(n)  # (0, n) in one process; this rank's share under torchrun
 
-    def head_hessian(z: Tensor, yy: Tensor) -> Tensor:
+    def factor(z: Tensor, y: Tensor) -> _HeadRows:
         with quiet_jit_warning():  # the head Hessian's first forward-mode AD call
-            return head_hess(z, yy).reshape(z.shape[0], k, k)
+            lam, u = torch.linalg.eigh(head_hess(z, y).reshape(z.shape[0], k, k))
+        return _HeadRows(lam, u, tuple(z.shape[1:]))
 
-    try:
-        targets = plan(model, names)
-        size = max(1, batch_size // k) if batch_size else _capture_chunk(model, x, k)
-        chunks = iter_chunks(x, y, size, fm.device, fm.dtype, start=a, stop=b)
-        out = captured_ggn_diagonal(
-            model, targets, chunks, head_hessian, hd, classes=k, workspace=CAPTURE_WORKSPACE
-        )
-    except CaptureUnsupported:  # e.g. a parameter used outside its module: per-example Jacobians
-        out = _jacobian_ggn_diagonal(fm, x, y, head_hessian, hd, k, batch_size, a, b)
-    out = distributed.all_reduce_sum(out)  # one collective; the identity in one process
-    return {name: (out[name] / n).double().cpu() for name in fm.params}
+    return factor
 
 
-def _capture_chunk(model: nn.Module, x: Tensor, k: int) -> int:
-    """Examples per chunk of the captured diagonal: K copies of each fit ``CAPTURE_BUDGET``
-    (and, on the CPU, :func:`~flatcli.curvature.memory.cpu_chunk`)."""
-    per = 4 * k * activation_bytes_per_example(model, tuple(x.shape[1:]), x.dtype)
-    size = max(1, min(int(x.shape[0]), CAPTURE_BUDGET // max(1, per)))
-    if x.device.type == "cpu" and next(model.parameters()).device.type == "cpu":
-        size = min(size, max(1, cpu_chunk(model, x) // k))
-    return size
+def _capture_blocks(model: nn.Module, x: Tensor, k: int, batch_size: int | None) -> tuple[int, int]:
+    """``(examples per chunk, head rows per block)`` of the captured diagonal, whose forward
+    holds one copy of each example per row: ``batch_size`` copies when given, else copies that
+    fit ``CAPTURE_BUDGET`` (and, on the CPU, :func:`~flatcli.curvature.memory.cpu_chunk`
+    copies, unless one example's K rows fit the budget: then K). All K rows of an example
+    when they fit (several examples per chunk), else one example per chunk and its rows in
+    blocks."""
+    if batch_size:
+        copies = int(batch_size)
+    else:
+        per = 4 * activation_bytes_per_example(model, tuple(x.shape[1:]), x.dtype)
+        copies = max(1, CAPTURE_BUDGET // max(1, per))
+        if x.device.type == "cpu" and next(model.parameters()).device.type == "cpu":
+            copies = min(copies, max(cpu_chunk(model, x), min(k, copies)))
+    if copies >= k:
+        return max(1, min(int(x.shape[0]), copies // k)), k
+    return 1, max(1, copies)
 
 
 def _jacobian_ggn_diagonal(
     fm: FunctionalModel,
     x: Tensor,
     y: Tensor,
-    head_hessian: Callable[[Tensor, Tensor], Tensor],
+    factor: HeadFactor,
     hd: torch.dtype,
     k: int,
     batch_size: int | None,
     a: int,
     b: int,
 ) -> dict[str, Tensor]:
-    """``Σ_n Σ_k λ_nk (J_nᵀ u_nk)²`` over examples a:b from per-example Jacobians (vmap(jacrev))."""
+    """``Σ_n Σ_r w_nr (J_nᵀ q_nr)²`` over examples a:b: per-example gradients of a block of head
+    rows at a time (``vmap`` over the examples of a ``vmap`` over rows of one ``vjp``), never
+    the (K, P) Jacobian. A block's rows and examples hold at most ``GGN_WORKSPACE_BYTES`` of
+    gradients and their backward."""
 
-    def logits_one(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return fm(p, xi.unsqueeze(0)).squeeze(0)
+    def rows_one(p: dict[str, Tensor], xi: Tensor, qi: Tensor) -> dict[str, Tensor]:
+        _, pull = vjp(lambda q: fm(q, xi.unsqueeze(0)).squeeze(0), p)
+        return vmap(lambda u: pull(u)[0])(qi)  # {name: (rows, *shape)}
 
-    jac = vmap(jacrev(logits_one), in_dims=(None, 0))
+    grads = vmap(rows_one, in_dims=(None, 0, 0))
+    dim = sum(p.numel() for p in fm.params.values())
+    size = torch.empty((), dtype=fm.dtype).element_size()
+    act = activation_bytes_per_example(fm.model, tuple(x.shape[1:]), x.dtype)
+    per_row = dim * size + ACTIVATION_FACTOR * act  # a row's gradient and its backward
+    fit = max(1, int(GGN_WORKSPACE_BYTES // max(per_row, 1)))
     if batch_size is None:
-        dim = sum(p.numel() for p in fm.params.values())
-        per = k * dim * torch.empty((), dtype=fm.dtype).element_size()
-        batch_size = max(1, min(b - a, GGN_WORKSPACE_BYTES // max(per, 1)))
+        batch_size = max(1, min(b - a, fit // k))
+    rows = max(1, min(k, fit // int(batch_size)))
     out = {name: torch.zeros(p.shape, dtype=hd, device=fm.device) for name, p in fm.params.items()}
     for chunk in iter_chunks(x, y, batch_size, fm.device, fm.dtype, start=a, stop=b):
         with torch.no_grad():
             z = fm(fm.params, chunk.x).to(hd)
-        lam, u = torch.linalg.eigh(head_hessian(z, chunk.y))  # (B, K), (B, K, K): u[:, :, k]
-        jacs = jac(fm.params, chunk.x)  # {name: (B, K, *shape)}
-        for name, jn in jacs.items():
-            jn = jn.to(hd).reshape(jn.shape[0], k, -1)  # (B, K, P_name)
-            proj = torch.einsum("bck,bcp->bkp", u, jn)  # u_kᵀ J_n
-            out[name] += torch.einsum("bk,bkp->p", lam, proj**2).view(out[name].shape)
+        head = factor(z, chunk.y)
+        for r0 in range(0, head.count, rows):
+            w, q = head.block(r0, min(head.count, r0 + rows))  # (B, r), (B, r, *out)
+            # the math attention kernel has batching rules (the fused ones loop under vmap)
+            with attention_kernel("math"):
+                per = grads(fm.params, chunk.x, q.to(fm.dtype))  # {name: (B, r, *shape)}
+            weights = w.reshape(-1).to(fm.dtype)
+            for name in list(per):
+                g = per.pop(name).reshape(weights.numel(), -1)  # (B r, P_name)
+                # squares in the model's dtype (a float64 copy of every row cost more than
+                # the backward), their weighted sum over the block's rows added in ``hd``
+                out[name] += torch.mv((g * g).T, weights).to(hd).view(out[name].shape)
     return out
 
 

@@ -12,8 +12,16 @@ Choices made here:
 - Full reorthogonalisation: every new vector is orthogonalised against the whole basis twice
   ("twice is enough", Giraud et al. 2005), in batched float64 matrix products. Without it,
   rounding makes converged Ritz values reappear as spurious copies.
-- The basis and ``T`` are float64 whatever the operator's dtype; vectors are cast at the
-  operator's boundary (:func:`~flatcli.curvature.linop.apply_float64`). The basis is allocated
+- ``T`` is float64, and so is the basis by default; vectors are cast at the operator's
+  boundary (:func:`~flatcli.curvature.linop.apply_float64`). A float32 operator on a huge model
+  gets a float32 basis instead (``basis_dtype``, :func:`choose_basis_dtype`: when the float64
+  basis would exceed :data:`BASIS_MEMORY_BYTES` or the memory budget of
+  :func:`~flatcli.curvature.memory.memory_budget`), still fully reorthogonalised: only the
+  storage is float32, every coefficient, norm and combination is accumulated in float64 over
+  blocks of the vector. Its rows are rounded to float32, as the operator rounds every vector
+  it is given, so the basis is orthonormal to float32 rounding (~1e-7), far below the noise
+  of a float32 product. At 124M parameters (GPT-2 small) a row costs 0.5 GB instead of 1 GB.
+  The basis is allocated
   uninitialised and every row is written before it is read, so a run touches (and keeps
   resident) only the rows it reaches: a few steps on a model of 10⁸ parameters cost one
   float64 vector (0.8 GB per 10⁸ parameters) per step, not the whole capacity. A product is
@@ -43,19 +51,35 @@ Choices made here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from flatcli.configs.spectrum import DEFAULT_TOL, Which
+from flatcli.curvature import memory
 from flatcli.curvature.linop import LinearOperator, apply_float64, random_vectors, work_device
 from flatcli.distributed import broadcast_for
 from flatcli.progress import ProgressFn, no_progress
 
-__all__ = ["Which", "EigenResult", "basis_size", "lanczos", "lanczos_quadrature"]
+__all__ = [
+    "Which",
+    "EigenResult",
+    "basis_size",
+    "choose_basis_dtype",
+    "LanczosMemory",
+    "lanczos",
+    "lanczos_memory",
+    "lanczos_quadrature",
+]
 
 BASIS_MEMORY_BYTES = 2 * 2**30
-"""Default cap on the float64 Krylov basis (rows x dim x 8 bytes) before thick restart kicks in."""
+"""Default cap on the float64 Krylov basis (rows x dim x 8 bytes) before thick restart kicks in.
+A float32 operator whose float64 basis would exceed it anyway (the restart keeps at least
+``2k + 10`` rows) gets a float32 basis (:func:`choose_basis_dtype`)."""
+
+BLOCK_BYTES = 32 * 2**20
+"""Bytes of float64 workspace a block of a float32 basis is widened into (:class:`_Lanczos`)."""
 
 _BREAKDOWN = 100.0
 """β below this many units of the operator dtype's epsilon times ||A|| counts as breakdown."""
@@ -94,51 +118,96 @@ def _order(theta: Tensor, which: Which) -> Tensor:
 
 
 class _Lanczos:
-    """Lanczos recurrence with full reorthogonalisation; basis rows and ``T`` in float64.
+    """Lanczos recurrence with full reorthogonalisation; ``T`` in float64, basis rows in
+    ``basis_dtype`` (float64 by default).
 
     After ``m`` steps, rows ``V[:m]`` are the basis, ``T[:m, :m]`` the projected matrix and
     ``V[m]`` the next basis vector, coupled to the basis by ``beta`` (``A V_mᵀ = V_mᵀ T +
-    beta V[m] e_mᵀ``, rows as vectors).
+    beta V[m] e_mᵀ``, rows as vectors). A float64 basis is orthogonalised by whole-basis
+    matrix-vector products; a narrower one block by block of the dimension, each block widened
+    to float64 (:data:`BLOCK_BYTES`), so every coefficient and norm is a float64 sum.
     """
 
-    def __init__(self, op: LinearOperator, capacity: int) -> None:
+    def __init__(
+        self, op: LinearOperator, capacity: int, basis_dtype: torch.dtype = torch.float64
+    ) -> None:
         self.op = op
         self.device = work_device(op)
         # uninitialised: rows are written before they are read, so untouched rows cost no memory
-        self.V = torch.empty(capacity + 1, op.dim, dtype=torch.float64, device=self.device)
+        self.V = torch.empty(capacity + 1, op.dim, dtype=basis_dtype, device=self.device)
+        self.wide = basis_dtype == torch.float64
         self.T = torch.zeros(capacity + 1, capacity + 1, dtype=torch.float64)
         self.m = 0
         self.beta = 0.0
         self.anorm = 0.0
         self.eps = torch.finfo(op.dtype).eps if op.dtype.is_floating_point else 2.0**-52
 
+    def _width(self, rows: int) -> int:
+        """Columns of ``rows`` basis rows widened to float64 at a time."""
+        return max(1, BLOCK_BYTES // (8 * max(1, rows)))
+
+    def _norm(self, w: Tensor) -> float:
+        """``||w||`` summed in float64."""
+        if w.dtype == torch.float64:
+            return float(w.norm())
+        width = self._width(1)
+        total = 0.0
+        for a in range(0, w.numel(), width):
+            total += float(w[a : a + width].to(torch.float64).square().sum())
+        return total**0.5
+
     def start(self, v: Tensor) -> None:
-        torch.div(v.to(torch.float64), v.norm(), out=self.V[0])
+        row = self.V[0]
+        row.copy_(v)
+        row.div_(self._norm(v) if v.dtype == torch.float64 else self._norm(row))
         self.m = 0
         self.beta = 0.0
 
+    def _project(self, B: Tensor, w: Tensor) -> Tensor:
+        """``B w`` in float64 (``B``: basis rows)."""
+        if self.wide and w.dtype == torch.float64:
+            return torch.mv(B, w)
+        width = self._width(len(B))
+        c = torch.zeros(len(B), dtype=torch.float64, device=w.device)
+        for a in range(0, w.numel(), width):
+            c += torch.mv(B[:, a : a + width].to(torch.float64), w[a : a + width].to(torch.float64))
+        return c
+
+    def _subtract(self, B: Tensor, w: Tensor, c: Tensor) -> None:
+        """``w -= Bᵀ c`` in place, formed in float64 and rounded once to ``w``'s dtype."""
+        if self.wide and w.dtype == torch.float64:
+            w.addmv_(B.T, c, alpha=-1.0)
+            return
+        width = self._width(len(B))
+        for a in range(0, w.numel(), width):
+            part = w[a : a + width]
+            wide = part.to(torch.float64)
+            wide.addmv_(B[:, a : a + width].to(torch.float64).T, c, alpha=-1.0)
+            part.copy_(wide)
+
     def _orthogonalise(self, w: Tensor, upto: int) -> tuple[Tensor, Tensor]:
         """``w`` minus its projection on ``V[:upto]``, twice, IN PLACE (``w`` is overwritten,
-        unless it lies in those rows); returns it and the coefficients."""
+        unless it lies in those rows); returns it and the (float64) coefficients."""
         B = self.V[:upto]
         start = B.data_ptr()
         if start <= w.data_ptr() < start + B.numel() * B.element_size():
             w = w.clone()
-        c = torch.mv(B, w)
-        w.addmv_(B.T, c, alpha=-1.0)
-        c2 = torch.mv(B, w)
-        w.addmv_(B.T, c2, alpha=-1.0)
+        c = self._project(B, w)
+        self._subtract(B, w, c)
+        c2 = self._project(B, w)
+        self._subtract(B, w, c2)
         return w, c + c2
 
     def step(self) -> bool:
         """One Lanczos step from ``V[m]``; returns True on breakdown (``beta`` is then 0)."""
         j = self.m
-        w = self.V[j + 1]  # the product goes straight into the next row: no float64 temporary
+        w = self.V[j + 1]  # the product goes straight into the next row: no temporary vector
         op = self.op
-        w.copy_(op.matvec(self.V[j].to(device=op.device, dtype=op.dtype)))  # cast to float64
-        self.anorm = max(self.anorm, float(w.norm()))
+        # (a view, not a copy, when the basis has the operator's dtype and device)
+        w.copy_(op.matvec(self.V[j].to(device=op.device, dtype=op.dtype)))  # cast to the basis
+        self.anorm = max(self.anorm, self._norm(w))
         w, c = self._orthogonalise(w, j + 1)
-        beta = float(w.norm())
+        beta = self._norm(w)
         self.T[j, j] = c[j].item()
         breakdown = beta <= _BREAKDOWN * self.eps * self.anorm
         if breakdown:
@@ -157,11 +226,12 @@ class _Lanczos:
             return False
         r = random_vectors(self.op.dim, 1, generator, "gaussian", self.device)[:, 0]
         r = broadcast_for(self.op, r)
-        w, _ = self._orthogonalise(r, self.m)
+        before = float(r.norm())
+        w, _ = self._orthogonalise(r, self.m)  # in place: r is ours
         norm = float(w.norm())
-        if norm <= 1e-8 * float(r.norm()):
+        if norm <= 1e-8 * before:
             return False
-        torch.div(w, norm, out=self.V[self.m])
+        self.V[self.m].copy_(w.div_(norm))
         self.T[self.m - 1, self.m] = self.T[self.m, self.m - 1] = 0.0
         self.beta = 0.0
         return True
@@ -172,8 +242,17 @@ class _Lanczos:
         return theta, Y, (self.beta * Y[self.m - 1]).abs()
 
     def vectors(self, Y: Tensor) -> Tensor:
-        """Ritz vectors ``V_mᵀ Y`` as rows ``(k, dim)``."""
-        return Y.T.to(self.device) @ self.V[: self.m]
+        """Ritz vectors ``V_mᵀ Y`` as rows ``(k, dim)`` in the basis dtype (combined in
+        float64)."""
+        B = self.V[: self.m]
+        Yt = Y.T.to(device=self.device, dtype=torch.float64)
+        if self.wide:
+            return Yt @ B
+        out = torch.empty(len(Yt), self.op.dim, dtype=B.dtype, device=self.device)
+        width = self._width(self.m)
+        for a in range(0, self.op.dim, width):
+            out[:, a : a + width] = Yt @ B[:, a : a + width].to(torch.float64)
+        return out
 
     def restart(self, theta: Tensor, Y: Tensor, keep: Tensor) -> None:
         """Thick restart keeping Ritz pairs ``keep``: ``T`` becomes an arrow matrix."""
@@ -214,6 +293,56 @@ def basis_size(
     return steps, capacity, min(capacity - 1, k + (capacity - k) // 2)
 
 
+def choose_basis_dtype(
+    op_dtype: torch.dtype,
+    dim: int,
+    rows: int,
+    device: torch.device | str | None = None,
+    *,
+    budget_bytes: int | None = None,
+) -> torch.dtype:
+    """The dtype of the Krylov basis ``basis_dtype="auto"`` gives :func:`lanczos`.
+
+    float64, unless the operator is narrower than float64 (float32, bfloat16, float16) AND the
+    float64 basis of ``rows`` vectors of ``dim`` numbers would not fit: more than
+    :data:`BASIS_MEMORY_BYTES` (the cap thick restart aims at, which the ``2k + 10`` rows it
+    keeps may exceed on huge models), or more than ``budget_bytes`` (default
+    :func:`~flatcli.curvature.memory.memory_budget` of ``device``; no budget check when both
+    are None). Then float32: such an operator rounds every vector it is given to its own
+    precision anyway, and the orthogonalisation still sums in float64.
+
+    >>> choose_basis_dtype(torch.float32, 124_439_808, 5)  # GPT-2 small, 4 steps: 5 GB in float64
+    torch.float32
+    >>> choose_basis_dtype(torch.float32, 61_706, 101), choose_basis_dtype(torch.float64, 10**9, 5)
+    (torch.float64, torch.float64)
+    """
+    if op_dtype == torch.float64 or not op_dtype.is_floating_point:
+        return torch.float64
+    need = int(rows) * int(dim) * 8
+    if need > BASIS_MEMORY_BYTES:
+        return torch.float32
+    if budget_bytes is None and device is not None:
+        budget_bytes = memory.memory_budget(device)
+    if budget_bytes is not None and need > budget_bytes:
+        return torch.float32
+    return torch.float64
+
+
+def _basis_dtype(
+    basis_dtype: torch.dtype | str | None, op: LinearOperator, rows: int, device: torch.device
+) -> torch.dtype:
+    """``basis_dtype`` resolved: "auto"/None by :func:`choose_basis_dtype`, else float32 or
+    float64 (a name or a dtype)."""
+    if basis_dtype is None or basis_dtype == "auto":
+        return choose_basis_dtype(op.dtype, op.dim, rows, device)
+    chosen = getattr(torch, basis_dtype, None) if isinstance(basis_dtype, str) else basis_dtype
+    if chosen not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"basis_dtype must be 'auto', 'float32' or 'float64'. Got {basis_dtype!r}."
+        )
+    return chosen
+
+
 def lanczos(
     op: LinearOperator,
     k: int = 1,
@@ -226,6 +355,7 @@ def lanczos(
     max_basis: int | None = None,
     verify: bool = False,
     progress: ProgressFn | None = None,
+    basis_dtype: torch.dtype | str | None = "auto",
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenvalues of a symmetric operator.
 
@@ -249,12 +379,18 @@ def lanczos(
             Lanczos relation (they differ by rounding, and by the noise of a float32 operator).
         progress: called as ``progress("lanczos", steps taken, step budget)`` after each step
             (the budget of :func:`basis_size`; a converged run stops below it).
+        basis_dtype: dtype the Krylov basis is stored in: ``"auto"`` (default,
+            :func:`choose_basis_dtype`: float64 unless a float32 operator's float64 basis of
+            ``capacity + 1`` rows would exceed :data:`BASIS_MEMORY_BYTES` or the memory
+            budget), ``"float64"`` or ``"float32"`` (or the torch dtypes). Coefficients and
+            norms are float64 sums either way; ``T`` is float64.
 
     Returns:
         An :class:`EigenResult`.
 
     Raises:
-        ValueError: ``k``, ``steps`` or ``max_basis`` out of range, or an unknown ``which``.
+        ValueError: ``k``, ``steps`` or ``max_basis`` out of range, an unknown ``which`` or
+            ``basis_dtype``.
     """
     which = Which(which)
     n = op.dim
@@ -262,7 +398,8 @@ def lanczos(
 
     start_matvecs = op.matvecs
     generator = torch.Generator().manual_seed(seed)
-    proc = _Lanczos(op, capacity)
+    device = work_device(op)
+    proc = _Lanczos(op, capacity, _basis_dtype(basis_dtype, op, capacity + 1, device))
     proc.start(broadcast_for(op, random_vectors(n, 1, generator, "gaussian", proc.device)[:, 0]))
     used = 0
     ok = False
@@ -323,7 +460,12 @@ def lanczos(
 
 
 def lanczos_quadrature(
-    op: LinearOperator, v: Tensor, steps: int, *, progress: ProgressFn | None = None
+    op: LinearOperator,
+    v: Tensor,
+    steps: int,
+    *,
+    progress: ProgressFn | None = None,
+    basis_dtype: torch.dtype | str | None = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Gauss quadrature of the spectral measure of ``v``: ``m`` Lanczos steps from ``v``.
 
@@ -339,12 +481,15 @@ def lanczos_quadrature(
         v: ``(dim,)`` start vector (normalised here).
         steps: Lanczos steps ``m`` (capped at ``dim``).
         progress: called as ``progress("lanczos", steps taken, m)`` after each step.
+        basis_dtype: as for :func:`lanczos` (``"auto"``: :func:`choose_basis_dtype` of
+            ``m + 1`` rows).
 
     Returns:
         ``(nodes, weights)``: float64 CPU tensors of length ``j <= m``.
     """
     m = min(steps, op.dim)
-    proc = _Lanczos(op, m)
+    device = work_device(op)
+    proc = _Lanczos(op, m, _basis_dtype(basis_dtype, op, m + 1, device))
     proc.start(v.to(device=proc.device, dtype=torch.float64))
     for j in range(m):
         breakdown = proc.step()
@@ -354,3 +499,67 @@ def lanczos_quadrature(
             break
     theta, Y = torch.linalg.eigh(proc.T[: proc.m, : proc.m])
     return theta, Y[0] ** 2
+
+
+class LanczosMemory(NamedTuple):
+    """What :func:`lanczos_memory` estimates: ``vectors`` of ``dim`` numbers in the basis dtype
+    (the Krylov basis and what is formed from it) and in all ``bytes``, with the model's
+    copies."""
+
+    vectors: int
+    dim: int
+    bytes: int
+
+
+def lanczos_memory(
+    dim: int,
+    k: int = 0,
+    steps: int | None = None,
+    *,
+    density_steps: int = 0,
+    return_vectors: bool = False,
+    model_params: int = 0,
+    dtype: torch.dtype = torch.float32,
+    basis_dtype: torch.dtype | str | None = torch.float64,
+) -> LanczosMemory:
+    """Peak bytes of the Lanczos runs of a spectrum on a ``dim``-dimensional curvature matrix,
+    before anything is allocated.
+
+    :func:`lanczos` for ``k`` eigenvalues (budget ``steps``) keeps
+    ``capacity + 1`` basis vectors (:func:`basis_size`), plus
+    the Ritz vectors a thick restart keeps (when the basis is capped below the budget) or the
+    ``k`` eigenvectors it returns; each density run (stochastic Lanczos quadrature) keeps
+    ``min(density_steps, dim) + 1``. The runs follow each other, so the larger counts. Added:
+    :data:`~flatcli.curvature.memory.PARAM_COPIES` copies of the model's ``model_params`` in
+    ``dtype`` (a product's parameters, gradient and vectors) and, with ``return_vectors``, the
+    eigenvectors in ``dtype``. The activations of a product are not counted (the batch size is
+    chosen to fit).
+    The basis vectors count 8 bytes each number with ``basis_dtype`` float64 (the default: an
+    upper bound), 4 with float32; ``"auto"`` counts what ``lanczos(basis_dtype="auto")`` picks
+    for a ``dtype`` operator without knowing the device
+    :func:`choose_basis_dtype` without a memory budget: it may
+    still pick float32 where the budget is small, so this is an upper bound).
+
+    >>> m = lanczos_memory(61_706, k=5000)
+    >>> m.vectors, round(m.bytes / 1e9, 1)
+    (17516, 8.6)
+
+    Raises:
+        ValueError: ``k`` or ``steps`` out of range for :func:`lanczos`.
+    """
+    eigen = capacity = 0
+    if k > 0:
+        budget, capacity, keep = basis_size(dim, k, steps)
+        restart = keep if capacity < min(budget, dim) else 0
+        eigen = capacity + 1 + max(restart, k if return_vectors else 0)
+    density = min(density_steps, dim) + 1 if density_steps > 0 else 0
+    vectors = max(eigen, density)
+    if basis_dtype is None or basis_dtype == "auto":
+        rows = max(capacity + 1 if k > 0 else 0, density)
+        basis_dtype = choose_basis_dtype(dtype, dim, rows)
+    elif isinstance(basis_dtype, str):
+        basis_dtype = getattr(torch, basis_dtype)
+    row = torch.empty((), dtype=basis_dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    extra = memory.PARAM_COPIES * model_params * size + (k * dim * size if return_vectors else 0)
+    return LanczosMemory(vectors, dim, vectors * dim * row + extra)

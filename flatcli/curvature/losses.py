@@ -336,7 +336,8 @@ def sample_loss(name: LossName | str, targets: Tensor) -> LossFn:
     example n contributes ``N / C * sum_t ce_nt`` (C: the counted positions of all N examples):
     sequences with more counted positions weigh more, as in ``torch.nn.CrossEntropyLoss`` over
     the flattened tokens. For the other losses it is :func:`get_loss` itself. The operators,
-    diagonals and ascents take this head, so every curvature is that of the sample loss.
+    diagonals and ascents take this head, so every curvature is that of the sample loss. The
+    ``token-ce`` head carries ``loss_name`` and its weight ``scale`` (N / C) as attributes.
 
     Raises:
         UsageError: ``token-ce`` targets without a counted position.
@@ -354,6 +355,7 @@ def sample_loss(name: LossName | str, targets: Tensor) -> LossFn:
         return token_cross_entropy_terms(logits, labels, head_dtype=head_dtype).sum(-1) * scale
 
     token_sample.loss_name = name  # type: ignore[attr-defined]
+    token_sample.scale = scale  # type: ignore[attr-defined]  # N / C: the closed-form GGN uses it
     return token_sample
 
 

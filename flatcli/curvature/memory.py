@@ -22,7 +22,6 @@ True
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +36,6 @@ __all__ = [
     "auto_batch_size",
     "memory_budget",
     "cpu_chunk",
-    "LanczosMemory",
-    "lanczos_memory",
 ]
 
 ACTIVATION_FACTOR = 3.0
@@ -204,58 +201,6 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return None
-
-
-class LanczosMemory(NamedTuple):
-    """What :func:`lanczos_memory` estimates: float64 ``vectors`` of ``dim`` numbers (the Krylov
-    basis and what is formed from it) and in all ``bytes``, with the model's copies."""
-
-    vectors: int
-    dim: int
-    bytes: int
-
-
-def lanczos_memory(
-    dim: int,
-    k: int = 0,
-    steps: int | None = None,
-    *,
-    density_steps: int = 0,
-    return_vectors: bool = False,
-    model_params: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> LanczosMemory:
-    """Peak bytes of the Lanczos runs of a spectrum on a ``dim``-dimensional curvature matrix,
-    before anything is allocated.
-
-    :func:`~flatcli.curvature.lanczos.lanczos` for ``k`` eigenvalues (budget ``steps``) keeps
-    ``capacity + 1`` float64 basis vectors (:func:`~flatcli.curvature.lanczos.basis_size`), plus
-    the Ritz vectors a thick restart keeps (when the basis is capped below the budget) or the
-    ``k`` eigenvectors it returns; each density run (stochastic Lanczos quadrature) keeps
-    ``min(density_steps, dim) + 1``. The runs follow each other, so the larger counts. Added:
-    ``PARAM_COPIES`` copies of the model's ``model_params`` in ``dtype`` (a product's
-    parameters, gradient and vectors) and, with ``return_vectors``, the eigenvectors in
-    ``dtype``. The activations of a product are not counted (the batch size is chosen to fit).
-
-    >>> m = lanczos_memory(61_706, k=5000)
-    >>> m.vectors, round(m.bytes / 1e9, 1)
-    (17516, 8.6)
-
-    Raises:
-        ValueError: ``k`` or ``steps`` out of range for :func:`~flatcli.curvature.lanczos.lanczos`.
-    """
-    from flatcli.curvature.lanczos import basis_size
-
-    eigen = 0
-    if k > 0:
-        budget, capacity, keep = basis_size(dim, k, steps)
-        restart = keep if capacity < min(budget, dim) else 0
-        eigen = capacity + 1 + max(restart, k if return_vectors else 0)
-    density = min(density_steps, dim) + 1 if density_steps > 0 else 0
-    vectors = max(eigen, density)
-    size = torch.empty((), dtype=dtype).element_size()
-    extra = PARAM_COPIES * model_params * size + (k * dim * size if return_vectors else 0)
-    return LanczosMemory(vectors, dim, vectors * dim * 8 + extra)
 
 
 def memory_budget(device: torch.device | str) -> int:

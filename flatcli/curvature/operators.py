@@ -167,17 +167,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 class _Products:
     """The ``LinearOperator`` protocol (matvec, matmat, ``@``, to_dense) over flat vectors.
 
-    Subclasses set ``dim``, ``dtype``, ``device``, ``param_shapes`` and ``matvecs`` and implement
-    :meth:`_columns_product` on ``{name: (k, *shape)}`` columns.
+    Subclasses set ``dim``, ``dtype``, ``device``, ``param_shapes``, ``num_examples`` and
+    ``matvecs`` and implement :meth:`_columns_product` on ``{name: (k, *shape)}`` columns: the
+    SUMS over the examples, which :meth:`matmat` divides by ``num_examples``.
     """
 
     dim: int
     dtype: torch.dtype
     device: torch.device
     matvecs: int
+    num_examples: int
     param_shapes: dict[str, torch.Size]
 
     def _columns_product(self, cols: Params) -> Params:
+        """``sum_n A_n V`` (block of this operator) for columns ``{name: (k, *shape)}``."""
         raise NotImplementedError
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -198,9 +201,10 @@ class _Products:
         if k == 0:
             return V.new_zeros((self.dim, 0), dtype=self.dtype, device=self.device)
         V = V.to(dtype=self.dtype, device=self.device)
-        out = self._columns_product(unflatten_columns(V, self.param_shapes))
+        sums = self._columns_product(unflatten_columns(V, self.param_shapes))
         self.matvecs += k
-        return flatten_columns(out)
+        # the sums are copied into one fresh (dim, k) tensor, which is divided in place
+        return _flatten_consuming(sums, k, self.dim).div_(self.num_examples)
 
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
@@ -534,27 +538,31 @@ class CurvatureOperator(_Products):
         return self._product(cols, self.param_names)
 
     def _product(self, cols: Params, names: list[str]) -> Params:
-        """``A V`` (block ``names``) for columns ``{name: (k, *shape)}``: the only example loop.
+        """``N A V`` (block ``names``) for columns ``{name: (k, *shape)}``: the only example
+        loop.
 
-        Each chunk's contribution is a sum over its examples; the sums are added, reduced
-        (:meth:`reduce`) and divided by the true example count N.
+        Each chunk's contribution is a sum over its examples; the sums are added and reduced
+        (:meth:`reduce`); the caller (:meth:`matmat`) divides by the true example count N.
+        Beyond autograd's result, a product holds the running sum (the first chunk's result,
+        not a copy of it, when it may be written into: :func:`_owned`) and one chunk's result.
         """
         k = num_columns(cols)
         batched = k > 1 and self.matmat_method == "vmap"
+        # storages a chunk's result may alias (autograd can hand a cotangent back as it is):
+        # a result on one of them is copied before anything is added into it or divided
+        protected = _storages(cols.values()) | _storages(self._fm.params.values())
         total: Params = {}
         for chunk in self.chunks(self._chunk_size(k)):
             part = self._chunk(chunk, cols, names, self.hvp_method, batched)
-            if not total:  # a copy, never a view of an input, when later chunks add into it
-                last = chunk.stop == self.shard[1]
-                total = part if last else {name: t.clone() for name, t in part.items()}
+            if not total:  # the first chunk's result becomes the sum, owned and writable
+                total = _owned(part, protected)
             else:
                 for name in total:
                     total[name] += part[name]
             del part  # one chunk's product at a time
         if not total:  # an empty shard (fewer examples than processes)
             total = self._zeros(k, names)
-        total = self.reduce({name: total[name] for name in names})
-        return {name: t / self.num_examples for name, t in total.items()}
+        return dict(self.reduce({name: total[name] for name in names}))
 
     def _chunk(
         self, chunk: Chunk, cols: Params, names: list[str], method: str, batched: bool
@@ -724,6 +732,50 @@ class OperatorBlock(_Products):
 
     def __repr__(self) -> str:
         return f"OperatorBlock(dim={self.dim} of {self.parent!r}, params={self.param_names})"
+
+
+def _storages(tensors: Any) -> set[int]:
+    """The storage addresses of ``tensors`` (an iterable of tensors)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+
+def _owned(part: Params, protected: set[int]) -> Params:
+    """``part`` with every tensor safe to update in place: a tensor is kept as it is when it is
+    dense (no stride-0 expansion), the only one on its storage, and on none of the
+    ``protected`` storages; otherwise it is copied. Autograd may return an input's cotangent,
+    one gradient for two inputs, or an expanded view: copying every result instead (as a
+    chunk sum once did) cost a parameter-sized tensor per product."""
+    seen = set(protected)
+    out: Params = {}
+    for name, t in part.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and (ptr in seen or not t.is_contiguous()):
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _flatten_consuming(cols: Params, k: int, dim: int) -> Tensor:
+    """``(dim, k)`` from columns ``{name: (k, *shape)}`` (as
+    :func:`~flatcli.curvature.params.flatten_columns`), taking the tensors out of ``cols`` one
+    by one: each is released once copied, so the peak is the result plus the columns not yet
+    copied, not twice the columns. The result is uninitialised until written (its pages are
+    touched as the columns arrive)."""
+    first = next(iter(cols.values()))
+    flat = torch.empty((k, dim), dtype=first.dtype, device=first.device)
+    start = 0
+    for name in list(cols):
+        t = cols.pop(name)
+        n = t[0].numel() if k else 0
+        flat[:, start : start + n] = t.reshape(k, n)
+        start += n
+        del t
+    if start != dim:
+        raise RuntimeError(f"columns of {start} numbers for an operator of dimension {dim}")
+    return flat.T
 
 
 def _warn_if_training(model: nn.Module) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "DatasetCache",
     "load",
     "check_fits",
+    "max_positions",
+    "model_inputs",
     "resolve_device",
     "resolve_dtype",
     "resolve_loss",
@@ -73,6 +75,13 @@ class Run:
     def num_params(self) -> int:
         """The number of trainable parameters of the model."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """Inputs ``x`` of this run's dataset (another split, say) as the model takes them, as
+        :func:`load` made ``self.x``: on the run's device, float inputs in its dtype, token ids
+        as integers (int64 for a Hugging Face model, :func:`model_inputs`)."""
+        hf = str(self.spec.arch or "").startswith(HF_PREFIX)
+        return model_inputs(x, hf, str(self.dataset.name), self.path, self.device, self.dtype)
 
 
 resolve_dtype = dtype_of
@@ -191,7 +200,8 @@ def load(
     )
     # a text dataset: its seq_len, and the checkpoint's tokenizer.json (in a Hugging Face
     # directory, or beside a checkpoint file) when there is one
-    data = datasets.get(name, normalization, **text_options(name, meta, path, seq_len))
+    text = text_options(name, meta, path, seq_len)
+    data = datasets.get(name, normalization, **text)
     if net is None:
         spec = fill_data_kwargs(spec, data.num_classes, tuple(data.input_shape))
         # cast the empty model first, then load: float64 weights stay exact
@@ -214,14 +224,10 @@ def load(
     else:
         examples = data.split(split)
     examples = subset(examples, max_examples, seed)
-    x = examples.x
-    if pretrained is not None:
-        x = _token_ids(x, name, path)
-    # token ids (integer inputs) keep their dtype; float inputs take the run's
-    x = x.to(device=torch_device, dtype=torch_dtype if x.is_floating_point() else None)
+    x = model_inputs(examples.x, pretrained is not None, name, path, torch_device, torch_dtype)
     y = examples.y.to(device=torch_device)
     chosen = resolve_loss(loss, {"loss": default_loss} if default_loss else meta, y)
-    check_fits(net, x, y, data.num_classes, spec, name, path, chosen)
+    check_fits(net, x, y, data.num_classes, spec, name, path, chosen, text=bool(text))
     return Run(
         path=path,
         checkpoint=ckpt,
@@ -272,6 +278,17 @@ def _load_hf(
     return ckpt, spec, loaded.model, loaded.loss
 
 
+def model_inputs(
+    x: Tensor, hf: bool, name: str, path: Path, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Inputs ``x`` of dataset ``name`` as the model of checkpoint ``path`` takes them: on
+    ``device``; float inputs in ``dtype``, integer inputs (token ids) as they are, and for a
+    Hugging Face model (``hf``) int64 token ids (:func:`_token_ids`)."""
+    if hf:
+        x = _token_ids(x, name, path)
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+
 def _token_ids(x: Tensor, name: str, path: Path) -> Tensor:
     """The inputs of a Hugging Face model as int64 token ids: a ``tensors:`` file's integer
     ``x`` beside class labels (N,) is read as float32 with the same values, cast back here.
@@ -305,6 +322,40 @@ def resolve_loss(loss: str | None, record: dict, y: Tensor) -> str:
     return infer_loss(y)
 
 
+_POSITION_LIMITS = ("block_size", "n_positions", "max_position_embeddings")
+"""Attributes of a model's ``config`` that may say how many positions it has learned: the zoo's
+``gpt`` (``block_size``), GPT-2 (``n_positions``), BERT and others (``max_position_embeddings``)."""
+
+
+def max_positions(model: nn.Module) -> tuple[int, str] | None:
+    """The longest sequence ``model`` takes, and the config attribute that says so, when the
+    model learned one embedding per position; None when it says nothing of the kind.
+
+    A limit counts only where the model has an ``nn.Embedding`` (not its input embedding) with
+    that many rows: rotary positions (Llama's ``max_position_embeddings``) are computed for any
+    length, and are not refused here.
+
+    >>> from model_zoo import get_model
+    >>> max_positions(get_model("gpt-tiny", num_classes=256, input_shape=(16,)))
+    (16, 'block_size')
+    >>> max_positions(nn.Linear(2, 2)) is None
+    True
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    inputs = getattr(model, "get_input_embeddings", None)
+    tokens = inputs() if callable(inputs) else None
+    rows = {
+        m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding) and m is not tokens
+    }
+    for attr in _POSITION_LIMITS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value in rows:
+            return value, attr
+    return None
+
+
 def check_fits(
     model: nn.Module,
     x: Tensor,
@@ -314,14 +365,20 @@ def check_fits(
     name: str,
     path: Path,
     loss: str = "ce",
+    *,
+    text: bool = False,
 ) -> None:
     """Check that the examples of dataset ``name`` fit the model and its outputs fit ``loss``.
 
+    ``text``: the dataset is a ``text:`` dataset, whose sequence length ``--seq-len`` sets.
+
     Raises:
-        CheckpointError: the input shape does not fit, or the output of a ce model is not
-            (batch, classes).
-        UsageError: labels beyond the model's outputs (more classes than outputs), or outputs
-            and targets that ``loss`` cannot take (:func:`flatcli.curvature.losses.check_targets`).
+        CheckpointError: the input shape does not fit (the model's forward raises), or the
+            output of a ce model is not (batch, classes).
+        UsageError: sequences of token ids longer than the model's learned positions
+            (:func:`max_positions`), labels beyond the model's outputs (more classes than
+            outputs), or outputs and targets that ``loss`` cannot take
+            (:func:`flatcli.curvature.losses.check_targets`).
     """
     shape = tuple(x.shape[1:])
     if spec.input_shape is not None and tuple(spec.input_shape) != shape:
@@ -329,10 +386,19 @@ def check_fits(
             f"dataset {name} has inputs of shape {list(shape)} but the spec of {path.name} "
             f"expects {list(spec.input_shape)}; pick the matching --dataset or --model"
         )
+    limit = max_positions(model) if x.ndim == 2 and not x.is_floating_point() else None
+    if limit is not None and x.shape[1] > limit[0]:
+        # bad usage (exit 2), before any forward: an index past the position table is a
+        # device-side assert on CUDA
+        change = f"pass --seq-len {limit[0]} or less" if text else "store shorter sequences"
+        raise UsageError(
+            f"the model of {path.name} takes at most {limit[0]} positions ({limit[1]}), but "
+            f"dataset {name} has sequences of {x.shape[1]} tokens: {change}"
+        )
     try:
         with torch.no_grad():
             out = model(x[:2])
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
             f"inputs of shape {list(shape)} from dataset {name} do not fit the model of "

@@ -200,9 +200,12 @@ def gradient_direction(
 ) -> tuple[Params, float]:
     """The unit gradient ∇L(θ*)/‖∇L(θ*)‖ of the mean loss over ``(x, y)`` and ‖∇L(θ*)‖.
 
-    ``loss_fn(logits, labels)`` gives per-example losses. Summed in float64 over this process's
-    contiguous share of the examples, all-reduced under ``torchrun``; parameters without
-    ``requires_grad`` get 0.
+    ``loss_fn(outputs, targets)`` gives one value per example whose mean over the N examples
+    is the loss L: a per-example loss, or :func:`~flatcli.curvature.losses.sample_loss`'s head
+    (``token-ce``: each sequence's summed position losses times N / C, C the counted positions
+    of all N examples, so L is the mean over every counted position). Summed in float64 over
+    this process's contiguous share of the examples, all-reduced under ``torchrun`` (so uneven
+    shards give the single-process gradient); parameters without ``requires_grad`` get 0.
 
     Raises:
         MeasureError: the gradient is zero or not finite (no direction to follow).
@@ -246,8 +249,10 @@ def hessian_directions(
     seed: int,
     progress: ProgressFn | None = None,
 ) -> tuple[list[Params], dict[str, Any]]:
-    """Unit eigenvectors of the ``k`` largest algebraic eigenvalues of the Hessian of the mean
-    loss (the curvature core: :func:`~flatcli.curvature.operators.make_operator` and
+    """Unit eigenvectors of the ``k`` largest algebraic eigenvalues of the Hessian of the sample
+    loss ``loss`` (a :class:`~flatcli.configs.choices.LossName`: the operator takes
+    :func:`~flatcli.curvature.losses.sample_loss`, e.g. ``token-ce``'s mean over every counted
+    position) (the curvature core: :func:`~flatcli.curvature.operators.make_operator` and
     :func:`~flatcli.curvature.lanczos.lanczos`), as directions; and their eigenvalues.
 
     Each eigenvector's sign is fixed so its entry of largest magnitude is positive (same seed,

@@ -1,4 +1,5 @@
-"""Loss and accuracy of a model at many points θ* + α d₁ + β d₂ at once.
+"""Loss and accuracy of a model at many points θ* + α d₁ + β d₂ at once (the slices of Li et al.
+2018, "Visualizing the Loss Landscape of Neural Nets", §3).
 
 :func:`evaluate_points` walks the examples once per block of points: each batch of examples is
 evaluated at every point of the block, G points per forward. For G > 1 the parameter sets of
@@ -17,6 +18,15 @@ The input layer (a ``Linear`` or a convolution applied to the input) is linear i
 weights, so its output at every point of a block is a combination of its outputs for θ* and for
 each direction, computed once per batch (:mod:`flatcli.landscape.first_layer`).
 
+Any output and target shape the losses take (CONTRACTS.md, Losses): the outputs of G points,
+(G, B, ...), are passed to the loss head as (G·B, ...) with the targets repeated G times, so a
+head sees per-example outputs of the shape the model returns (class logits (B, K), token logits
+(B, T, V), regression outputs (B,) or (B, D)); integer inputs (token ids) are passed as they are,
+floating-point ones cast to the parameters' dtype. What is summed per example is up to the
+caller: ``loss_fn`` and ``correct_fn`` return one value per example (e.g. a sequence's summed
+token losses and its correctly predicted positions), and the caller divides the sums by what
+its loss averages over (examples, counted positions, outputs).
+
 Sums are accumulated in float64: the loss head runs in ``head_dtype`` and each point's sum
 over a batch is added up in float64, the correct predictions as integers.
 """
@@ -32,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from flatcli.curvature.data import move_inputs
 from flatcli.curvature.memory import activation_bytes_per_example, available_memory
 from flatcli.landscape.first_layer import FirstLayer
 
@@ -41,8 +52,13 @@ __all__ = [
     "Plan",
     "plan",
     "point_params",
+    "argmax_correct",
     "evaluate_points",
 ]
+
+HEAD_COPIES = 6
+"""Copies of one example's outputs, in the head's dtype, that the loss head holds at once (the
+cast logits, their differences, the mask, the exponentials): its memory in :func:`plan`."""
 
 EXAMPLES_PER_PASS = 256
 """Examples a forward takes on a CPU (G points × B examples): near the fastest batch size of
@@ -69,10 +85,18 @@ def plan(
     batch_size: int | None,
     points_per_pass: int | None,
     block: int,
+    head_dtype: torch.dtype | None = None,
 ) -> Plan:
     """Examples per batch and points per forward for ``model`` on ``x`` (see the module
     docstring); a value given is kept (points per forward at most ``block``), and the other
-    chosen so that a forward takes about the target number of examples."""
+    chosen so that a forward takes about the target number of examples.
+
+    An example's memory is its activations (:func:`~flatcli.curvature.memory.
+    activation_bytes_per_example`) and :data:`HEAD_COPIES` copies of its outputs in
+    ``head_dtype`` (a sequence's token logits, T × V per example, dominate a language model's):
+    a batch size not given, and the points per forward, keep G·B examples within
+    :data:`BUDGET_FRACTION` of the free memory.
+    """
     n = max(1, int(x.shape[0]))
     p0 = next(iter(model.parameters()))
     device = p0.device
@@ -82,14 +106,31 @@ def plan(
         g = max(1, min(int(points_per_pass), block))
         bs = int(batch_size) if batch_size is not None else max(1, min(n, target // g))
         return Plan(bs, g)
-    bs = int(batch_size) if batch_size is not None else min(n, target)
+    size = sum(p.numel() for p in model.parameters()) * p0.element_size()
+    budget = BUDGET_FRACTION * available_memory(device)
+    per_example = _example_bytes(model, x, head_dtype)
+    if batch_size is not None:
+        bs = int(batch_size)
+    else:
+        bs = max(1, min(n, target, int((budget - size) // per_example)))
     g = max(1, target // bs)
     if g > 1:
-        size = sum(p.numel() for p in model.parameters()) * p0.element_size()
-        act = activation_bytes_per_example(model, tuple(x.shape[1:]))
-        budget = BUDGET_FRACTION * available_memory(device)
-        g = max(1, min(g, int(budget // max(1, size + bs * act))))
+        g = max(1, min(g, int(budget // max(1, size + bs * per_example))))
     return Plan(bs, max(1, min(g, block)))
+
+
+def _example_bytes(model: nn.Module, x: Tensor, head_dtype: torch.dtype | None) -> int:
+    """One example's activations and :data:`HEAD_COPIES` copies of its outputs in the head's
+    dtype, in bytes (at least 1)."""
+    shape = tuple(x.shape[1:])
+    act = activation_bytes_per_example(model, shape, x.dtype)
+    p0 = next(iter(model.parameters()))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers()})  # left untouched
+    with torch.no_grad():
+        out = functional_call(model, state, (move_inputs(x[:1], p0.device, p0.dtype),))
+    itemsize = torch.empty((), dtype=head_dtype or out.dtype).element_size()
+    return max(1, act + HEAD_COPIES * out[:1].numel() * itemsize)
 
 
 def point_params(
@@ -113,6 +154,12 @@ def point_params(
     return out
 
 
+def argmax_correct(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Per example, 1 where the argmax of the class logits ``outputs`` (N, K) is ``labels`` (N,)
+    (the accuracy of ``ce`` and ``nsce``), else 0: (N,) int64."""
+    return (outputs.argmax(dim=-1) == labels).to(torch.int64)
+
+
 def evaluate_points(
     model: nn.Module,
     x: Tensor,
@@ -125,21 +172,30 @@ def evaluate_points(
     batch_size: int,
     points_per_pass: int,
     head_dtype: torch.dtype | None = None,
+    correct_fn: Callable[[Tensor, Tensor], Tensor] | None = argmax_correct,
     first: FirstLayer | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Summed loss and number of correct predictions over ``(x, y)`` at each point.
+    """Summed loss and summed correct predictions over ``(x, y)`` at each point.
 
     Args:
         model: the network in eval mode (only its structure and buffers are used).
-        x, y: the examples and their labels (int64 class labels).
+        x, y: the examples (floating-point inputs are cast to θ*'s dtype, integer ones such as
+            token ids kept) and their targets, of any shape a loss takes (class labels (N,),
+            token targets (N, T), float targets (N,) or (N, D)).
         theta: θ*, ``{name: tensor}`` for every parameter.
         directions: d₁ (and d₂), each ``{name: tensor}`` like ``theta``.
         coords: one row of coefficients (α, β, …) per point, one per direction.
-        loss_fn: per-example losses of ``(logits, labels)``.
+        loss_fn: ``(outputs (M, ...), targets (M, ...)) -> (M,)``, one value per example,
+            whose sum over the examples the point's entry of ``loss_sums`` is (e.g. a per-example
+            loss, or :func:`~flatcli.curvature.losses.sample_loss`'s head).
         batch_size: examples per batch.
         points_per_pass: points per forward (G; 1 calls the model without vmap).
-        head_dtype: dtype of the loss head (None: the logits' dtype).
+        head_dtype: dtype of the loss head (None: the outputs' dtype).
+        correct_fn: ``(outputs, targets) -> (M,)`` integer counts of correct predictions per
+            example (default :func:`argmax_correct`; a sequence's correctly predicted positions
+            for token targets), computed on the outputs in the model's dtype; None: no
+            accuracy (``correct`` is all zeros).
         first: the model's input layer (:func:`~flatcli.landscape.first_layer.find_first_layer`):
             when there are more points than directions + 1, its output is computed once per
             batch for θ* and each direction and combined per point (exact: it is linear in its
@@ -173,7 +229,7 @@ def evaluate_points(
     replaced = factored.replaced(slot) if factored else contextlib.nullcontext()
     with torch.no_grad(), replaced:
         for start in range(0, n, batch_size):
-            xb = x[start : start + batch_size].to(device, dtype)
+            xb = move_inputs(x[start : start + batch_size], device, dtype)
             yb = y[start : start + batch_size].to(device)
             zs = None
             if factored is not None:  # W* u + b*, then D_k u + d_k: (B, ...) each
@@ -189,11 +245,14 @@ def evaluate_points(
                 else:
                     out = batched(stacked, xb, z)
                 g, bs = out.shape[0], out.shape[1]
-                flat = out.reshape(g * bs, -1)
+                flat = out.reshape(g * bs, *out.shape[2:])  # (G·B, ...): point-major
+                targets = yb.repeat(g, *([1] * (yb.dim() - 1)))
                 head = flat if head_dtype is None else flat.to(head_dtype)
-                losses = loss_fn(head, yb.repeat(g)).reshape(g, bs)
+                losses = loss_fn(head, targets).reshape(g, bs)
                 loss_sums[a:b] += losses.to(torch.float64).sum(dim=1)
-                correct[a:b] += (out.argmax(dim=-1) == yb).sum(dim=1)
+                if correct_fn is not None:
+                    hits = correct_fn(flat, targets).reshape(g, bs)
+                    correct[a:b] += hits.to(torch.int64).sum(dim=1)
                 done += 1
                 if progress is not None:
                     progress(done / steps)

@@ -14,7 +14,11 @@ is about a third of a forward pass. At the centre (α = β = 0) the combination 
 :func:`find_first_layer` recognises such a layer on a probe forward, and refuses (returns None)
 whenever the factoring could be wrong: a root module holding parameters or buffers itself, a
 module with parameters or buffers before the layer, a layer called more than once, weights
-shared with another module, or a layer of another kind.
+shared with another module, or a layer of another kind. A language model's first layer is its
+token embedding (an ``nn.Embedding`` of integer token ids, another kind), so a transformer LM is
+not factored and every point computes its whole forward; a model that turns integer inputs into
+floats itself (a one-hot, say) before a ``Linear`` is factored like any other, since the layer's
+input u is captured from the model's own forward.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""Loss-landscape slices around a minimum and ``basin_width`` (Li et al. 2018, "Visualizing the
 Loss Landscape of Neural Nets").
 
-A slice is the loss (and, for a classification loss, the accuracy) of the model at
+A slice is the loss (and, where the loss has one, the accuracy) of the model at
 
 .. math::
     \theta(\alpha, \beta) = \theta^* + \alpha d_1 + \beta d_2
@@ -19,6 +19,16 @@ mode, BatchNorm running statistics kept at θ*'s values. The directions
 - with ``to``: d₁ = θ_to − θ* (the line of Goodfellow et al. 2015; α = 1 is the other
   checkpoint), d₂ a filter-normalised Gaussian.
 
+The loss at a point is the sample loss of ``config.loss`` (CONTRACTS.md, Losses; every other
+command's loss, :func:`flatcli.curvature.losses.sample_loss`): for ``ce`` and ``nsce`` the mean
+over the examples, for ``token-ce`` the mean over ALL counted positions of the sample (targets
+-100 not counted; a sequence weighs by its counted positions, not the mean of per-sequence means),
+for ``mse`` and ``bce`` the mean over examples and outputs. The accuracy (:func:`scoring`): the
+argmax's for ``ce``/``nsce``, the token accuracy over counted positions for ``token-ce``, the
+fraction of outputs on the target's side of logit 0 for ``bce`` with every target 0 or 1 (the
+convention of ``flatcli train``; None otherwise), none for ``mse``. The directions ``gradient``
+and ``hessian`` are those of the same sample loss.
+
 ``basin_width`` is the width of the α-interval around 0 along d₁ (β = 0) where the loss stays
 below ``center_loss + 0.1``, each crossing located by linear interpolation between grid points
 (:func:`flatcli.landscape.grid.basin_width`): larger is flatter, for filter-normalised
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatcli.configs.choices import ALL_LOSSES
 from flatcli.configs.landscape import BASIN_RISE, LandscapeConfig
-from flatcli.curvature.losses import get_loss, infer_loss
-from flatcli.curvature.memory import available_memory, lanczos_memory
+from flatcli.curvature.lanczos import lanczos_memory
+from flatcli.curvature.losses import IGNORE_INDEX, infer_loss, sample_loss
+from flatcli.curvature.memory import available_memory
 from flatcli.curvature.operators import eval_mode
 from flatcli.dtypes import DTYPES
 from flatcli.errors import UsageError
@@ -56,7 +69,7 @@ from flatcli.landscape.directions import (
     load_other,
     norm,
 )
-from flatcli.landscape.evaluate import evaluate_points, plan
+from flatcli.landscape.evaluate import argmax_correct, evaluate_points, plan
 from flatcli.landscape.first_layer import find_first_layer
 from flatcli.landscape.grid import (
     Basin,
@@ -72,13 +85,87 @@ from flatcli.progress import Budget, ProgressFn
 __all__ = [
     "LandscapeConfig",
     "LandscapeResult",
+    "Scoring",
+    "scoring",
     "check_landscape",
     "compute_landscape",
     "save_directions",
 ]
 
 CLASSIFICATION = ("ce", "nsce")
-"""Losses whose targets are classes: their slices also report the accuracy."""
+"""Losses whose targets are classes: their slices report the argmax's accuracy."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a slice of ``loss`` is scored at each point (:func:`scoring`).
+
+    Attributes:
+        loss: the loss's name.
+        loss_fn: ``(outputs, targets) -> (M,)`` in the head's dtype, whose mean over the N
+            examples is the sample loss (:func:`flatcli.curvature.losses.sample_loss`).
+        correct_fn: ``(outputs, targets) -> (M,)`` correct predictions per example, or None
+            (no accuracy).
+        counted: what the accuracy divides the correct predictions by (examples, counted
+            positions or outputs); None without an accuracy.
+        accuracy: what the accuracy is, in words (the report's ``details.evaluation.accuracy``).
+        positions: the counted positions of ``token-ce`` targets (None for other losses).
+        reason: why there is no accuracy (None when there is one).
+    """
+
+    loss: str
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    correct_fn: Callable[[Tensor, Tensor], Tensor] | None
+    counted: int | None
+    accuracy: str | None
+    positions: int | None = None
+    reason: str | None = None
+
+
+def _token_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Counted positions (target != -100) whose argmax is the target, per sequence: (M,)."""
+    counted = targets != IGNORE_INDEX
+    return ((outputs.argmax(dim=-1) == targets) & counted).sum(dim=-1)
+
+
+def _sign_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Outputs with logit > 0 exactly where the target is 1, per example: (M,)."""
+    hits = (outputs > 0) == (targets > 0.5)
+    return hits.reshape(hits.shape[0], -1).sum(dim=1)
+
+
+def scoring(loss: str, y: Tensor, head_dtype: torch.dtype | None = None) -> Scoring:
+    """The loss head and the accuracy of a slice of ``loss`` on the targets ``y`` (all of the
+    sample's targets: ``token-ce`` weighs each position by 1/(counted positions of the sample)).
+
+    - ``ce``, ``nsce``: the mean loss over the examples; accuracy of the argmax.
+    - ``token-ce``: the mean over every counted position of the sample; the token accuracy,
+      the fraction of counted positions whose argmax is the target.
+    - ``mse``: the mean over examples and outputs; no accuracy.
+    - ``bce``: the mean over examples and outputs; when every target is 0 or 1, the fraction of
+      outputs whose logit is > 0 exactly where the target is 1 (as ``flatcli train`` reports
+      it), else no accuracy.
+
+    Raises:
+        UsageError: ``token-ce`` targets with no counted position.
+    """
+    head = _head(sample_loss(loss, y), head_dtype)
+    n = int(y.shape[0])
+    if loss in CLASSIFICATION:
+        return Scoring(loss, head, argmax_correct, n, "argmax (fraction of examples)")
+    if loss == "token-ce":
+        count = int((y != IGNORE_INDEX).sum())
+        return Scoring(
+            loss, head, _token_correct, count, "token (fraction of counted positions)", count
+        )
+    if loss == "bce" and bool(((y == 0) | (y == 1)).all()):
+        return Scoring(loss, head, _sign_correct, int(y.numel()), "logit > 0 iff target 1")
+    reason = (
+        "mse has no accuracy"
+        if loss == "mse"
+        else "bce has an accuracy only when every target is 0 or 1"
+    )
+    return Scoring(loss, head, None, None, None, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -86,9 +173,12 @@ class LandscapeResult:
     """What :func:`compute_landscape` measured.
 
     ``loss`` and ``accuracy`` have one entry per alpha (a line) or one row per alpha, one entry
-    per beta (a plane); NaN where the loss is not finite. ``directions`` holds d₁ (and d₂) for
-    :func:`save_directions`; ``first_layer`` names the input layer whose output was computed
-    once per batch and combined per point (None: every point computed it).
+    per beta (a plane); NaN where the loss is not finite. ``accuracy`` is None for a loss
+    without one (``mse``; ``bce`` on targets not all 0 or 1), ``accuracy_reason`` says why;
+    ``accuracy_kind`` says what it is and ``positions`` counts ``token-ce``'s counted positions
+    (:class:`Scoring`). ``directions`` holds d₁ (and d₂) for :func:`save_directions`;
+    ``first_layer`` names the input layer whose output was computed once per batch and combined
+    per point (None: every point computed it).
     """
 
     config: LandscapeConfig
@@ -104,6 +194,9 @@ class LandscapeResult:
     directions: Directions = field(repr=False)
     directions_file: str | None = None
     first_layer: str | None = None
+    accuracy_kind: str | None = "argmax (fraction of examples)"
+    accuracy_reason: str | None = None
+    positions: int | None = None
 
     def _rows(self, values: list[float]) -> list[Any]:
         if self.grid.betas is None:
@@ -136,6 +229,8 @@ class LandscapeResult:
         if self.accuracy is not None:
             out["accuracy"] = self._rows(self.accuracy)
             out["center_accuracy"] = self.accuracy[self.grid.center]
+        else:  # mse, or bce on soft targets: null, with the reason
+            out["accuracy"] = out["center_accuracy"] = None
         out["directions"] = dict(self.directions.info)
         if self.directions_file is not None:
             out["directions"]["file"] = self.directions_file
@@ -152,6 +247,8 @@ class LandscapeResult:
         reasons = {}
         if self.basin.reason is not None:
             reasons["basin_width"] = self.basin.reason
+        if self.accuracy is None and self.accuracy_reason is not None:
+            reasons["accuracy"] = self.accuracy_reason
         bad = sum(math.isnan(v) for v in self.loss[: self.grid.size])
         if bad:
             reasons["loss"] = f"{bad} grid point(s) have a loss that is not finite (null)"
@@ -161,6 +258,7 @@ class LandscapeResult:
             out["reasons"] = reasons
         out["evaluation"] = {
             "loss": self.config.loss,
+            "accuracy": self.accuracy_kind,
             "examples": self.num_examples,
             "points": len(self.grid.points),
             "extra_points": len(self.grid.points) - self.grid.size,
@@ -170,6 +268,8 @@ class LandscapeResult:
             "first_layer": self.first_layer,
             "mode": "eval",
         }
+        if self.positions is not None:
+            out["evaluation"]["positions"] = self.positions
         return out
 
 
@@ -184,15 +284,25 @@ def _size(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_landscape(model: nn.Module, config: LandscapeConfig, *, unsafe: bool = False) -> None:
-    """Refuse, before any work, a slice that cannot be computed on ``model``.
+def check_landscape(
+    model: nn.Module,
+    config: LandscapeConfig,
+    *,
+    unsafe: bool = False,
+    y: Tensor | None = None,
+) -> None:
+    """Refuse, before any work, a slice that cannot be computed on ``model`` (and targets ``y``,
+    when given).
 
     Raises:
         UsageError: a ``to`` checkpoint that is missing or not of the model's architecture
             (naming the first parameter that differs), a model with fewer parameters than
-            Hessian directions asked for, or a grid (results, directions, Lanczos basis) whose
-            memory estimate exceeds the memory available.
+            Hessian directions asked for, ``token-ce`` targets with no counted position, or a
+            grid (results, directions, Lanczos basis) whose memory estimate exceeds the memory
+            available.
     """
+    if y is not None and config.loss is not None:
+        sample_loss(config.loss, y)  # token-ce: refuses targets that are all -100
     if config.to is not None:
         load_other(config.to, model, unsafe=unsafe)
     p0 = next(iter(model.parameters()), None)
@@ -228,9 +338,12 @@ def _directions(
     budget: Budget,
     head_dtype: torch.dtype,
     batch_size: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
     unsafe: bool = False,
 ) -> Directions:
-    """d₁ (and d₂) of ``config`` with the ``info`` the report shows."""
+    """d₁ (and d₂) of ``config`` with the ``info`` the report shows; ``gradient`` and
+    ``hessian`` of the sample loss of ``config.loss`` (``loss_fn``: its head, whose mean over
+    the examples is that loss)."""
     k = config.dims
     info: dict[str, Any] = {"kind": config.kind, "seed": config.seed}
     if config.to is not None:
@@ -244,8 +357,7 @@ def _directions(
         dirs = gaussian_directions(theta, k, config.seed, config.normalization)
         info["normalization"] = config.normalization
     elif config.directions == "gradient":
-        loss = _head(get_loss(config.loss), head_dtype)
-        unit, gnorm = gradient_direction(model, x, y, loss, batch_size)
+        unit, gnorm = gradient_direction(model, x, y, loss_fn, batch_size)
         dirs = [unit, *gaussian_directions(theta, k - 1, config.seed, config.normalization)]
         info.update(gradient_norm=gnorm, normalization={"d1": "unit"})
         if k == 2:
@@ -274,9 +386,11 @@ def _lanczos_steps(model: nn.Module, k: int) -> int:
     return basis_size(_num_params(model), k)[0]
 
 
-def _head(loss_fn: Any, head_dtype: torch.dtype) -> Any:
+def _head(loss_fn: Any, head_dtype: torch.dtype | None) -> Any:
+    """``loss_fn`` on outputs cast to ``head_dtype`` (None: as they are)."""
+
     def loss(logits: Tensor, labels: Tensor) -> Tensor:
-        return loss_fn(logits.to(head_dtype), labels)
+        return loss_fn(logits if head_dtype is None else logits.to(head_dtype), labels)
 
     return loss
 
@@ -291,12 +405,16 @@ def compute_landscape(
     store: BlockStore | None = None,
     unsafe: bool = False,
 ) -> LandscapeResult:
-    """Loss (and accuracy) over a slice θ* + α d₁ + β d₂ of the landscape around ``model``.
+    """Loss (and accuracy) over a slice θ* + α d₁ + β d₂ of the landscape around ``model``
+    (Li et al. 2018, §3-4), the loss being the sample loss of ``config.loss`` (:func:`scoring`).
 
     Args:
         model: the network at θ*; evaluated in eval mode (its mode is restored afterwards).
-        x: inputs (N, ...), on the model's device and dtype.
-        y: int64 labels (N,).
+        x: inputs (N, ...), on the model's device: floating-point ones in its dtype, token ids
+            (N, T) as integers.
+        y: targets of ``config.loss`` (CONTRACTS.md, Losses): int64 labels (N,) for ``ce`` and
+            ``nsce``, int64 tokens (N, T) with -100 not counted for ``token-ce``, float targets
+            (N,) or (N, D) for ``mse``, in [0, 1] for ``bce``.
         config: what to compute (default :class:`LandscapeConfig()`: a 21-point line along a
             filter-normalised random direction, over [−1, 1]).
         progress: ``progress(description, done, total)``, counted in grid points (with
@@ -311,11 +429,10 @@ def compute_landscape(
     config = config or LandscapeConfig()
     if config.loss is None:  # a library call without a loss: inferred from the targets
         config = dataclasses.replace(config, loss=infer_loss(y))
-    check_landscape(model, config, unsafe=unsafe)
+    check_landscape(model, config, unsafe=unsafe, y=y)
     grid = make_grid(config.steps, config.range, config.dims, (0.0, 1.0) if config.to else ())
     head_dtype = DTYPES[config.head_dtype]
-    loss_fn = _head(get_loss(config.loss), head_dtype)
-    classification = config.loss in CLASSIFICATION
+    score = scoring(str(config.loss), y, head_dtype)
     n = int(x.shape[0])
     steps = _lanczos_steps(model, config.dims) if config.directions == "hessian" else 0
     budget = Budget(
@@ -329,8 +446,10 @@ def compute_landscape(
         theta = {name: p.detach() for name, p in model.named_parameters()}
         longest = max(b - a for a, b in grid.blocks)
         first = find_first_layer(model, x)
-        how = plan(model, x, config.batch_size, config.points_per_pass, longest)
-        dirs = _directions(model, x, y, config, theta, budget, head_dtype, how.batch_size, unsafe)
+        how = plan(model, x, config.batch_size, config.points_per_pass, longest, head_dtype)
+        dirs = _directions(
+            model, x, y, config, theta, budget, head_dtype, how.batch_size, score.loss_fn, unsafe
+        )
 
         def evaluate(start: int, stop: int, fraction: Any) -> dict[str, list]:
             sums, correct = evaluate_points(
@@ -340,9 +459,10 @@ def compute_landscape(
                 theta,
                 dirs.as_list(),
                 grid.points[start:stop],
-                loss_fn,
+                score.loss_fn,
                 batch_size=how.batch_size,
                 points_per_pass=how.points_per_pass,
+                correct_fn=score.correct_fn,
                 first=first,
                 progress=fraction,
             )
@@ -359,7 +479,8 @@ def compute_landscape(
         )
     budget.finish()
     loss = [math.nan if v is None else float(v) for v in values["loss"]]
-    accuracy = [c / max(n, 1) for c in values["correct"]] if classification else None
+    counted = score.counted
+    accuracy = None if counted is None else [c / max(counted, 1) for c in values["correct"]]
     line = [loss[i] for i in grid.line]
     basin = basin_width(grid.line_alphas(), line, loss[grid.center], BASIN_RISE)
     return LandscapeResult(
@@ -375,6 +496,9 @@ def compute_landscape(
         cached_points=cached,
         directions=dirs,
         first_layer=None if first is None else first.name,
+        accuracy_kind=score.accuracy,
+        accuracy_reason=score.reason,
+        positions=score.positions,
     )
 
 
@@ -431,5 +555,9 @@ _registry.register_measure(
     cost="S (1-D) or S² (2-D) grid points, one forward pass over the examples each (several "
     "points per vmapped forward); hessian: + Lanczos Hessian-vector products; gradient: + one "
     "backward pass",
-    check=lambda run, config: check_landscape(run.model, config),
+    check=lambda run, config: check_landscape(
+        run.model, dataclasses.replace(config, loss=_registry.loss_of(run, config)), y=run.y
+    ),
+    losses=ALL_LOSSES,
+    needs="a loss of CONTRACTS.md (ce, nsce, token-ce, mse, bce)",
 )

@@ -34,8 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from flatcli.configs.pacbayes import PacBayesConfig
+from flatcli.distributed import world_size
 from flatcli.measures._config import finite_or_none as _finite_or_none
 from flatcli.pacbayes.bound import Certificate, best_grid_point, certify
+from flatcli.pacbayes.cost import announce_cost
 from flatcli.pacbayes.data_prior import (
     indices_sha256,
     prior_start,
@@ -345,6 +347,20 @@ def pacbayes_on_run(run: Any, config: PacBayesConfig, progress: ProgressFn) -> P
     """
     x_test, y_test = _test_split(run)
     n = run.x.shape[0]
+    prior_n = 0
+    if config.data_dependent:
+        prior_n = int(split_indices(n, config.prior_fraction, config.seed).prior.numel())
+    announce_cost(
+        run.model,
+        run.x,
+        prior_examples=prior_n,
+        prior_epochs=config.prior_epochs,
+        epochs=config.epochs,
+        mc_samples=config.mc_samples,
+        test_examples=0 if x_test is None else int(x_test.shape[0]),
+        test_mc_samples=config.test_mc_samples or 0,
+        processes=world_size(),
+    )
     if not config.data_dependent:
         check_batchnorm(run.model, Path(run.path).name)
         prior, source = resolve_prior(

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from flatcli.configs.choices import ALL_LOSSES, CLASS_LOSSES
 from flatcli.configs.spectrum import Kind, SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
-from flatcli.curvature.lanczos import EigenResult, basis_size, lanczos
+from flatcli.curvature.lanczos import EigenResult, basis_size, lanczos, lanczos_memory
 from flatcli.curvature.losses import infer_loss
-from flatcli.curvature.memory import available_memory, lanczos_memory
+from flatcli.curvature.memory import available_memory
 from flatcli.curvature.operators import (
     CurvatureOperator,
     OperatorBlock,
@@ -231,8 +231,10 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
     """Refuse, before anything is allocated, a spectrum that cannot be computed on ``model``.
 
     ``top_k`` must not exceed the number of parameters analysed (all trainable parameters, or
-    those ``layers`` selects): the matrix has no more eigenvalues. The Lanczos runs' float64
-    vectors plus the model's copies (:func:`~flatcli.curvature.memory.lanczos_memory`) must fit
+    those ``layers`` selects): the matrix has no more eigenvalues. The Lanczos runs' vectors
+    (float64, or float32 for a float32 model whose float64 basis would not fit: what
+    :func:`~flatcli.curvature.lanczos.lanczos` then stores) plus the model's copies
+    (:func:`~flatcli.curvature.lanczos.lanczos_memory`) must fit
     in the memory available on the model's device
     (:func:`~flatcli.curvature.memory.available_memory`).
 
@@ -283,6 +285,20 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
     )
     device = p0.device if p0.device.type != "mps" else "cpu"  # no float64 on MPS: on the CPU
     free = available_memory(device)
+    basis = "float64"
+    if need.bytes > free and p0.dtype.itemsize <= 4:
+        basis = "float32"
+        # a float64 basis this large is over the memory budget: lanczos stores it in float32
+        need = lanczos_memory(
+            dim,
+            k,
+            config.lanczos_steps,
+            density_steps=density_steps,
+            return_vectors=config.eigenvectors,
+            model_params=total,
+            dtype=p0.dtype,
+            basis_dtype=basis,
+        )
     if need.bytes <= free:
         return
     lower = (
@@ -292,7 +308,7 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
     )
     raise UsageError(
         f"spectrum needs about {_size(need.bytes)} for its Lanczos vectors ({need.vectors} "
-        f"float64 vectors of {dim} parameters, plus the model), more than the "
+        f"{basis} vectors of {dim} parameters, plus the model), more than the "
         f"{_size(free)} available on {device}; {lower}, or restrict the parameters with --layer"
     )
 

@@ -28,6 +28,7 @@ from flatcli.configs.rank import (  # noqa: F401 - SweepRun, parse_measure_optio
 from flatcli.errors import CheckpointError, UsageError
 from flatcli.evaluation import EVAL_BATCH_SIZE
 from flatcli.measures.registry import (
+    BEFORE_WORK,
     Direction,
     Measure,
     find_metric,
@@ -38,6 +39,7 @@ from flatcli.rank import stats
 from flatcli.rank.cache import ResultCache, config_dict, data_fingerprint
 from flatcli.rank.sweep import (
     SweepTable,
+    check_gap_kind,
     detect_axes,
     evaluate_generalization,
     gap_of,
@@ -237,11 +239,19 @@ def _generalization(
         return {**row["generalization"], "source": "table"}, dict(row["hyperparameters"])
     hparams = record_hyperparameters(run.record or {}, run.spec)
     test_size = len(run.dataset.test) if run.dataset.test is not None else None
+    try:  # an accuracy gap of a loss without accuracy (mse): exit 2, before any work
+        check_gap_kind(config.gap, run.loss, run.dataset.train.y)
+    except UsageError as e:
+        setattr(e, BEFORE_WORK, True)
+        raise
     if config.evaluate:
+        options: dict[str, Any] = {"batch": run.batch_size or EVAL_BATCH_SIZE}
+        if run.loss != "ce":  # keys of ce evaluations as before the other losses
+            options["loss"] = run.loss
         key = cache.key(
             run.checkpoint.sha256,
             "evaluate",
-            {"batch": run.batch_size or EVAL_BATCH_SIZE},
+            options,
             prints.of_dataset(run),
             str(run.device),
             str(run.dtype),
@@ -250,7 +260,12 @@ def _generalization(
         if value is None:
             value = evaluate_generalization(run, run.batch_size)
             cache.put(key, value)
-        return {**value, "source": "evaluate", "test_size": test_size}, hparams
+        return {
+            **value,
+            "source": "evaluate",
+            "loss": run.loss,
+            "test_size": test_size,
+        }, hparams
     gen = record_generalization(run.record or {})
     if gen is None:
         raise CheckpointError(

@@ -4,8 +4,10 @@ Three sources, in the order a user would reach for them:
 
 * the training record ``flatcli train`` stores in every checkpoint (train/test accuracy and
   loss, the training configuration, the model spec's keyword arguments);
-* ``--evaluate``: accuracy and mean cross-entropy measured on the dataset's training data (the
-  data exactly as trained on, when the record says how) and its test split;
+* ``--evaluate``: accuracy and mean loss measured on the dataset's training data (the data
+  exactly as trained on, when the record says how) and its test split, for the checkpoint's loss
+  as ``flatcli train`` records them (``token-ce``: token accuracy and mean loss over the counted
+  positions; ``mse``: the loss only);
 * a user's table (``--table runs.csv``): a ``checkpoint`` column plus gap and hyperparameter
   columns, for sweeps trained elsewhere.
 """
@@ -24,7 +26,7 @@ import torch
 
 from flatcli.configs.rank import GAP_KINDS
 from flatcli.errors import CheckpointError, UsageError
-from flatcli.evaluation import EVAL_BATCH_SIZE, evaluate
+from flatcli.evaluation import EVAL_BATCH_SIZE, evaluate_loss
 
 __all__ = [
     "GAP_KINDS",
@@ -33,6 +35,7 @@ __all__ = [
     "record_generalization",
     "record_hyperparameters",
     "evaluate_generalization",
+    "check_gap_kind",
     "SweepTable",
     "read_table",
     "detect_axes",
@@ -105,21 +108,45 @@ def record_hyperparameters(record: Mapping[str, Any], spec: Any = None) -> dict[
     return out
 
 
-def evaluate_generalization(run: Any, batch_size: int | None = None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``run.model`` on its training data and test split.
+def check_gap_kind(kind: str, loss: str, y: torch.Tensor) -> None:
+    """Refuse an accuracy gap for a loss that has no accuracy on the targets ``y``.
 
-    The training data are those the record says the network was trained on (subset, random
-    labels, confusion set: :func:`flatcli.train.prepare.rebuild_train_split`) when it is a
-    ``flatcli train`` record of this dataset, else the dataset's training split; the whole
-    splits are used (``--max-examples`` limits only the measures' data). The loss is computed
-    and summed in float64 (:func:`flatcli.evaluation.evaluate`).
+    ``mse`` has none, ``bce`` one only when every target is 0 or 1
+    (:func:`flatcli.evaluation.has_accuracy`); their gap is ``--gap loss``.
+
+    Raises:
+        UsageError: ``kind`` is ``acc`` and ``loss`` has no accuracy on ``y`` (exit 2).
+    """
+    from flatcli.evaluation import has_accuracy
+
+    if kind == "acc" and not has_accuracy(loss, y):
+        why = "bce has one only for targets that are all 0 or 1" if loss == "bce" else "none"
+        raise UsageError(
+            f"--gap acc needs an accuracy, and loss {loss} has {why}: pass --gap loss "
+            "(test loss - train loss)"
+        )
+
+
+def evaluate_generalization(run: Any, batch_size: int | None = None) -> dict[str, Any]:
+    """Accuracy and mean loss of ``run.model`` on its training data and test split.
+
+    The loss is the run's (``run.loss``: the one asked for, else the one the checkpoint records,
+    else inferred from the targets), evaluated as ``flatcli train`` records it
+    (:func:`flatcli.evaluation.evaluate_loss`): for ``token-ce`` the mean over all counted
+    positions and the token accuracy; for ``mse`` (and ``bce`` with targets that are not all
+    0 or 1) no accuracy (None). The outputs are cast to float64 before the loss, and the sums
+    are float64. The training data are those the record says the network was trained on
+    (subset, random labels, confusion set: :func:`flatcli.train.prepare.rebuild_train_split`)
+    when it is a ``flatcli train`` record of this dataset, else the dataset's training split;
+    the whole splits are used (``--max-examples`` limits only the measures' data).
 
     Args:
         run: a loaded checkpoint (:class:`flatcli.io.load.Run`).
         batch_size: examples per forward (``--batch-size``); None: ``EVAL_BATCH_SIZE`` (1,024).
 
     Returns:
-        ``{"train_acc", "train_loss", "test_acc", "test_loss"}``.
+        ``{"train_acc", "train_loss", "test_acc", "test_loss"}`` (the accuracies None where the
+        loss has none).
 
     Raises:
         CheckpointError: the dataset has no test split.
@@ -136,11 +163,13 @@ def evaluate_generalization(run: Any, batch_size: int | None = None) -> dict[str
 
         train = rebuild_train_split(data.train, data.num_classes, record)
     batch = batch_size or EVAL_BATCH_SIZE
-    out: dict[str, float] = {}
+    loss_name = getattr(run, "loss", "ce")
+    out: dict[str, Any] = {}
     for name, split in (("train", train), ("test", data.test)):
-        x = split.x.to(device=run.device, dtype=run.dtype)
-        y = split.y.to(device=run.device)
-        loss, acc = evaluate(run.model, x, y, batch, head_dtype=torch.float64)
+        # inputs as the run's (token ids stay integers); float targets in the run's dtype
+        x = run.inputs(split.x)
+        y = split.y.to(device=run.device, dtype=run.dtype if split.y.is_floating_point() else None)
+        loss, acc = evaluate_loss(run.model, x, y, loss_name, batch, head_dtype=torch.float64)
         out[f"{name}_acc"], out[f"{name}_loss"] = acc, loss
     return out
 

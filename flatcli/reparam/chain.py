@@ -131,13 +131,28 @@ def _classify(node: fx.Node, root: nn.Module) -> ChainOp:
     return ChainOp("other", f"{node.op}:{node.target}")
 
 
+def _refuse_tied(model: nn.Module) -> None:
+    """A UsageError naming the first parameter that two module attributes share."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            raise UsageError(
+                f"the model ties {name} to {first[id(p)]}: a reparametrisation that scales one "
+                "layer would scale the other, so none preserves the function; untie the weights "
+                "to transform this model"
+            )
+        first[id(p)] = name
+
+
 def trace_chain(model: nn.Module) -> list[ChainOp]:
     """The model's operations in execution order, checked to form a single chain.
 
     Raises:
-        UsageError: the model cannot be traced by torch.fx, has several inputs, or branches
-            (a residual connection, a concatenation, a tensor used twice).
+        UsageError: the model ties a parameter to two places (scaling one layer would scale
+            the other), cannot be traced by torch.fx, has several inputs, or branches (a
+            residual connection, a concatenation, a tensor used twice).
     """
+    _refuse_tied(model)
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as err:  # fx raises many types for untraceable code

@@ -2,6 +2,7 @@
 
 ``ce`` trains on ``F.cross_entropy`` (with label smoothing) and reports the mean cross-entropy
 and the accuracy (:func:`flatcli.evaluation.evaluate`, as before there were other losses).
+Evaluation for every loss is :func:`flatcli.evaluation.evaluate_loss`, re-exported here.
 The other losses minimise the sample loss every measure takes the curvature of:
 
 - ``nsce``: the mean normalized softmax cross-entropy; accuracy of the argmax.
@@ -14,7 +15,8 @@ The other losses minimise the sample loss every measure takes the curvature of:
   is the fraction of outputs whose sign agrees with the target (logit > 0 iff target 1) when
   every target is 0 or 1, else None.
 
-Loss and accuracy are summed in float64 over batches of :data:`EVAL_BATCH_SIZE` examples.
+Loss and accuracy are summed in float64 over batches of
+:data:`flatcli.evaluation.EVAL_BATCH_SIZE` examples.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from flatcli.curvature.losses import (
     infer_loss,
     normalized_cross_entropy,
 )
-from flatcli.data.splits import iter_batches
 from flatcli.errors import UsageError
-from flatcli.evaluation import EVAL_BATCH_SIZE, evaluate
+from flatcli.evaluation import evaluate_loss, has_accuracy
 
 __all__ = [
     "resolve_train_loss",
@@ -53,15 +54,6 @@ def resolve_train_loss(loss: str | None, y: Tensor) -> str:
     from flatcli.errors import choice
 
     return infer_loss(y) if loss is None else choice(LossName, loss, "loss")
-
-
-def has_accuracy(loss: str, y: Tensor) -> bool:
-    """Whether an accuracy means something for ``loss`` on targets ``y`` (see the module)."""
-    if loss == "mse":
-        return False
-    if loss == "bce":
-        return bool(((y == 0) | (y == 1)).all())
-    return True
 
 
 def check_train_options(config: object, loss: str, y: Tensor) -> None:
@@ -139,53 +131,3 @@ def objective(loss: str, out: Tensor, y: Tensor, label_smoothing: float = 0.0) -
     if loss == "bce":
         return F.binary_cross_entropy_with_logits(out, y.to(out.dtype))
     raise UsageError(f"flatcli train cannot minimise loss {loss!r}")
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module, x: Tensor, y: Tensor, loss: str, batch_size: int = EVAL_BATCH_SIZE
-) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None where it means nothing) of ``model`` on ``(x, y)`` in eval
-    mode, as the module says for each loss; ``ce`` is :func:`flatcli.evaluation.evaluate`.
-
-    >>> m = nn.Linear(2, 2).requires_grad_(False)
-    >>> x, y = torch.randn(4, 2), torch.randn(4, 2)
-    >>> loss, acc = evaluate_loss(m, x, y, "mse")
-    >>> abs(loss - F.mse_loss(m(x), y).item()) < 1e-6, acc
-    (True, None)
-    """
-    if loss == "ce":
-        return evaluate(model, x, y, batch_size)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.float64, device=x.device)
-    count = 0
-    for xb, yb in iter_batches((x, y), batch_size):
-        out = model(xb)
-        if loss == "token-ce":
-            flat, targets = out.reshape(-1, out.shape[-1]), yb.reshape(-1)
-            counted = targets != IGNORE_INDEX
-            total += F.cross_entropy(
-                flat, targets, ignore_index=IGNORE_INDEX, reduction="sum"
-            ).double()
-            correct += ((flat.argmax(-1) == targets) & counted).sum().double()
-            count += int(counted.sum())
-        elif loss == "nsce":
-            total += normalized_cross_entropy(out, yb).sum().double()
-            correct += (out.argmax(-1) == yb).sum().double()
-            count += int(yb.shape[0])
-        elif loss in ("mse", "bce"):
-            target = yb.to(out.dtype)
-            if loss == "mse":
-                total += F.mse_loss(out, target, reduction="sum").double()
-            else:
-                total += F.binary_cross_entropy_with_logits(out, target, reduction="sum").double()
-                correct += ((out > 0) == (target > 0.5)).sum().double()
-            count += int(target.numel())
-        else:
-            raise UsageError(f"flatcli train cannot evaluate loss {loss!r}")
-    model.train(was_training)
-    count = max(count, 1)
-    accuracy = float(correct) / count if has_accuracy(loss, y) else None
-    return float(total) / count, accuracy

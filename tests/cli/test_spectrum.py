@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from flatcli.curvature.linop import to_dense
 from flatcli.curvature.operators import make_operator
+from flatcli.errors import UsageError
 from tests.cases import write_cli_problem
 from tests.cli.helpers import invoke_on_problem, report_of
 from tests.io.test_report import validate_report
@@ -143,3 +144,20 @@ def test_density_steps_larger_than_memory_name_lanczos_steps(setup, monkeypatch)
     res = _invoke(tmp, "--top-k", "0", "--density")
     assert res.exit_code == 2, res.output
     assert "lower --lanczos-steps" in _one_error_line(res)
+
+
+def test_a_float32_run_is_checked_with_the_float32_basis_lanczos_would_store(monkeypatch):
+    # a float64 basis over the memory budget is stored in float32 (lanczos, basis_dtype="auto"):
+    # the check before work must not refuse a run that this basis fits
+    spectrum = importlib.import_module("flatcli.measures.spectrum")
+    model = torch.nn.Linear(40, 10)
+    config = spectrum.SpectrumConfig(top_k=5)
+    f64 = spectrum.lanczos_memory(410, 5, model_params=410, dtype=torch.float32)
+    f32 = spectrum.lanczos_memory(
+        410, 5, model_params=410, dtype=torch.float32, basis_dtype="float32"
+    )
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: (f32.bytes + f64.bytes) // 2)
+    spectrum.check_spectrum(model, config)
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: f32.bytes - 1)
+    with pytest.raises(UsageError, match="float32 vectors of 410 parameters"):
+        spectrum.check_spectrum(model, config)

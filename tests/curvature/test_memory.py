@@ -73,8 +73,8 @@ def test_make_operator_uses_auto_batch_size(monkeypatch):
 
 
 def test_lanczos_memory_covers_the_basis_lanczos_allocates(monkeypatch):
+    from flatcli.curvature.lanczos import lanczos_memory
     from flatcli.curvature.linop import DenseOperator
-    from flatcli.curvature.memory import lanczos_memory
 
     lanczos_module = importlib.import_module("flatcli.curvature.lanczos")  # not the function
     n, k = 300, 5
@@ -83,8 +83,8 @@ def test_lanczos_memory_covers_the_basis_lanczos_allocates(monkeypatch):
     rows = []
     init = lanczos_module._Lanczos.__init__
 
-    def spy(self, op, capacity):
-        init(self, op, capacity)
+    def spy(self, op, capacity, *args):
+        init(self, op, capacity, *args)
         rows.append(self.V.shape[0])
 
     monkeypatch.setattr(lanczos_module._Lanczos, "__init__", spy)
@@ -97,7 +97,8 @@ def test_lanczos_memory_covers_the_basis_lanczos_allocates(monkeypatch):
 
 
 def test_lanczos_memory_adds_the_model_eigenvectors_and_density():
-    from flatcli.curvature.memory import PARAM_COPIES, lanczos_memory
+    from flatcli.curvature.lanczos import lanczos_memory
+    from flatcli.curvature.memory import PARAM_COPIES
 
     base = lanczos_memory(1000, 10)
     assert base.vectors == 201  # min(dim, max(20 k, 100)) steps, all kept, plus the next one
@@ -255,8 +256,8 @@ def test_lanczos_reads_only_basis_rows_it_wrote(monkeypatch):
     lanczos_module = importlib.import_module("flatcli.curvature.lanczos")
     init = lanczos_module._Lanczos.__init__
 
-    def poisoned(self, op, capacity):
-        init(self, op, capacity)
+    def poisoned(self, op, capacity, *args):
+        init(self, op, capacity, *args)
         self.V.fill_(float("nan"))
 
     g = torch.Generator().manual_seed(0)

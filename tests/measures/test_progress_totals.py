@@ -134,7 +134,7 @@ def test_a_long_sharpness_run_says_its_cost_up_front(monkeypatch: pytest.MonkeyP
 
 def test_kfac_times_each_layer_block_before_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every timed product takes 0.5 s: the line counts each layer's Lanczos budget (its
-    dimension here) plus its 20 probes, and says it once, before the layers run."""
+    dimension here) plus its default 10 probes, and says it once, before the layers run."""
     _fake_clock(monkeypatch, 0.5)
     model, x, y = make_case("mlp_tanh", n=16)
     calls: list[tuple[str, int, int]] = []
@@ -142,7 +142,7 @@ def test_kfac_times_each_layer_block_before_the_work(monkeypatch: pytest.MonkeyP
         warnings.simplefilter("always")
         compute_kfac(model, x, y, KfacConfig(), progress=lambda *a: calls.append(a))
     said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    products = (30 + 20 + 12) + 3 * 20  # the 6-5-4-3 MLP's weight blocks, then the probes
+    products = (30 + 20 + 12) + 3 * 10  # the 6-5-4-3 MLP's weight blocks, then the probes
     assert said == [
         f"kfac: up to {products} hessian layer-block products ≈ {format_seconds(0.5 * products)} "
         "(each layer's product timed); --max-examples, --layers, a smaller --top-k or fewer "
