@@ -16,4 +16,4 @@ CLASS_LOSSES = ("ce", "nsce")
 takes, and what a registered measure that declares no losses takes."""
 
 ALL_LOSSES = tuple(m.value for m in LossName)
-"""Every loss (CONTRACTS.md, Losses)."""
+"""Every loss (docs: "Your model", Losses)."""

@@ -45,7 +45,7 @@ class GammaConfig:
             ‖JJᵀu − θu‖ ≤ tol·θ: then θ is within tol·θ of an eigenvalue of JJᵀ, and (a
             Rayleigh quotient) within about tol²·θ²/gap of it.
         robustness_max_iter: power iterations at most.
-        loss: the loss whose per-example gradients form J (CONTRACTS.md: ``token-ce`` a
+        loss: the loss whose per-example gradients form J (docs: "Your model": ``token-ce`` a
             sequence's mean over its counted positions, ``mse``/``bce`` the mean over its
             outputs); None: the run's (the common ``--loss``), else inferred from the targets.
     """

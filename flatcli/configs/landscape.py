@@ -37,7 +37,7 @@ Normalization = choices(
 
 BASIN_RISE = 0.1
 """``basin_width`` is the width of the α-interval around 0 where the loss stays below
-``center_loss + BASIN_RISE`` (CONTRACTS.md)."""
+``center_loss + BASIN_RISE`` (docs: the command's page)."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Loss heads shared by every measure: outputs and targets in, per-example or mean loss out.
 
-The losses of CONTRACTS.md (``--loss``): ``ce`` and ``nsce`` on logits (N, K) with int64 labels,
-``token-ce`` on token logits (N, T, V) with int64 targets (N, T) (-100 not counted), ``mse`` on
-(N,) / (N, D) outputs and ``bce`` on (N, D) logits with float targets. :func:`get_loss` gives the
+The losses of ``--loss`` (docs, "Your model"): ``ce`` and ``nsce`` on logits (N, K) with int64
+labels, ``token-ce`` on token logits (N, T, V) with int64 targets (N, T) (-100 not counted), ``mse``
+on (N,) / (N, D) outputs and ``bce`` on (N, D) logits with float targets. :func:`get_loss` gives the
 per-example head (a sequence's mean over its counted positions; the mean over a regressor's
 outputs), :func:`sample_loss` the head whose mean over the examples is the loss of the sample
 (for ``token-ce`` the mean over ALL counted positions), :func:`infer_loss` the default for given
@@ -260,10 +260,10 @@ def token_cross_entropy(
 ) -> Tensor:
     """Per-sequence token cross-entropy, (N,): a sequence's mean over its counted positions.
 
-    What CONTRACTS.md's per-example quantities of ``token-ce`` take (0 for a sequence with no
-    counted position). The loss of a sample is the mean over ALL its counted positions instead,
-    which :func:`sample_loss` gives. Exact for confident tokens (1 - p below 1e-16): each
-    position is :func:`cross_entropy`'s ``softplus(logsumexp_{j != y}(z_j - z_y))``.
+    What the per-example quantities of ``token-ce`` take (docs, "Your model"; 0 for a sequence with
+    no counted position). The loss of a sample is the mean over ALL its counted positions instead,
+    which :func:`sample_loss` gives. Exact for confident tokens (1 - p below 1e-16): each position
+    is :func:`cross_entropy`'s ``softplus(logsumexp_{j != y}(z_j - z_y))``.
     """
     terms = token_cross_entropy_terms(logits, targets, head_dtype=head_dtype)
     count = (targets != IGNORE_INDEX).sum(dim=-1).clamp_min(1)
@@ -322,9 +322,9 @@ _HEADS: dict[str, LossFn] = {
 def get_loss(name: LossName | str) -> LossFn:
     """The per-example loss head of a :class:`LossName`: ``(outputs, targets) -> (N,)``.
 
-    Per example as CONTRACTS.md's per-example quantities take it: ``ce``/``nsce`` the example's
-    loss, ``token-ce`` a sequence's mean over its counted positions, ``mse``/``bce`` the mean over
-    its outputs. For the loss of a whole sample use :func:`sample_loss`.
+    Per example as the per-example quantities take it (docs, "Your model"): ``ce``/``nsce`` the
+    example's loss, ``token-ce`` a sequence's mean over its counted positions, ``mse``/``bce`` the
+    mean over its outputs. For the loss of a whole sample use :func:`sample_loss`.
     """
     return _HEADS[LossName(name).value]
 
@@ -360,8 +360,8 @@ def sample_loss(name: LossName | str, targets: Tensor) -> LossFn:
 
 
 def infer_loss(targets: Tensor) -> str:
-    """The default loss for ``targets`` (CONTRACTS.md, Losses): ``token-ce`` for integer targets
-    of shape (N, T), ``mse`` for float targets, ``ce`` otherwise."""
+    """The default loss for ``targets`` (docs, "Your model"): ``token-ce`` for integer targets of
+    shape (N, T), ``mse`` for float targets, ``ce`` otherwise."""
     if targets.dtype.is_floating_point:
         return LossName.MSE.value
     if targets.dim() == 2:

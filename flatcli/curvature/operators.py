@@ -463,7 +463,7 @@ class CurvatureOperator(_Products):
         """The loss ``L(theta)`` of the operator's examples and its flat gradient.
 
         ``L`` is the mean over the N examples of the operator's loss head: for a loss given by
-        name the sample loss of CONTRACTS.md (``token-ce``: the mean over ALL counted
+        name the sample loss of the docs ("Your model") (``token-ce``: the mean over ALL counted
         positions). Walks the same data loop as the products (this process's shard in chunks,
         each a sum over its examples), reduces the sums over processes (two all-reduces under
         ``torchrun``: the gradient in the model's dtype, the loss in float64) and divides by the
@@ -814,7 +814,7 @@ def make_operator(
             ``flatcli.curvature.losses.cross_entropy``) or a loss name ("ce", "nsce",
             "token-ce", "mse", "bce"). A name stands for
             :func:`flatcli.curvature.losses.sample_loss` of the targets: the operator is then
-            the curvature of the sample loss CONTRACTS.md defines (``token-ce``: mean over all
+            the curvature of the sample loss (docs, "Your model"; ``token-ce``: mean over all
             counted positions of the examples). Outputs may have any shape (N, ...) the loss
             takes: logits (N, K), token logits (N, T, V), regression outputs (N,) / (N, D).
         params: parameter names (or module names / globs, resolved by

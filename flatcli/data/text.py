@@ -1,12 +1,12 @@
 """``text:PATH``: UTF-8 text for a language model, cut into next-token windows.
 
-CONTRACTS.md, Datasets: the file is tokenised with the checkpoint's tokenizer (a Hugging Face
-``tokenizer.json`` in the checkpoint's folder, read with the ``tokenizers`` package) or else as
-its UTF-8 bytes (ids 0-255, a vocabulary of 256). The token stream is cut into consecutive,
+The file is tokenised (docs, "Checkpoints, models and datasets") with the checkpoint's tokenizer (a
+Hugging Face ``tokenizer.json`` in the checkpoint's folder, read with the ``tokenizers`` package) or
+else as its UTF-8 bytes (ids 0-255, a vocabulary of 256). The token stream is cut into consecutive,
 non-overlapping windows of T + 1 tokens (``--seq-len T``, default 128), the last incomplete one
-dropped; example i is ``x = window[:T]``, ``y = window[1:]``, both int64 (N, T), so the default
-loss is ``token-ce``. The last 10 % of the windows (by position, ``max(1, W // 10)`` of W) are
-the test split, the others the train split, in stored order.
+dropped; example i is ``x = window[:T]``, ``y = window[1:]``, both int64 (N, T), so the default loss
+is ``token-ce``. The last 10 % of the windows (by position, ``max(1, W // 10)`` of W) are the test
+split, the others the train split, in stored order.
 
 ``python-license`` names a real text every CPython install has offline: the ``LICENSE.txt`` of
 the running interpreter's standard library (:func:`python_license_path`).
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 DEFAULT_SEQ_LEN = 128
-"""T when ``--seq-len`` is not given and the checkpoint records none (CONTRACTS.md)."""
+"""T when ``--seq-len`` is not given and the checkpoint records none (docs: the command's page)."""
 BYTE_VOCAB = 256
 """Vocabulary of the byte tokenisation: every UTF-8 byte is one token id."""
 TOKENIZER_FILE = "tokenizer.json"

@@ -50,7 +50,7 @@ class Run:
 
     ``record`` is the training record flatcli stored in the checkpoint (``{}`` when none).
     ``batch_size`` is the examples per forward/backward the measures use (None: chosen to fit
-    memory). ``loss`` is the loss every measure takes (CONTRACTS.md, Losses): the one asked for,
+    memory). ``loss`` is the loss every measure takes (docs, "Your model"): the one asked for,
     else the one the checkpoint records, else inferred from the targets
     (:func:`resolve_loss`).
     """

@@ -18,7 +18,7 @@ The input layer (a ``Linear`` or a convolution applied to the input) is linear i
 weights, so its output at every point of a block is a combination of its outputs for θ* and for
 each direction, computed once per batch (:mod:`flatcli.landscape.first_layer`).
 
-Any output and target shape the losses take (CONTRACTS.md, Losses): the outputs of G points,
+Any output and target shape the losses take (docs: "Your model", Losses): the outputs of G points,
 (G, B, ...), are passed to the loss head as (G·B, ...) with the targets repeated G times, so a
 head sees per-example outputs of the shape the model returns (class logits (B, K), token logits
 (B, T, V), regression outputs (B,) or (B, D)); integer inputs (token ids) are passed as they are,

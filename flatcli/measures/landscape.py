@@ -19,7 +19,7 @@ mode, BatchNorm running statistics kept at θ*'s values. The directions
 - with ``to``: d₁ = θ_to − θ* (the line of Goodfellow et al. 2015; α = 1 is the other
   checkpoint), d₂ a filter-normalised Gaussian.
 
-The loss at a point is the sample loss of ``config.loss`` (CONTRACTS.md, Losses; every other
+The loss at a point is the sample loss of ``config.loss`` (docs: "Your model", Losses; every other
 command's loss, :func:`flatcli.curvature.losses.sample_loss`): for ``ce`` and ``nsce`` the mean
 over the examples, for ``token-ce`` the mean over ALL counted positions of the sample (targets
 -100 not counted; a sequence weighs by its counted positions, not the mean of per-sequence means),
@@ -412,7 +412,7 @@ def compute_landscape(
         model: the network at θ*; evaluated in eval mode (its mode is restored afterwards).
         x: inputs (N, ...), on the model's device: floating-point ones in its dtype, token ids
             (N, T) as integers.
-        y: targets of ``config.loss`` (CONTRACTS.md, Losses): int64 labels (N,) for ``ce`` and
+        y: targets of ``config.loss`` (docs: "Your model", Losses): int64 labels (N,) for ``ce`` and
             ``nsce``, int64 tokens (N, T) with -100 not counted for ``token-ce``, float targets
             (N,) or (N, D) for ``mse``, in [0, 1] for ``bce``.
         config: what to compute (default :class:`LandscapeConfig()`: a 21-point line along a
@@ -559,5 +559,5 @@ _registry.register_measure(
         run.model, dataclasses.replace(config, loss=_registry.loss_of(run, config)), y=run.y
     ),
     losses=ALL_LOSSES,
-    needs="a loss of CONTRACTS.md (ce, nsce, token-ce, mse, bce)",
+    needs="a loss flatcli knows (ce, nsce, token-ce, mse, bce)",
 )

@@ -65,7 +65,7 @@ class Measure:
     request that cannot succeed on this loaded checkpoint (more eigenvalues than parameters, a
     basis larger than memory) with a :class:`~flatcli.errors.UsageError`, cheaply and before
     any work: :func:`compute` calls it first (:func:`check`). ``losses`` are the losses it
-    takes (CONTRACTS.md, Losses; default :data:`CLASS_LOSSES`, ``ce`` and ``nsce``); any other
+    takes (docs: "Your model", Losses; default :data:`CLASS_LOSSES`, ``ce`` and ``nsce``); any other
     is refused by :func:`check` before work, with ``needs`` (what the measure needs) in the
     one-line message.
     """

@@ -1,4 +1,4 @@
-"""What ``flatcli train`` minimises and reports for each loss (CONTRACTS.md, Losses).
+"""What ``flatcli train`` minimises and reports for each loss (docs: "Your model", Losses).
 
 ``ce`` trains on ``F.cross_entropy`` (with label smoothing) and reports the mean cross-entropy
 and the accuracy (:func:`flatcli.evaluation.evaluate`, as before there were other losses).

@@ -12,13 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 from torch.nn import functional as F
 
 from flatcli.curvature import diagonal
 from flatcli.curvature.diagonal import ggn_diagonal
 from flatcli.curvature.losses import sample_loss
 from flatcli.curvature.params import flatten_params
+from tests.references import flat_logits
 
 V = 5
 
@@ -54,16 +55,7 @@ def _case(tied: bool) -> tuple[nn.Module, Tensor, Tensor]:
 
 def _dense_ggn_diagonal(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """diag(J^T H_z J) / N of the token-ce sample loss, by torch.func in float64."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def logits(t: Tensor) -> Tensor:
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = t[i : i + s.numel()].view(s)
-            i += s.numel()
-        return functional_call(model, params, (x,))
+    theta, logits = flat_logits(model, x)
 
     z = logits(theta).detach()
     J = jacrev(logits)(theta).reshape(z.numel(), -1)

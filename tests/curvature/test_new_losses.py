@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 
 from flatcli.curvature.diagonal import ggn_diagonal
 from flatcli.curvature.gram import GramEngine, per_example_gradients
@@ -31,7 +31,7 @@ from flatcli.curvature.losses import (
 )
 from flatcli.curvature.operators import make_operator
 from flatcli.errors import UsageError
-from tests.references import exact_head, rel_err
+from tests.references import exact_head, flat_logits, rel_err
 
 F64 = torch.float64
 V = 5
@@ -80,16 +80,7 @@ def _truth(name: str):
     if name in _TRUTH:
         return _TRUTH[name]
     model, x, y, ref = _case(name)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def logits(t: Tensor) -> Tensor:
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = t[i : i + s.numel()].view(s)
-            i += s.numel()
-        return functional_call(model, params, (x,))
+    theta, logits = flat_logits(model, x)
 
     H = hessian(lambda t: ref(logits(t), y))(theta)
     z = logits(theta).detach()

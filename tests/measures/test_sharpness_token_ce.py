@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian, jacrev
 from torch.nn import functional as F
 
 from flatcli.measures.sharpness import SharpnessConfig, compute_sharpness
+from tests.references import flat_logits
 
 V = 6
 
@@ -31,16 +32,7 @@ class TiedLM(nn.Module):
 
 def _dense(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The dense Hessian and GGN of the token-ce sample loss, float64, by torch.func."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def logits(t: Tensor) -> Tensor:
-        params, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = t[i : i + s.numel()].view(s)
-            i += s.numel()
-        return functional_call(model, params, (x,))
+    theta, logits = flat_logits(model, x)
 
     def ref(z: Tensor) -> Tensor:
         return F.cross_entropy(z.reshape(-1, V), y.reshape(-1), ignore_index=-100)
