@@ -48,9 +48,10 @@ DiagMethod = choices(
 )
 TraceMethod = choices(
     "TraceMethod",
-    "ggn-residual hutchinson hutchpp",
+    "auto ggn-residual hutchinson hutchpp",
     "How hessian_trace is estimated: the exact GGN trace plus Hutchinson on the residual "
-    "H − G (a control variate), or Hutchinson / Hutch++ on H.",
+    "H − G (a control variate), or Hutchinson / Hutch++ on H; auto: the first where it reaches "
+    "the standard error in fewer passes, else Hutchinson.",
 )
 
 
@@ -84,9 +85,13 @@ class SharpnessConfig:
         lam: λ of Eq. 17 (§5.3 sets 1/2; changing λ to λ' scales the value by sqrt(λ/λ')).
         solver_rtol: stop the per-layer solver when its certified gap is below this fraction.
         solver_max_iter: most alternating sweeps per layer.
-        trace_method: ``"ggn-residual"`` (default: ``tr H = tr G + tr(H − G)``, the first exact
-            from the GGN diagonal, the second by Hutchinson: about 5x less variance per probe
-            than Hutchinson on H on LeNet-5), ``"hutchinson"`` or ``"hutchpp"`` (on H).
+        trace_method: ``"auto"`` (default: ``"ggn-residual"`` when it reaches Hutchinson's
+            standard error in fewer gradient passes, else ``"hutchinson"``; see
+            :func:`flatcli.measures.sharpness.hessian_trace.resolve_trace_method`),
+            ``"ggn-residual"`` (``tr H = tr G + tr(H − G)``, the first exact from the GGN
+            diagonal, the second by Hutchinson: about 5x less variance per probe than
+            Hutchinson on H on LeNet-5, but K backward passes per example for the GGN
+            diagonal), ``"hutchinson"`` or ``"hutchpp"`` (on H).
         trace_probes: Hutchinson probes for ``hessian_trace`` and the per-layer traces.
         trace_rel_stderr: stop those probes at this relative standard error (None: all).
         eps: Keskar's box size ε.
@@ -136,9 +141,10 @@ class SharpnessConfig:
     )
     solver_max_iter: int = 20000
     trace_method: str = option(
-        "ggn-residual",
+        "auto",
         "--trace-method",
-        "hessian_trace: ggn-residual (exact GGN trace + Hutchinson on H − G), hutchinson, hutchpp.",
+        "hessian_trace: ggn-residual (exact GGN trace + Hutchinson on H − G), hutchinson, "
+        "hutchpp; auto: ggn-residual where it is the cheaper for the same stderr.",
         choices=TraceMethod,
     )
     trace_probes: int = option(

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from flatcli.configs.gamma import GramMethod
-from flatcli.curvature._functional import FunctionalModel
+from flatcli.curvature._functional import FunctionalModel, attention_kernel
 from flatcli.curvature._ghost import GhostUnsupported, add_row_gram, ghost_grams
 from flatcli.curvature.capture import has_batch_statistics, plan
 from flatcli.curvature.data import move_inputs
@@ -302,7 +302,8 @@ class GramEngine:
             cot, s = head(z, yn.unsqueeze(0))
             return pullback(cot)[0], s[0]
 
-        g, s = vmap(one)(x, y)
+        with attention_kernel("math"):  # the fused CPU kernels have no batching rule
+            g, s = vmap(one)(x, y)
         return self._flat(g, x.shape[0]), s
 
     def _coupled_rows(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

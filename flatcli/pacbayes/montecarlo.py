@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from flatcli import distributed
+from flatcli.curvature._functional import attention_kernel
 from flatcli.pacbayes.optimize import Posterior
 from flatcli.progress import ProgressFn, no_progress
 
@@ -153,7 +154,8 @@ def snn_errors(
             if single is not None:
                 logits = forward(single, xb).unsqueeze(0)  # (1, B, K)
             else:
-                logits = batched(weights, xb)  # (S, B, K)
+                with attention_kernel("math"):  # fused CPU kernels: no vmap rule
+                    logits = batched(weights, xb)  # (S, B, K)
             miss = logits.argmax(dim=-1) != y[a : a + d_chunk]
             wrong[ks.start : ks.stop] += miss.sum(dim=1).double()
         progress(description, ks.stop - first, stop - first)

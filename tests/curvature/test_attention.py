@@ -10,6 +10,8 @@ differentiate the same functions with ``torch.func`` under the math kernel.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +145,16 @@ def test_first_order_rows_and_the_ggn_diagonal_through_attention(build: type[nn.
     torch.testing.assert_close(per_example_gradients(model, x, y), J, rtol=1e-10, atol=1e-12)
     diag = flatten_params(ggn_diagonal(model, x, y))
     torch.testing.assert_close(diag, G.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_per_example_rows_do_not_loop_over_a_kernel_vmap_cannot_batch() -> None:
+    """The fused CPU attention kernel has no batching rule: under ``vmap`` torch would warn and
+    run it example by example. The rows run the math kernel instead: no such warning, and the
+    rows of the float32 model agree with the float64 ones to float32 rounding."""
+    model, x, y = _problem(_Causal)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = per_example_gradients(model.float(), x.float(), y)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    reference = per_example_gradients(model.double(), x, y)
+    torch.testing.assert_close(rows.double(), reference, rtol=1e-4, atol=1e-5)

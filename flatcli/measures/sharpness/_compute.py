@@ -163,16 +163,16 @@ def _compute(
     info: dict[str, Any] = {"seconds": seconds, "products": products}
     total = len(chosen)
     names, excluded = weight_matrices(model)
-    shared = Shared(model, x, y, config, progress, ops, names, excluded)
+    with torch.no_grad():
+        first = next(iter_chunks(x, None, 1, *_where(model)))
+        classes = int(model(first.x)[0].numel())  # outputs per example
+    shared = Shared(model, x, y, config, progress, ops, names, excluded, outputs=classes)
     if any(d.weight_matrices for d in chosen):
         if not names:
             raise MeasureError(
                 "The model has no weight matrices (parameters with >= 2 dimensions)."
             )
         info["excluded_params"] = excluded
-    with torch.no_grad():
-        first = next(iter_chunks(x, None, 1, *_where(model)))
-        classes = int(model(first.x)[0].numel())  # outputs per example
     passes = [d.passes(config, classes) for d in chosen if d.passes is not None]
     if any(d.needs_diagonal(config) for d in chosen):
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)

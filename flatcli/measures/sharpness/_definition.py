@@ -41,6 +41,7 @@ __all__ = [
     "measure_enum",
     "Extra",
     "hutchinson_diagonal",
+    "diagonal_computed",
 ]
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
@@ -59,6 +60,7 @@ class Shared:
         excluded: the other trainable parameters.
         diagonal: the curvature diagonal of ``config.normalized_loss`` over ``names``
             (``config.diag_method``), computed once when a chosen definition needs it, else None.
+        outputs: outputs per example (K logits; T·V for token logits).
     """
 
     model: nn.Module
@@ -70,6 +72,7 @@ class Shared:
     names: list[str]
     excluded: list[str]
     diagonal: CurvatureDiagonal | None = None
+    outputs: int = 0
 
     def hessian(self, loss: str) -> CurvatureOperator:
         """The shared Hessian operator of the loss head ``loss`` (built on first use)."""
@@ -177,6 +180,13 @@ class Definition:
 def hutchinson_diagonal(config: SharpnessConfig) -> bool:
     """Whether ``config`` estimates the curvature diagonal with Hutchinson probes."""
     return config.diag_method == "hutchinson"
+
+
+def diagonal_computed(config: SharpnessConfig) -> bool:
+    """Whether a measure chosen by ``config`` needs the shared curvature diagonal (so it is
+    computed once whatever else uses it)."""
+    chosen = set(config.measures or ())
+    return any(d.needs_diagonal(config) for d in definitions() if d.name in chosen)
 
 
 _DEFINITIONS: dict[str, Definition] = {}

@@ -2,7 +2,12 @@
 
 Over all trainable parameters, with a standard error:
 
-- ``trace_method="ggn-residual"`` (default): ``tr H = tr G + tr(H − G)``. The GGN trace is exact
+- ``trace_method="auto"`` (default): ``"ggn-residual"`` where it reaches the standard error of
+  Hutchinson on H in fewer gradient passes, else ``"hutchinson"``
+  (:func:`resolve_trace_method`): a classifier with a handful of classes gets the control
+  variate; a language model, whose GGN diagonal needs T·V backward rows per sequence, gets
+  Hutchinson.
+- ``"ggn-residual"``: ``tr H = tr G + tr(H − G)``. The GGN trace is exact
   (the sum of :func:`~flatcli.curvature.diagonal.ggn_diagonal`) and only the residual
   ``H − G = 1/N Σ_n Σ_k r_nk ∇²f_nk`` is estimated, by Hutchinson with Rademacher probes
   (``z ᵀ H z − z ᵀ G z`` from the shared Hessian and GGN operators). G is the control variate:
@@ -23,10 +28,55 @@ from flatcli.configs.sharpness import SharpnessConfig, TraceMethod
 from flatcli.curvature.diagonal import DiagMethod, curvature_diagonal, ggn_diagonal
 from flatcli.curvature.linop import Difference, LinearOperator
 from flatcli.curvature.trace import hutchinson, hutchpp
-from flatcli.measures.sharpness._cost import DIAG_PASSES_PER_LOGIT, GVP_PASSES, HVP_PASSES
-from flatcli.measures.sharpness._definition import Definition, Outcome, Shared, define
+from flatcli.measures.sharpness._cost import GVP_PASSES, HVP_PASSES, ggn_diagonal_passes
+from flatcli.measures.sharpness._definition import (
+    Definition,
+    Outcome,
+    Shared,
+    define,
+    diagonal_computed,
+)
 
 NAME = "hessian_trace"
+
+RESIDUAL_VARIANCE_RATIO = (3.40 / 1.45) ** 2
+"""Variance of a Hutchinson probe of H over one of H − G, measured on the README's LeNet-5
+(per-probe standard deviations 3.40 and 1.45): the control variate's gain that ``auto`` assumes."""
+
+
+def resolve_trace_method(config: SharpnessConfig, outputs: int) -> tuple[str, str | None]:
+    """``(method, why)``: ``config.trace_method``, with ``"auto"`` resolved (``why`` says how).
+
+    With P probes, ``ggn-residual`` costs the GGN diagonal (about 1.5 gradient passes per output,
+    0.4 per token logit, ``outputs`` of them per example: :func:`._cost.ggn_diagonal_passes`;
+    nothing when the normalized measures compute that diagonal anyway) plus P Hessian- and
+    GGN-vector products, for a variance ``σ²(H − G) / P``. Hutchinson on H reaches that variance
+    with ``RESIDUAL_VARIANCE_RATIO · P`` HVPs. ``auto`` takes the cheaper of the two.
+    """
+    if config.trace_method != TraceMethod.AUTO.value:
+        return config.trace_method, None
+    probes = config.trace_probes
+    diag = 0.0 if _diagonal_shared(config) else ggn_diagonal_passes(config.loss, outputs)
+    residual = diag + probes * (HVP_PASSES + GVP_PASSES)
+    plain = RESIDUAL_VARIANCE_RATIO * probes * HVP_PASSES
+    if residual <= plain:
+        return TraceMethod.GGN_RESIDUAL.value, None
+    why = (
+        f"auto: ggn-residual would take about {residual:,.0f} gradient passes (an exact GGN "
+        f"trace over {outputs:,} outputs per example), Hutchinson on H about {plain:,.0f} for "
+        "the same standard error"
+    )
+    return TraceMethod.HUTCHINSON.value, why
+
+
+def _diagonal_shared(config: SharpnessConfig) -> bool:
+    """Whether the shared curvature diagonal is the GGN diagonal of ``config.loss`` (so the
+    exact GGN trace is its sum, at no further cost)."""
+    return (
+        config.diag_method == DiagMethod.GGN.value
+        and config.normalized_loss == config.loss
+        and diagonal_computed(config)
+    )
 
 
 def compute(shared: Shared) -> Outcome:
@@ -66,8 +116,9 @@ def compute(shared: Shared) -> Outcome:
     def progress(_: str, done: int, total: int) -> None:
         shared.progress("hessian trace probes", done, total)
 
-    residual = config.trace_method == TraceMethod.GGN_RESIDUAL.value
-    if config.trace_method == TraceMethod.HUTCHPP.value:
+    method, why = resolve_trace_method(config, shared.outputs)
+    residual = method == TraceMethod.GGN_RESIDUAL.value
+    if method == TraceMethod.HUTCHPP.value:
         est = hutchpp(
             hessian, config.trace_probes, config.seed, config.trace_rel_stderr, progress=progress
         )
@@ -87,11 +138,14 @@ def compute(shared: Shared) -> Outcome:
         )
     settings = {
         "loss": config.loss,
-        "estimator": _ESTIMATORS[config.trace_method],
+        "estimator": _ESTIMATORS[method],
+        "trace_method": method,
         "probes": est.probes,
         "target_rel_stderr": config.trace_rel_stderr,
         "hvp_method": hessian.hvp_method,
     }
+    if why is not None:
+        settings["trace_method_reason"] = why
     if residual:
         settings.update(ggn_trace=exact, residual_trace=est.value - exact)
     return Outcome(
@@ -126,15 +180,12 @@ def _ggn_trace(shared: Shared) -> float:
 
 
 def _passes(config: SharpnessConfig, classes: int) -> float:
-    """Gradient passes of the trace (:mod:`~flatcli.measures.sharpness._cost`); the exact
-    diagonal's cost is counted with the shared diagonal when it is that one."""
+    """Gradient passes of the trace (:mod:`~flatcli.measures.sharpness._cost`); the exact GGN
+    diagonal's cost is counted with the shared diagonal when that one is computed and is it."""
     if config.diag_method == DiagMethod.EXACT.value:
         return 0.0
-    if config.trace_method == TraceMethod.GGN_RESIDUAL.value:
-        shared = (
-            config.diag_method == DiagMethod.GGN.value and config.normalized_loss == config.loss
-        )
-        diag = 0.0 if shared else DIAG_PASSES_PER_LOGIT * classes
+    if resolve_trace_method(config, classes)[0] == TraceMethod.GGN_RESIDUAL.value:
+        diag = 0.0 if _diagonal_shared(config) else ggn_diagonal_passes(config.loss, classes)
         return diag + config.trace_probes * (HVP_PASSES + GVP_PASSES)
     return config.trace_probes * HVP_PASSES
 
@@ -155,9 +206,9 @@ define(
         source="Tsuzuku et al. 2020, Eq. 5",
         description="trace of the Hessian of the mean loss",
         passes=_passes,
-        cost="ggn-residual: a GGN diagonal (K backward passes per example) and --trace-probes "
-        "Hessian- plus GGN-vector products; hutchinson/hutchpp: --trace-probes HVPs (exact "
-        "diagonal: one per weight)",
+        cost="ggn-residual: a GGN diagonal (K backward passes per example, T·V for tokens) and "
+        "--trace-probes Hessian- plus GGN-vector products; hutchinson/hutchpp: --trace-probes "
+        "HVPs (exact diagonal: one per weight); auto: the cheaper for the same stderr",
         compute=compute,
         stderr=lambda config: config.diag_method != DiagMethod.EXACT.value,
     )
