@@ -182,9 +182,13 @@ def child(args: argparse.Namespace) -> dict:
         basis_dtype = resolved or chooser(op.dtype, dim, args.steps + 1, "cpu")
         basis = str(basis_dtype).removeprefix("torch.")
         options = {"basis_dtype": args.basis_dtype}
+    if args.max_basis is not None:
+        options["max_basis"] = args.max_basis
     res = lanczos(op, k=1, steps=args.steps, tol=args.tol, **options)
     t, c = phase(f"lanczos ({res.matvecs} HVPs)", t, c)
     extra = {"basis_dtype": basis} if chooser is not None else {}
+    if args.max_basis is not None:
+        extra["max_basis"] = args.max_basis
     lanczos_bytes = lanczos_memory(dim, 1, args.steps, model_params=dim, **extra).bytes
     try:
         chunk_bytes: float | None = estimate_memory(
@@ -208,6 +212,8 @@ def child(args: argparse.Namespace) -> dict:
         "attention_kernel": op.attention,
         "basis_dtype": basis,
         "steps": res.steps,
+        "max_basis": args.max_basis,
+        "converged": res.converged,
         "hvps": res.matvecs,
         "top_eigenvalue": float(res.eigenvalues[0]),
         "residual": float(res.residuals[0]),
@@ -238,6 +244,12 @@ def main() -> None:
         choices=("auto", "float32", "float64"),
         default="auto",
         help="dtype of the Lanczos basis (default auto: lanczos's own rule)",
+    )
+    p.add_argument(
+        "--max-basis",
+        type=int,
+        default=None,
+        help="basis vectors kept before a thick restart (default: lanczos's own rule)",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit-gb", type=float, default=8.0, help="the memory target (1e9 bytes)")

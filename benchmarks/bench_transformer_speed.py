@@ -13,7 +13,10 @@ after a warm-up, process CPU time and wall time:
                         it (automatic method and chunk; the graph kept between products);
   - hvp uncached:       the same with ``cache=False`` (a first product: graph built, then one
                         more backward pass);
-  - hvp f64 head (+ uncached): the same with the float64 head the commands use by default.
+  - hvp f64 head (+ uncached): the same with the float64 head the commands use by default;
+  - plain torch double backward (uncached): ``torch.autograd.grad`` with ``create_graph=True``
+                        then one more backward, hand-written: what an uncached product costs
+                        without flatcli.
 
 Claim: one HVP at most 3x a gradient.
 
@@ -136,10 +139,22 @@ def hvp_vs_grad(repeats: int) -> None:
         with attention_kernel("math"):
             return gradient()
 
+    def plain_hvp() -> object:
+        """Hand-written PyTorch double backward, graph built each time: the floor an uncached
+        product can reach without changing the model's derivative formulas."""
+        with attention_kernel("math"):
+            z = model(x)
+            loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+            g = torch.autograd.grad(loss, params, create_graph=True)
+            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs, strict=True))
+            return torch.autograd.grad(dot, params)
+
     v = torch.randn(dim, generator=torch.Generator().manual_seed(1))
+    vs = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params, strict=True)]
     fns: dict[str, Callable[[], object]] = {
         "grad": gradient,
         "grad (math attention)": gradient_math,
+        "plain torch double backward (uncached)": plain_hvp,
     }
     fns.update({name: (lambda op=op: op.matvec(v)) for name, op in ops.items()})
     times = _timed(fns, repeats)

@@ -258,7 +258,13 @@ class _Lanczos:
         """Thick restart keeping Ritz pairs ``keep``: ``T`` becomes an arrow matrix."""
         m, kept = self.m, len(keep)
         s = self.beta * Y[m - 1, keep]
-        self.V[:kept] = self.vectors(Y[:, keep])
+        # V[:kept] = Y_keepᵀ V[:m], block by block in place (kept < m: each block is read whole
+        # before it is written), so a restart holds no Ritz vectors beside the basis
+        Yt = Y[:, keep].T.to(device=self.device, dtype=torch.float64)
+        width = self._width(m)
+        for a in range(0, self.op.dim, width):
+            block = self.V[:m, a : a + width]
+            block[:kept] = Yt @ (block if self.wide else block.to(torch.float64))
         self.V[kept] = self.V[m]
         self.T.zero_()
         self.T[:kept, :kept] = torch.diag(theta[keep])
@@ -521,15 +527,16 @@ def lanczos_memory(
     model_params: int = 0,
     dtype: torch.dtype = torch.float32,
     basis_dtype: torch.dtype | str | None = torch.float64,
+    max_basis: int | None = None,
 ) -> LanczosMemory:
     """Peak bytes of the Lanczos runs of a spectrum on a ``dim``-dimensional curvature matrix,
     before anything is allocated.
 
     :func:`lanczos` for ``k`` eigenvalues (budget ``steps``) keeps
-    ``capacity + 1`` basis vectors (:func:`basis_size`), plus
-    the Ritz vectors a thick restart keeps (when the basis is capped below the budget) or the
-    ``k`` eigenvectors it returns; each density run (stochastic Lanczos quadrature) keeps
-    ``min(density_steps, dim) + 1``. The runs follow each other, so the larger counts. Added:
+    ``capacity + 1`` basis vectors (:func:`basis_size`; a thick restart forms its Ritz vectors
+    in place), plus the ``k`` eigenvectors it returns; each density run (stochastic Lanczos
+    quadrature) keeps ``min(density_steps, dim) + 1``. The runs follow each other, so the
+    larger counts. Added:
     :data:`~flatcli.curvature.memory.PARAM_COPIES` copies of the model's ``model_params`` in
     ``dtype`` (a product's parameters, gradient and vectors) and, with ``return_vectors``, the
     eigenvectors in ``dtype``. The activations of a product are not counted (the batch size is
@@ -538,20 +545,20 @@ def lanczos_memory(
     upper bound), 4 with float32; ``"auto"`` counts what ``lanczos(basis_dtype="auto")`` picks
     for a ``dtype`` operator without knowing the device
     :func:`choose_basis_dtype` without a memory budget: it may
-    still pick float32 where the budget is small, so this is an upper bound).
+    still pick float32 where the budget is small, so this is an upper bound). ``max_basis`` is
+    :func:`lanczos`'s.
 
     >>> m = lanczos_memory(61_706, k=5000)
     >>> m.vectors, round(m.bytes / 1e9, 1)
-    (17516, 8.6)
+    (10011, 4.9)
 
     Raises:
         ValueError: ``k`` or ``steps`` out of range for :func:`lanczos`.
     """
     eigen = capacity = 0
     if k > 0:
-        budget, capacity, keep = basis_size(dim, k, steps)
-        restart = keep if capacity < min(budget, dim) else 0
-        eigen = capacity + 1 + max(restart, k if return_vectors else 0)
+        capacity = basis_size(dim, k, steps, max_basis)[1]
+        eigen = capacity + 1 + (k if return_vectors else 0)
     density = min(density_steps, dim) + 1 if density_steps > 0 else 0
     vectors = max(eigen, density)
     if basis_dtype is None or basis_dtype == "auto":

@@ -26,12 +26,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from flatcli.configs.choices import ALL_LOSSES, CLASS_LOSSES
 from flatcli.configs.spectrum import Kind, SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
-from flatcli.curvature.lanczos import EigenResult, basis_size, lanczos, lanczos_memory
+from flatcli.curvature.lanczos import (
+    EigenResult,
+    basis_size,
+    choose_basis_dtype,
+    lanczos,
+    lanczos_memory,
+)
 from flatcli.curvature.losses import infer_loss
 from flatcli.curvature.memory import available_memory
 from flatcli.curvature.operators import (
@@ -81,7 +88,8 @@ class SpectrumResult:
 
     ``eigenvectors`` is ``(num_params, top_k)`` (operator dtype and device) when requested, with
     ``slices`` mapping parameter names to rows; ``eigenvectors_file`` is where a caller saved
-    them (reported in ``details()``).
+    them (reported in ``details()``). ``max_basis`` is the cap :func:`check_spectrum` put on
+    the Krylov basis to fit the memory (None: none).
     """
 
     config: SpectrumConfig
@@ -96,6 +104,7 @@ class SpectrumResult:
     slices: dict[str, slice] = field(repr=False)
     eigenvectors: Tensor | None = field(default=None, repr=False)
     eigenvectors_file: str | None = None
+    max_basis: int | None = None
 
     @property
     def eigenvalues(self) -> list[float] | None:
@@ -122,7 +131,12 @@ class SpectrumResult:
             "residuals": None if eig is None else _floats(eig.residuals),
             "lanczos": None
             if eig is None
-            else {"converged": eig.converged, "steps": eig.steps, "tol": self.config.tol},
+            else {
+                "converged": eig.converged,
+                "steps": eig.steps,
+                "tol": self.config.tol,
+                "max_basis": self.max_basis,
+            },
             "trace": None
             if self.trace is None
             else {
@@ -227,8 +241,9 @@ def _size(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = None) -> None:
-    """Refuse, before anything is allocated, a spectrum that cannot be computed on ``model``.
+def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = None) -> int | None:
+    """Refuse, before anything is allocated, a spectrum that cannot be computed on ``model``;
+    return the cap on the eigenvalues' Krylov basis that makes it fit (None: no cap needed).
 
     ``top_k`` must not exceed the number of parameters analysed (all trainable parameters, or
     those ``layers`` selects): the matrix has no more eigenvalues. The Lanczos runs' vectors
@@ -236,7 +251,10 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
     :func:`~flatcli.curvature.lanczos.lanczos` then stores) plus the model's copies
     (:func:`~flatcli.curvature.lanczos.lanczos_memory`) must fit
     in the memory available on the model's device
-    (:func:`~flatcli.curvature.memory.available_memory`).
+    (:func:`~flatcli.curvature.memory.available_memory`). When they do not, the eigenvalues'
+    basis is capped (``lanczos(max_basis=...)``: thick restarts, more products for the same
+    tolerance) at the most vectors that fit, down to ``top_k + 2``; below that the run is
+    refused.
 
     Raises:
         UsageError: a layer pattern that matches nothing, ``top_k`` above the parameter count,
@@ -270,7 +288,7 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
         )
     p0 = next(iter(model.parameters()), None)
     if p0 is None or dim == 0:
-        return
+        return None
     density_steps = (config.lanczos_steps or DENSITY_STEPS) if config.density else 0
     eigen = lanczos_memory(dim, k, config.lanczos_steps, return_vectors=config.eigenvectors)
     total = sum(p.numel() for p in model.parameters())
@@ -300,7 +318,10 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
             basis_dtype=basis,
         )
     if need.bytes <= free:
-        return
+        return None
+    cap = _basis_cap(dim, total, config, density_steps, p0.dtype, device, free)
+    if cap is not None:
+        return cap
     lower = (
         "lower --top-k (or --lanczos-steps)"
         if k > 0 and eigen.vectors >= need.vectors
@@ -311,6 +332,47 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
         f"{basis} vectors of {dim} parameters, plus the model), more than the "
         f"{_size(free)} available on {device}; {lower}, or restrict the parameters with --layer"
     )
+
+
+def _basis_cap(
+    dim: int,
+    total: int,
+    config: SpectrumConfig,
+    density_steps: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    free: int,
+) -> int | None:
+    """The most basis vectors (``max_basis``, at least ``top_k + 2``) with which the eigenvalues'
+    Lanczos run fits in ``free`` bytes, its basis in the dtype :func:`lanczos` would pick; None
+    when none fits or the density runs alone do not."""
+    k = config.top_k
+    if k == 0:
+        return None
+    full = basis_size(dim, k, config.lanczos_steps)[1]
+
+    def fits(cap: int) -> bool:
+        basis = choose_basis_dtype(dtype, dim, cap + 1, device)
+        need = lanczos_memory(
+            dim,
+            k,
+            config.lanczos_steps,
+            density_steps=density_steps,
+            return_vectors=config.eigenvectors,
+            model_params=total,
+            dtype=dtype,
+            basis_dtype=basis,
+            max_basis=cap,
+        )
+        return need.bytes <= free
+
+    low, high = k + 2, full - 1  # the largest cap in [low, high] that fits, by bisection
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def compute_spectrum(
@@ -350,7 +412,7 @@ def compute_spectrum(
     config = config or SpectrumConfig()
     if config.loss is None:  # the library call without a loss: inferred from the targets
         config = dataclasses.replace(config, loss=infer_loss(y))
-    check_spectrum(model, config)
+    max_basis = check_spectrum(model, config)
     head_dtype = None if config.head_dtype is None else DTYPES[config.head_dtype]
     selected = select_parameters(model, config.layers)
     blocks = _layer_blocks(model, selected) if config.per_layer else []
@@ -385,6 +447,7 @@ def compute_spectrum(
             seed=config.seed,
             return_vectors=config.eigenvectors,
             progress=budget.stage("eigenvalues", steps),
+            max_basis=max_basis,
         )
     if config.trace:
         trace = _trace(op, config, budget.stage("trace", config.probes))
@@ -444,6 +507,7 @@ def compute_spectrum(
         operator=op.describe(),
         slices=dict(op.slices),
         eigenvectors=None if eigen is None else eigen.eigenvectors,
+        max_basis=max_basis,
     )
 
 

@@ -157,7 +157,44 @@ def test_a_float32_run_is_checked_with_the_float32_basis_lanczos_would_store(mon
         410, 5, model_params=410, dtype=torch.float32, basis_dtype="float32"
     )
     monkeypatch.setattr(spectrum, "available_memory", lambda device: (f32.bytes + f64.bytes) // 2)
-    spectrum.check_spectrum(model, config)
-    monkeypatch.setattr(spectrum, "available_memory", lambda device: f32.bytes - 1)
+    assert spectrum.check_spectrum(model, config) is None
+
+
+def test_a_basis_that_does_not_fit_is_capped_before_the_run_is_refused(monkeypatch):
+    """Below the full basis the eigenvalues' Lanczos run thick-restarts with the most vectors
+    that fit (down to top_k + 2; float64 ones, as lanczos keeps for so small a model), and the
+    result says so; below that, exit 2 as before."""
+    spectrum = importlib.import_module("flatcli.measures.spectrum")
+    model = torch.nn.Linear(40, 10)
+    config = spectrum.SpectrumConfig(top_k=5)
+    f32 = spectrum.lanczos_memory(
+        410, 5, model_params=410, dtype=torch.float32, basis_dtype="float32"
+    )
+
+    def need(cap: int) -> int:
+        return spectrum.lanczos_memory(
+            410, 5, model_params=410, dtype=torch.float32, basis_dtype="float64", max_basis=cap
+        ).bytes
+
+    assert need(30) < f32.bytes  # the full basis: 100 rows (steps of 5 eigenvalues)
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: need(30))
+    assert spectrum.check_spectrum(model, config) == 30  # the most that fit
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: need(7) - 1)
     with pytest.raises(UsageError, match="float32 vectors of 410 parameters"):
-        spectrum.check_spectrum(model, config)
+        spectrum.check_spectrum(model, config)  # not even top_k + 2 = 7 vectors fit
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    model = model.double()
+    cap8 = spectrum.lanczos_memory(
+        410, 5, model_params=410, dtype=torch.float64, basis_dtype="float64", max_basis=8
+    )
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: cap8.bytes)
+    capped = spectrum.compute_spectrum(model, x.double(), y, config)
+    monkeypatch.setattr(spectrum, "available_memory", lambda device: 1 << 40)
+    full = spectrum.compute_spectrum(model, x.double(), y, config)
+    assert capped.details()["lanczos"]["max_basis"] == 8
+    assert full.details()["lanczos"]["max_basis"] is None
+    assert capped.details()["lanczos"]["converged"]
+    torch.testing.assert_close(
+        capped.eigen.eigenvalues, full.eigen.eigenvalues, rtol=1e-6, atol=1e-8
+    )
