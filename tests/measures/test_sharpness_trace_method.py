@@ -113,3 +113,20 @@ def test_the_cost_said_up_front_counts_the_ggn_diagonal_the_trace_computes(
         res = compute_sharpness(model, x, y, config)
     assert res.info["estimated_seconds"] == pytest.approx(1.5 * 3 + 10 * 4.5)
     assert res.settings["hessian_trace"]["trace_method"] == "ggn-residual"
+
+
+def test_a_cost_line_dominated_by_the_ggn_diagonal_names_the_hutchinson_diagonal_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A language model's normalized measures spend most passes on the exact GGN diagonal
+    (T·V token rows): the warning names the option that removes them before the others."""
+    monkeypatch.setattr(sharpness_cost, "_pass_seconds", lambda *a: 1.0)
+    model, x, y = make_case("mlp_tanh", n=4)
+    config = SharpnessConfig()
+    with pytest.warns(UserWarning, match=r"≈ .*; --diag-method hutchinson \(the exact GGN "):
+        sharpness_cost.warn_cost(model, x, y, config, [45.0, 6554.0], 16384, diagonal=6554.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sharpness_cost.warn_cost(model, x, y, config, [45.0, 90.0], 10, diagonal=15.0)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "--diag-method" not in said[0]

@@ -174,10 +174,12 @@ def _compute(
             )
         info["excluded_params"] = excluded
     passes = [d.passes(config, classes) for d in chosen if d.passes is not None]
+    diagonal = 0.0
     if any(d.needs_diagonal(config) for d in chosen):
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        passes.append(diagonal_passes(config, classes, params))
-    info["estimated_seconds"] = warn_cost(model, x, y, config, passes, classes)
+        diagonal = diagonal_passes(config, classes, params)
+        passes.append(diagonal)
+    info["estimated_seconds"] = warn_cost(model, x, y, config, passes, classes, diagonal)
     if any(d.needs_diagonal(config) for d in chosen):
         progress("curvature diagonal", 0, total)
         diag = curvature_diagonal(

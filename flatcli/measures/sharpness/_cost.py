@@ -82,9 +82,12 @@ def warn_cost(
     config: SharpnessConfig,
     passes: Sequence[float],
     classes: int,
+    diagonal: float = 0.0,
 ) -> float:
-    """Estimate the run (``sum(passes)`` gradient passes) and warn when it exceeds
-    :data:`WARN_SECONDS`; returns the estimate in seconds."""
+    """Estimate the run (``sum(passes)`` gradient passes, ``diagonal`` of them the shared
+    curvature diagonal's) and warn when it exceeds :data:`WARN_SECONDS`, naming
+    ``--diag-method hutchinson`` first when the diagonal is most of it; returns the estimate in
+    seconds."""
     total = float(sum(passes))
     if total <= 0:
         return 0.0
@@ -92,10 +95,16 @@ def warn_cost(
         per = _pass_seconds(model, x, y, config)
     estimate = per * total
     if estimate > WARN_SECONDS:
+        first = (
+            f"--diag-method hutchinson (the exact GGN diagonal is {diagonal:,.0f} of them), "
+            if diagonal > total / 2 and config.diag_method == DiagMethod.GGN.value
+            else ""
+        )
         warnings.warn(
             f"sharpness: about {total:,.0f} gradient passes over {int(x.shape[0]):,} examples "
-            f"× {format_seconds(per)} ≈ {format_seconds(estimate)}; --max-examples, fewer "
-            "--trace-probes, --eps-steps or --adaptive-steps, or fewer --measure is cheaper",
+            f"× {format_seconds(per)} ≈ {format_seconds(estimate)}; {first}--max-examples, "
+            "fewer --trace-probes, --eps-steps or --adaptive-steps, or fewer --measure is "
+            "cheaper",
             UserWarning,
             stacklevel=2,
         )
