@@ -35,6 +35,21 @@ def randomize_batchnorm(bn: nn.modules.batchnorm._BatchNorm, g: torch.Generator)
         bn.bias.uniform_(-0.5, 0.5, generator=g)
 
 
+class TiedLM(nn.Module):
+    """Token ids (N, T) -> logits (N, T, vocab): an embedding, a tanh layer, a causal mix of
+    positions and the embedding reused as the head (tied weights)."""
+
+    def __init__(self, vocab: int = 6, width: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mid = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mid(self.emb(x)))
+        h = h + torch.cumsum(h, dim=1) / 3
+        return nn.functional.linear(h, self.emb.weight)
+
+
 def make_case(
     name: str, n: int = 12, seed: int = 0
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -391,3 +391,17 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
     mask = torch.arange(logits.shape[1]) == labels.unsqueeze(1)
     zy = logits.gather(1, labels.unsqueeze(1))[:, 0]
     return zy - logits.masked_fill(mask, float("-inf")).max(dim=1).values
+
+
+def peak_cpu_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensors allocated during ``fn()`` and alive at once: the allocations
+    and frees the torch profiler attributes to each op itself, in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

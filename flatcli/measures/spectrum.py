@@ -22,6 +22,8 @@ unless BatchNorm batch statistics are what you mean to measure.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from flatcli.configs.spectrum import Kind, SpectrumConfig, TraceMethod
 from flatcli.curvature.density import Density, spectral_density
 from flatcli.curvature.lanczos import (
     EigenResult,
+    LanczosMemory,
     basis_size,
     choose_basis_dtype,
     lanczos,
@@ -291,35 +294,27 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
         return None
     density_steps = (config.lanczos_steps or DENSITY_STEPS) if config.density else 0
     eigen = lanczos_memory(dim, k, config.lanczos_steps, return_vectors=config.eigenvectors)
-    total = sum(p.numel() for p in model.parameters())
-    need = lanczos_memory(
+    estimate = functools.partial(
+        lanczos_memory,
         dim,
         k,
         config.lanczos_steps,
         density_steps=density_steps,
         return_vectors=config.eigenvectors,
-        model_params=total,
+        model_params=sum(p.numel() for p in model.parameters()),
         dtype=p0.dtype,
     )
+    need = estimate()
     device = p0.device if p0.device.type != "mps" else "cpu"  # no float64 on MPS: on the CPU
     free = available_memory(device)
     basis = "float64"
     if need.bytes > free and p0.dtype.itemsize <= 4:
         basis = "float32"
         # a float64 basis this large is over the memory budget: lanczos stores it in float32
-        need = lanczos_memory(
-            dim,
-            k,
-            config.lanczos_steps,
-            density_steps=density_steps,
-            return_vectors=config.eigenvectors,
-            model_params=total,
-            dtype=p0.dtype,
-            basis_dtype=basis,
-        )
+        need = estimate(basis_dtype=basis)
     if need.bytes <= free:
         return None
-    cap = _basis_cap(dim, total, config, density_steps, p0.dtype, device, free)
+    cap = _basis_cap(estimate, dim, config, p0.dtype, device, free)
     if cap is not None:
         return cap
     lower = (
@@ -335,38 +330,27 @@ def check_spectrum(model: nn.Module, config: SpectrumConfig, loss: str | None = 
 
 
 def _basis_cap(
+    estimate: Callable[..., LanczosMemory],
     dim: int,
-    total: int,
     config: SpectrumConfig,
-    density_steps: int,
     dtype: torch.dtype,
     device: torch.device | str,
     free: int,
 ) -> int | None:
     """The most basis vectors (``max_basis``, at least ``top_k + 2``) with which the eigenvalues'
-    Lanczos run fits in ``free`` bytes, its basis in the dtype :func:`lanczos` would pick; None
-    when none fits or the density runs alone do not."""
+    Lanczos run fits in ``free`` bytes by ``estimate`` (:func:`lanczos_memory` with the run's
+    other arguments), its basis in the dtype :func:`lanczos` would pick; None when none fits or
+    the density runs alone do not."""
     k = config.top_k
     if k == 0:
         return None
-    full = basis_size(dim, k, config.lanczos_steps)[1]
 
     def fits(cap: int) -> bool:
         basis = choose_basis_dtype(dtype, dim, cap + 1, device)
-        need = lanczos_memory(
-            dim,
-            k,
-            config.lanczos_steps,
-            density_steps=density_steps,
-            return_vectors=config.eigenvectors,
-            model_params=total,
-            dtype=dtype,
-            basis_dtype=basis,
-            max_basis=cap,
-        )
-        return need.bytes <= free
+        return estimate(basis_dtype=basis, max_basis=cap).bytes <= free
 
-    low, high = k + 2, full - 1  # the largest cap in [low, high] that fits, by bisection
+    low = k + 2  # the largest cap in [low, high] that fits, by bisection
+    high = basis_size(dim, k, config.lanczos_steps)[1] - 1
     if high < low or not fits(low):
         return None
     while low < high:

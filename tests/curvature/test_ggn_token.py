@@ -19,7 +19,7 @@ from flatcli.curvature import diagonal
 from flatcli.curvature.diagonal import ggn_diagonal
 from flatcli.curvature.losses import sample_loss
 from flatcli.curvature.params import flatten_params
-from tests.references import flat_logits
+from tests.references import flat_logits, peak_cpu_bytes
 
 V = 5
 
@@ -106,19 +106,6 @@ def test_token_rows_are_the_closed_form_head_factor() -> None:
         torch.testing.assert_close(q[n].T @ (w[n, :, None] * q[n]), Hz, rtol=0, atol=1e-14)
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes of CPU tensors allocated during ``fn()`` and alive at once (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_token_ggn_diagonal_memory_does_not_grow_with_t_times_v(
     tied: bool, monkeypatch: pytest.MonkeyPatch
@@ -144,5 +131,5 @@ def test_token_ggn_diagonal_memory_does_not_grow_with_t_times_v(
     model = Small().eval()
     x = torch.randint(0, 256, (2, 16))
     y = torch.randint(0, 256, (2, 16))
-    peak = _peak_bytes(lambda: ggn_diagonal(model, x, y, loss_fn="token-ce"))
+    peak = peak_cpu_bytes(lambda: ggn_diagonal(model, x, y, loss_fn="token-ce"))
     assert peak < 24 * 2**20, peak / 2**20

@@ -23,6 +23,7 @@ from flatcli.curvature.lanczos import (
 )
 from flatcli.curvature.linop import DenseOperator
 from flatcli.curvature.operators import _owned, make_operator
+from tests.references import peak_cpu_bytes
 
 lanczos_module = importlib.import_module("flatcli.curvature.lanczos")  # not the function
 
@@ -135,20 +136,6 @@ def test_float32_basis_matches_dense_float64_hessian() -> None:
 # ---- one product's parameter-sized temporaries -------------------------------------------------
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes of CPU tensors allocated during ``fn()`` and alive at once: the allocations
-    and frees the torch profiler attributes to each op itself, in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def test_one_hessian_product_holds_two_parameter_sized_tensors() -> None:
     """A product on a model whose parameters dwarf its activations (one 400 x 400 Linear, 2
     examples) allocates two parameter-sized tensors at its peak: autograd's result and the
@@ -163,7 +150,7 @@ def test_one_hessian_product_holds_two_parameter_sized_tensors() -> None:
         op = make_operator("hessian", model, x, y, loss_fn="ce", batch_size=batch_size)
         v = torch.randn(op.dim)
         op.matvec(v)  # the graphs are built and cached
-        peak = _peak_bytes(lambda op=op, v=v: op.matvec(v))
+        peak = peak_cpu_bytes(lambda op=op, v=v: op.matvec(v))
         assert 1.0 < peak / (op.dim * 4) <= most, (batch_size, peak / (op.dim * 4))
 
 

@@ -10,7 +10,7 @@ used: no functional_call, no vmap, no stacking, no batching, no loss head of fla
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,27 @@ from torch.nn import functional as F
 from tests.references import exact_head
 
 F64 = torch.float64
+
+
+def _outputs(
+    model: nn.Module,
+    x: Tensor,
+    directions: Sequence[Mapping[str, Tensor]],
+    points: Sequence[Sequence[float]],
+) -> Iterator[Tensor]:
+    """The outputs on all of ``x`` of a float64 copy of ``model`` at θ* + Σ cᵢ dᵢ for each point
+    (the coordinates written into its parameters, one plain forward each)."""
+    net = copy.deepcopy(model).to(F64).eval()
+    theta = {n: p.detach().clone().to(F64) for n, p in net.named_parameters()}
+    dirs = [{n: t.detach().to("cpu", F64) for n, t in d.items()} for d in directions]
+    for coords in points:
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                value = theta[name].clone()
+                for c, d in zip(coords, dirs, strict=False):
+                    value += c * d[name]
+                p.copy_(value)
+            yield net(x)
 
 
 def reference_slice(
@@ -31,18 +52,8 @@ def reference_slice(
     exact: bool = False,
 ) -> tuple[list[float], list[float]]:
     """(mean loss, accuracy) at each point, in float64; ``exact``: the mpmath loss head."""
-    net = copy.deepcopy(model).to(F64).eval()
-    theta = {n: p.detach().clone().to(F64) for n, p in net.named_parameters()}
-    dirs = [{n: t.detach().to("cpu", F64) for n, t in d.items()} for d in directions]
     losses, accuracies = [], []
-    for coords in points:
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                value = theta[name].clone()
-                for c, d in zip(coords, dirs, strict=False):
-                    value += c * d[name]
-                p.copy_(value)
-            logits = net(x.to(F64))
+    for logits in _outputs(model, x.to(F64), directions, points):
         if exact:
             loss = float(exact_head(logits, y).loss.mean())
         else:
@@ -71,24 +82,14 @@ def reference_loss_slice(
     mean over every counted position) and the token accuracy over counted positions; ``mse``:
     ``F.mse_loss`` and no accuracy; ``bce``: ``F.binary_cross_entropy_with_logits`` and, for
     targets all 0 or 1, the fraction of outputs with logit > 0 exactly where the target is 1.
-    The same plain loop as :func:`reference_slice`: a float64 copy of the model, θ* + α d₁ + β d₂
-    written into its parameters, every example in one forward.
+    The same plain loop as :func:`reference_slice` (:func:`_outputs`): a float64 copy of the
+    model, θ* + α d₁ + β d₂ written into its parameters, every example in one forward.
     """
-    net = copy.deepcopy(model).to(F64).eval()
-    theta = {n: p.detach().clone().to(F64) for n, p in net.named_parameters()}
-    dirs = [{n: t.detach().to("cpu", F64) for n, t in d.items()} for d in directions]
     inputs = x.to(F64) if x.is_floating_point() else x
     binary = bool(((y == 0) | (y == 1)).all()) if y.is_floating_point() else False
     losses: list[float] = []
     accuracies: list[float] = []
-    for coords in points:
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                value = theta[name].clone()
-                for c, d in zip(coords, dirs, strict=False):
-                    value += c * d[name]
-                p.copy_(value)
-            z = net(inputs)
+    for z in _outputs(model, inputs, directions, points):
         if loss == "token-ce":
             flat_z, flat_y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
             losses.append(float(F.cross_entropy(flat_z, flat_y, ignore_index=-100)))

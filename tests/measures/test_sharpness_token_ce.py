@@ -11,23 +11,10 @@ from torch.func import hessian, jacrev
 from torch.nn import functional as F
 
 from flatcli.measures.sharpness import SharpnessConfig, compute_sharpness
+from tests.cases import TiedLM
 from tests.references import flat_logits
 
 V = 6
-
-
-class TiedLM(nn.Module):
-    """Embedding, a causal mix of positions and the embedding reused as the head (tied)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, 4)
-        self.mid = nn.Linear(4, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.mid(self.emb(x)))
-        h = h + torch.cumsum(h, dim=1) / 3
-        return F.linear(h, self.emb.weight)
 
 
 def _dense(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,31 +9,17 @@ import warnings
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import hessian
 from torch.nn import functional as F
 
 from flatcli.measures.sharpness import SharpnessConfig, compute_sharpness
 from flatcli.measures.sharpness import _cost as sharpness_cost
 from flatcli.measures.sharpness.hessian_trace import resolve_trace_method
-from tests.cases import make_case
+from tests.cases import TiedLM, make_case
 from tests.references import flat_logits
 
 V, T = 64, 80
-
-
-class TinyLM(nn.Module):
-    """Embedding, a tanh layer, a causal running mean over positions, the embedding as head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, 3)
-        self.mid = nn.Linear(3, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.mid(self.emb(x)))
-        steps = torch.arange(1, x.shape[1] + 1, dtype=h.dtype).view(1, -1, 1)
-        return F.linear(h + torch.cumsum(h, dim=1) / steps, self.emb.weight)
 
 
 def _config(**kw: object) -> SharpnessConfig:
@@ -77,7 +63,7 @@ def test_a_language_model_gets_hutchinson_by_default_and_the_dense_trace() -> No
     error, so auto takes Hutchinson, which matches the dense float64 trace of H within 4
     standard errors (and says why in the settings)."""
     torch.manual_seed(0)
-    model = TinyLM().double().eval()
+    model = TiedLM(V, 3).double().eval()
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, V, (3, T), generator=g)
     y = torch.randint(0, V, (3, T), generator=g)

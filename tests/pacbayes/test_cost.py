@@ -13,7 +13,7 @@ from flatcli.pacbayes.cost import PacBayesCost, announce_cost, count_passes, tim
 
 
 def test_passes_count_every_stage_and_share_the_samples_over_processes():
-    one = count_passes(
+    run = dict(
         n=100,
         prior_examples=40,
         prior_epochs=2,
@@ -23,17 +23,8 @@ def test_passes_count_every_stage_and_share_the_samples_over_processes():
         test_examples=20,
         test_mc_samples=5,
     )
-    two = count_passes(
-        n=100,
-        prior_examples=40,
-        prior_epochs=2,
-        epochs=3,
-        bound_examples=60,
-        mc_samples=10,
-        test_examples=20,
-        test_mc_samples=5,
-        processes=2,
-    )
+    one = count_passes(**run)
+    two = count_passes(**run, processes=2)
     assert one == (3 * 2 * 40, 3 * 3 * 100, 10 * 60, 5 * 20)
     assert two == (one[0], one[1], one[2] / 2, one[3] / 2)
 

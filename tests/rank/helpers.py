@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,12 @@ class Counter:
         )
 
 
-def install(monkeypatch, counter: Counter) -> None:
-    """Make the rank code find the toy measure's metrics (the global registry is untouched)."""
+def install(monkeypatch, counter: Counter, losses: tuple[str, ...] | None = None) -> None:
+    """Make the rank code find the toy measure's metrics (the global registry is untouched);
+    ``losses``: the losses it declares instead of its own."""
     measure = counter.measure()
+    if losses is not None:
+        measure = dataclasses.replace(measure, losses=losses)
     real = core.find_metric
 
     def find(key: str):

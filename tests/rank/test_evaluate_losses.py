@@ -4,8 +4,6 @@ them."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,10 +12,9 @@ from torch.nn import functional as F
 from flatcli.errors import UsageError
 from flatcli.evaluation import evaluate_loss
 from flatcli.io.checkpoint import save_checkpoint
-from flatcli.rank import core
 from flatcli.rank.core import LoadOptions, RankConfig, rank_checkpoints
 from flatcli.rank.sweep import check_gap_kind
-from tests.rank.helpers import Counter
+from tests.rank.helpers import Counter, install
 
 VOCAB, T = 12, 6
 EVERY_LOSS = ("ce", "nsce", "token-ce", "mse", "bce")
@@ -27,16 +24,7 @@ EVERY_LOSS = ("ce", "nsce", "token-ce", "mse", "bce")
 def toy(monkeypatch):
     """The helpers' toy measure, taking every loss."""
     counter = Counter()
-    measure = dataclasses.replace(counter.measure(), losses=EVERY_LOSS)
-    real = core.find_metric
-
-    def find(key: str):
-        for m in measure.metrics:
-            if m.key == key:
-                return measure, m
-        return real(key)
-
-    monkeypatch.setattr(core, "find_metric", find)
+    install(monkeypatch, counter, losses=EVERY_LOSS)
     return counter
 
 
